@@ -1,0 +1,18 @@
+"""gemma3n_fast: Triton kernels that make Gemma 3n generate fast, proven equal to a plain-PyTorch reference.
+
+    import gemma3n_fast
+    model = gemma3n_fast.load("google/gemma-3n-E2B-it")   # or a local folder
+    print(model.chat([{"role": "user", "content": [{"type": "text", "text": "Hi!"}]}]))
+
+Importing this package imports neither triton nor transformers.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["load", "__version__"]
+
+
+def load(*args, **kwargs):
+    """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model. See ``gemma3n_fast.model``."""
+    from gemma3n_fast.model import load as _load
+
+    return _load(*args, **kwargs)
