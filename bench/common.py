@@ -1,0 +1,62 @@
+"""Shared helpers for the benchmarks: device facts, timing, measured bandwidth.
+
+On CUDA, times are CUDA-event medians from ``triton.testing.do_bench`` (warm-up first, then repeats);
+on CPU (the smoke run) a plain wall-clock median over a few calls, since only "it runs" matters there.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+SMOKE = not torch.cuda.is_available()  # CPU: tiny shapes, the harness must run, numbers mean little
+
+
+def is_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if is_gpu() else f"cpu ({os.cpu_count()} cores)"
+
+
+def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 3) -> float:
+    """Median seconds per call of ``fn()``."""
+    if is_gpu():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
+    fn()  # warm-up (compilation, caches)
+    times = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=1)
+def device_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written), once per process."""
+    if not is_gpu():
+        n = 1 << 24
+        src = torch.randn(n // 4)
+        dst = torch.empty_like(src)
+        return 2 * src.numel() * 4 / time_fn(lambda: dst.copy_(src))
+    src = torch.randn(1 << 28, device="cuda", dtype=torch.float32)  # 1 GiB, far beyond L2
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / time_fn(lambda: dst.copy_(src))
+
+
+def record(benchmark, *, seconds: float, bytes_moved: float | None = None, flops: float | None = None, **info):
+    """Attach the numbers every kernel benchmark reports to pytest-benchmark's ``extra_info``."""
+    extra = dict(info, device=device_name(), median_s=seconds)
+    if bytes_moved is not None:
+        extra["GB/s"] = bytes_moved / seconds / 1e9
+        extra["fraction_of_bandwidth"] = bytes_moved / seconds / device_bandwidth()
+    if flops is not None:
+        extra["TFLOP/s"] = flops / seconds / 1e12
+    benchmark.extra_info.update(extra)
+    return extra
