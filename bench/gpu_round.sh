@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One round on a lent GPU (see ../shared/GPU.md): offline install, GPU tests, kernel benchmarks, e2e benchmark.
+# Usage (on the device, repo root):  bash bench/gpu_round.sh [tests|kernels|e2e|all] ; results land in $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-.device_out}; mkdir -p "$OUT"
+what=${1:-all}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python3 -c "import gemma3n_fast, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/device.txt"
+if [[ $what == tests || $what == all ]]; then
+  timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu tests -p no:cacheprovider -x --durations=15 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+fi
+if [[ $what == kernels || $what == all ]]; then
+  timeout ${KERNELS_TIMEOUT:-240} python3 -m pytest -q bench --benchmark-only --benchmark-json="$OUT/kernels.json" \
+    --benchmark-columns=median,rounds -p no:cacheprovider 2>&1 | tee "$OUT/kernels.log" | tail -60
+fi
+if [[ $what == e2e || $what == all ]]; then
+  kj=(); [[ -f "$OUT/kernels.json" ]] && kj=(--kernels-json "$OUT/kernels.json")
+  timeout ${E2E_TIMEOUT:-420} python3 -m bench.e2e --out "$OUT" "${kj[@]}" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -60
+fi
