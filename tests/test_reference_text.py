@@ -77,6 +77,7 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(name)
     hf.save_pretrained(folder)
     ours = load(folder)
+    ours.folder = folder
     return name, hf, ours
 
 
@@ -163,3 +164,21 @@ def test_sampling_is_seeded():
     top10 = logits.topk(10).indices
     assert all(a[i] in top10[i] for i in range(3)), "top_k=10 sampled outside the top 10"
     assert torch.equal(_sample(logits, False, 1.0, None, None, None), logits.argmax(-1))
+
+
+def test_bf16_logits_bit_equal_hf(pair):
+    # The reference follows HF's rounding points (1/H, sqrt(H), z, RoPE tables rounded to bf16; norms,
+    # router tanh and softmax in fp32), so on CPU the bf16 logits are bit-identical: tolerance 0.
+    name, _, _ = pair
+    folder = pair[2].folder
+    hf = transformers.Gemma3nForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                         attn_implementation="eager").eval()
+    ours = load(folder, dtype=torch.bfloat16)
+    ids, mask = _left_padded_batch(hf.config.vocab_size, PROMPT_LEN[name], seed=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        out = ours(ids, mask).logits
+    valid = mask.bool()
+    diff = (out[valid].float() - ref[valid].float()).abs()
+    assert diff.max() == 0, f"{name}: bf16 max abs diff {diff.max():.3g}, {(diff > 0).float().mean():.1%} differ"
