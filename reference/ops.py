@@ -44,7 +44,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 def altup_router(x: torch.Tensor, router_norm_weight: torch.Tensor, router_weight: torch.Tensor,
                  eps: float = 1e-6) -> torch.Tensor:
     """AltUp modalities: ``tanh(router_weight @ (rms_norm(x; w) / H))``, tanh in fp32. x [..., H] -> [..., A]."""
-    inputs = rms_norm(x, router_norm_weight, eps) * (1.0 / x.shape[-1])
+    # HF's 1/H is a buffer in the model dtype: round it first (exact for H = 2048, not for odd test sizes).
+    inputs = rms_norm(x, router_norm_weight, eps) * torch.tensor(1.0 / x.shape[-1], dtype=x.dtype, device=x.device)
     routed = F.linear(inputs, router_weight)
     return torch.tanh(routed.float()).to(x.dtype)
 

@@ -1,0 +1,224 @@
+"""Checkpoint loading: folders, shards, the offline hub cache, every error path, and the tiny writer's format."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gemma3n_fast.reference.loader import CheckpointError, assign_state_dict, read_state_dict, resolve_checkpoint
+from gemma3n_fast.reference.model import load
+from gemma3n_fast.reference.tiny import write_tiny_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IDS = torch.tensor([[2, 11, 40, 41, 99, 120, 7, 300, 12], [0, 0, 2, 50, 51, 52, 53, 54, 55]])
+MASK = (IDS != 0).long()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; avoids oversubscribing a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_text"), seed=1, multimodal=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_mm(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_mm"), seed=1, multimodal=True, with_vision=False)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS, MASK).logits
+
+
+def test_text_only_and_multimodal_load_the_same_text_weights(tiny_text, tiny_mm):
+    a, b = load(tiny_text), load(tiny_mm)
+    assert a.config.text_only and not b.config.text_only
+    # Same seed -> same text tensors (written first), under different prefixes.
+    file = load_file(tiny_mm / "model.safetensors")
+    assert torch.equal(b.language_model.layers[3].mlp.down_proj.weight,
+                       file["model.language_model.layers.3.mlp.down_proj.weight"])
+    assert torch.equal(_logits(a), _logits(b))
+    assert a.generation_config["eos_token_id"] == [1, 5]
+
+
+def test_dtype_is_the_callers(tiny_text):
+    m = load(tiny_text, dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in m.parameters())
+
+
+def test_sharded_checkpoint_loads(tmp_path, tiny_text):
+    folder = write_tiny_checkpoint(tmp_path, seed=1, multimodal=False, write_sharded=True)
+    assert not (folder / "model.safetensors").exists() and len(list(folder.glob("*.safetensors"))) == 2
+    assert torch.equal(_logits(load(folder)), _logits(load(tiny_text)))
+
+
+def test_missing_shard_is_named(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path, seed=1, multimodal=False, write_sharded=True)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        load(folder)
+
+
+def test_missing_config(tmp_path, tiny_text):
+    shutil.copy(tiny_text / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load(tmp_path)
+
+
+def test_pickle_only_folder_is_refused(tmp_path, tiny_text):
+    shutil.copy(tiny_text / "config.json", tmp_path / "config.json")
+    torch.save({"x": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load(tmp_path)
+
+
+def test_no_such_local_folder():
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        resolve_checkpoint("./does/not/exist")
+
+
+def _rewrite(folder: Path, edit) -> None:
+    sd = load_file(folder / "model.safetensors")
+    edit(sd)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"1 missing key\(s\): language_model.layers.1.laurel.linear_left.weight"),
+    ("unexpected", r"1 unexpected key\(s\): language_model.layers.0.bogus.weight"),
+    ("shape", r"1 shape mismatch\(es\): language_model.norm.weight \(file \(71,\) vs model \(72,\)\)"),
+])
+def test_mismatch_messages(tmp_path, tiny_text, case, pattern):
+    folder = Path(shutil.copytree(tiny_text, tmp_path / "ckpt"))
+
+    def edit(sd):
+        if case == "missing":
+            del sd["model.layers.1.laurel.linear_left.weight"]
+        elif case == "unexpected":
+            sd["model.layers.0.bogus.weight"] = torch.randn(3)
+        else:
+            sd["model.norm.weight"] = torch.randn(71)
+
+    _rewrite(folder, edit)
+    with pytest.raises(CheckpointError, match=pattern):
+        load(folder)
+
+
+def test_assign_state_dict_lists_all_kinds_with_counts():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5))
+    sd = {"0.weight": torch.randn(4, 2), "x": torch.randn(1), "y": torch.randn(1)}
+    with pytest.raises(CheckpointError) as e:
+        assign_state_dict(m, sd, what="test dict")
+    msg = str(e.value)
+    assert "test dict" in msg and "3 missing key(s)" in msg and "2 unexpected key(s)" in msg
+    assert "1 shape mismatch(es): 0.weight (file (4, 2) vs model (4, 3))" in msg
+
+
+def test_hub_style_consumer_kv_keys_are_dropped(tmp_path, tiny_mm):
+    # Released Hub files carry k_proj/v_proj/k_norm for KV-shared layers (4, 5 in the tiny config).
+    folder = Path(shutil.copytree(tiny_mm, tmp_path / "ckpt"))
+    H, kv = 72, 2 * 16
+    p = "model.language_model.layers"
+
+    def edit(sd):
+        for i in (4, 5):
+            sd[f"{p}.{i}.self_attn.k_proj.weight"] = torch.randn(kv, H)
+            sd[f"{p}.{i}.self_attn.v_proj.weight"] = torch.randn(kv, H)
+            sd[f"{p}.{i}.self_attn.k_norm.weight"] = torch.randn(16)
+
+    _rewrite(folder, edit)
+    seen = []
+    sd = read_state_dict(folder, keep=lambda k: seen.append(k) or "layers.4.self_attn.k_proj" not in k)
+    assert "model.language_model.layers.4.self_attn.k_proj.weight" in seen
+    assert "model.language_model.layers.4.self_attn.k_proj.weight" not in sd  # never read
+    assert torch.equal(_logits(load(folder)), _logits(load(tiny_mm)))
+
+
+def _hub_cache(root: Path, src: Path, repo: str = "tiny-org/tiny-gemma3n") -> Path:
+    """Lay out ``src`` as huggingface_hub's cache does: models--org--name/{refs/main, snapshots/<rev>/...}."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    base = root / ("models--" + repo.replace("/", "--"))
+    snap = base / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        shutil.copy(f, snap / f.name)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(rev)
+    return snap
+
+
+def test_hub_id_offline_from_cache_and_clear_error_when_absent(tmp_path, tiny_text):
+    # A fresh process, so huggingface_hub reads HF_HUB_OFFLINE / HF_HUB_CACHE from the environment.
+    snap = _hub_cache(tmp_path / "hub", tiny_text)
+    script = (
+        "import torch\n"
+        "from gemma3n_fast.reference.model import load\n"
+        "from gemma3n_fast.reference.loader import CheckpointError\n"
+        "m = load('tiny-org/tiny-gemma3n')\n"
+        "print('SOURCE', m.source)\n"
+        "try:\n    load('tiny-org/absent-model')\n"
+        "except CheckpointError as e:\n    print('ERROR', e)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hub"),
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"SOURCE {snap}" in r.stdout
+    assert "ERROR tiny-org/absent-model is not in the Hugging Face cache" in r.stdout
+    assert "HF_HUB_OFFLINE is set" in r.stdout
+
+
+def test_tiny_writer_output_loads_in_hf_with_equal_logits(tmp_path, tiny_text):
+    transformers = pytest.importorskip("transformers")
+    # Multimodal folder incl. the vision tower: HF must find every key it expects and nothing else.
+    mm = write_tiny_checkpoint(tmp_path / "mm", seed=3, multimodal=True, with_vision=True)
+    hf, info = transformers.Gemma3nForConditionalGeneration.from_pretrained(
+        mm, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids, mask = IDS.clone(), MASK  # text ids only (< 384): the multimodal hard tokens are the towers' part
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    out = _logits(load(mm))
+    valid = mask.bool()
+    err = ((out[valid] - ref[valid]).abs().max() / ref[valid].abs().max()).item()
+    assert err <= 1e-4, err  # fp32, summation order only
+    # Text-only folder through Gemma3nForCausalLM.
+    hf_text = transformers.Gemma3nForCausalLM.from_pretrained(tiny_text, attn_implementation="eager",
+                                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf_text(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    out = _logits(load(tiny_text))
+    assert ((out[valid] - ref[valid]).abs().max() / ref[valid].abs().max()).item() <= 1e-4
+
+
+def test_tiny_writer_is_deterministic(tmp_path):
+    a = write_tiny_checkpoint(tmp_path / "a", seed=7, multimodal=False)
+    b = write_tiny_checkpoint(tmp_path / "b", seed=7, multimodal=False)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    sd = load_file(a / "model.safetensors")
+    assert not torch.all(sd["model.norm.weight"] == 1)
+    assert not torch.all(sd["model.layers.0.altup.correct_output_scale"] == 0)
+
+
+def test_demo_prints_text_speed_and_source(tiny_text, capsys):
+    from gemma3n_fast.__main__ import main
+
+    main(["demo", "--checkpoint", str(tiny_text), "--max-new-tokens", "3", "--prompt", "the dog"])
+    out = capsys.readouterr().out
+    assert f"checkpoint: checkpoint {tiny_text}" in out and "text: " in out and "tokens/s" in out
