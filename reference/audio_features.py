@@ -81,17 +81,21 @@ def resample(x: np.ndarray, orig_rate: int, new_rate: int, zero_crossings: int =
     n_out = -(-len(x) * up // down)
     xp = np.pad(x, (half, half + 1))
     taps = np.arange(-half + 1, half + 1)  # [K] offsets from floor(t)
+
+    def kernel(frac):  # [M] fractional positions t - floor(t) -> [M, K] filter weights
+        dist = frac[:, None] - taps[None, :]  # t - k
+        window = np.i0(kaiser_beta * np.sqrt(np.clip(1.0 - (dist / half) ** 2, 0.0, None))) / np.i0(kaiser_beta)
+        return 2 * cutoff * np.sinc(2 * cutoff * dist) * window
+
+    # Output n has phase (n * down) mod up: only `up` distinct filters, tabulated once when that is small.
+    table = kernel(np.arange(up) / up) if up * len(taps) <= 1 << 23 else None
     out = np.empty(n_out, dtype=np.float64)
     step = 32768  # bounds memory at step * K doubles
     for start in range(0, n_out, step):
         n = np.arange(start, min(start + step, n_out))
-        base = (n * down) // up  # floor(t), exact integer arithmetic
-        frac = (n * down - base * up) / up  # t - floor(t) in [0, 1)
-        k = base[:, None] + taps[None, :]  # [M, K] input indices
-        dist = frac[:, None] - taps[None, :]  # t - k
-        window = np.i0(kaiser_beta * np.sqrt(np.clip(1.0 - (dist / half) ** 2, 0.0, None))) / np.i0(kaiser_beta)
-        h = 2 * cutoff * np.sinc(2 * cutoff * dist) * window
-        out[n - 0] = (xp[k + half] * h).sum(axis=1)
+        base, phase = np.divmod(n * down, up)  # floor(t) and up * (t - floor(t)), exact integers
+        h = table[phase] if table is not None else kernel(phase / up)
+        out[n] = (xp[base[:, None] + taps[None, :] + half] * h).sum(axis=1)
     return out.astype(np.float32)
 
 
@@ -169,7 +173,7 @@ def load_audio(audio, sampling_rate: int | None = None, target_rate: int = 16_00
             x, rate = _read_wav(path)
         except OSError as e:
             raise AudioError(f"{path}: cannot read the file ({e})") from e
-        what = path
+        what, mix = path, lambda a, _: a.mean(axis=1)  # files are [N, C]
     else:
         if hasattr(audio, "detach"):  # torch tensor
             audio = audio.detach().cpu().float().numpy()
@@ -177,9 +181,10 @@ def load_audio(audio, sampling_rate: int | None = None, target_rate: int = 16_00
             x = np.asarray(audio, dtype=np.float64)
         except (TypeError, ValueError) as e:
             raise AudioError(f"audio array: cannot convert {type(audio).__name__} to numbers ({e})") from e
-        rate, what = sampling_rate, "audio array"
+        rate, what, mix = sampling_rate, "audio array", _to_mono
     rate = _check_rate(rate, what)
-    x = _check_waveform(_to_mono(x, what), what)
+    x = _check_waveform(x, what)
+    x = mix(x, what)
     return resample(x, rate, target_rate) if rate != target_rate else x.astype(np.float32)
 
 
