@@ -140,6 +140,8 @@ def write_pcm(path, samples, rate, width, channels=1):
     x = np.asarray(samples).reshape(len(samples), channels)
     if width == 1:
         raw = np.clip(np.round(x * 127 + 128), 0, 255).astype(np.uint8)
+    elif width == 3:  # 24-bit: the low 3 bytes of each little-endian int32
+        raw = np.round(x * (2**23 - 1)).astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3]
     else:
         top = 2 ** (8 * width - 1) - 1
         raw = np.round(x * top).astype({2: "<i2", 4: "<i4"}[width])
@@ -165,7 +167,8 @@ def write_float(path, samples, rate, channels=1, extensible=False):
 
 
 # Tolerance: one quantisation step plus the writer's (2^(n-1) - 1) vs the reader's 2^(n-1) full scale.
-@pytest.mark.parametrize("width,tol", [(1, 2 / 128), (2, 2 / 32768), (4, 1e-7)], ids=["8-bit", "16-bit", "32-bit"])
+@pytest.mark.parametrize("width,tol", [(1, 2 / 128), (2, 2 / 32768), (3, 2 / 2**23), (4, 1e-7)],
+                         ids=["8-bit", "16-bit", "24-bit", "32-bit"])
 def test_read_pcm_wav(tmp_path, width, tol):
     x = np.clip(noise(1234, 11), -0.99, 0.99)
     write_pcm(tmp_path / "a.wav", x, SR, width)
