@@ -47,7 +47,11 @@ def _check_waveform(x: np.ndarray, what: str) -> np.ndarray:
 def _check_rate(rate, what: str) -> int:
     if rate is None:
         raise AudioError(f"{what}: a sampling rate is required for raw arrays (pass sampling_rate=...)")
-    if isinstance(rate, bool) or not float(rate) > 0 or float(rate) != int(rate):
+    try:
+        ok = not isinstance(rate, bool) and float(rate) > 0 and float(rate) == int(rate)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
         raise AudioError(f"{what}: the sampling rate must be a positive integer number of Hz, got {rate!r}")
     return int(rate)
 
@@ -329,7 +333,8 @@ class AudioFeatureExtractor:
             w = np.asarray(w.detach().cpu().numpy() if hasattr(w, "detach") else w)
             what = f"waveform {i}"
             if w.ndim != 1:
-                raise AudioError(f"{what}: expected a 1-D mono waveform, got shape {w.shape} (use load_audio to mix down)")
+                raise AudioError(f"{what}: expected a 1-D mono waveform, got shape {w.shape} "
+                                 "(load_audio mixes channels down)")
             w = _check_waveform(w.astype(np.float32), what)
             if rate != self.sampling_rate:
                 w = resample(w, rate, self.sampling_rate)
