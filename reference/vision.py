@@ -162,9 +162,9 @@ class ImageProcessor:
         kw = dict(mode=mode, antialias=antialias) if antialias else dict(mode=mode)
         if mode != "nearest":
             kw["align_corners"] = False
-        if x.dtype == torch.uint8 and not (mode == "bilinear" and x.device.type == "cpu"):
-            # torch has a native uint8 kernel only for antialiased bilinear on CPU; elsewhere go via
-            # float and round back (what torchvision does).
+        if x.dtype == torch.uint8 and not (mode in ("bilinear", "bicubic") and x.device.type == "cpu"):
+            # torch has native uint8 kernels for antialiased bilinear/bicubic on CPU (torchvision uses them);
+            # elsewhere go via float and round back, as torchvision does.
             y = F.interpolate(x[None].float(), size=self.size, **kw)[0]
             return y.round().clamp(0, 255).to(torch.uint8)
         return F.interpolate(x[None], size=self.size, **kw)[0]
