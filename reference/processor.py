@@ -260,6 +260,13 @@ class Processor:
             sequences = sequences.tolist()
         return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
 
+    def stream_decoder(self, skip_special_tokens: bool = True):
+        """Incremental decoding for streaming: ``d = proc.stream_decoder(); d.step(proc.tokenizer, id)`` returns
+        ``None`` until a complete UTF-8 chunk exists (Gemma's byte-fallback pieces)."""
+        from tokenizers.decoders import DecodeStream
+
+        return DecodeStream(skip_special_tokens=skip_special_tokens)
+
     # -- chat template -------------------------------------------------------------------------------------
 
     def render_chat(self, messages, add_generation_prompt: bool = False, **template_kwargs) -> str:

@@ -68,12 +68,20 @@ def _from_path(path) -> torch.Tensor:
 
 
 def _from_array(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """An HWC (numpy) or CHW (torch) array, 2-D grayscale allowed -> [3, H, W]."""
+    """An HWC (numpy) or CHW (torch) array, 2-D grayscale allowed -> [3, H, W].
+
+    The other layout is accepted too when the preferred one does not fit (HF infers the layout from which
+    axis has 1, 3 or 4 entries; where both fit, HF picks CHW and we pick the documented one)."""
     if x.ndim == 2:
         x = x[None]
         channels_last = False
     if x.ndim != 3:
         raise ImageError(f"image array must be 2-D (H, W) or 3-D, got shape {tuple(x.shape)}")
+    fits_last, fits_first = x.shape[-1] in (1, 3, 4), x.shape[0] in (1, 3, 4)
+    if channels_last and not fits_last and fits_first:
+        channels_last = False
+    elif not channels_last and not fits_first and fits_last:
+        channels_last = True
     if channels_last:
         x = x.permute(2, 0, 1)
     c = x.shape[0]

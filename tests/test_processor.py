@@ -259,3 +259,13 @@ def test_clear_errors(pair):
         ours(text=["a", "a longer text"], padding=False)
     with pytest.raises(ProcessorError, match="no tokenizer.json"):
         Processor.from_pretrained("/nonexistent/dir")
+
+
+def test_stream_decoder_matches_decode(pair):
+    ours, _, _ = pair
+    ids = ours.encode("the Ünïcödé tea")
+    stream, pieces = ours.stream_decoder(), []
+    for i in ids:
+        piece = stream.step(ours.tokenizer, i)
+        pieces.append(piece) if piece is not None else None
+    assert "".join(pieces) == ours.decode(ids, skip_special_tokens=True)

@@ -33,6 +33,8 @@ def _images(rng, h, w):
         "numpy_hwc_rgba": rgba,
         "numpy_float": rng.random((h, w, 3), dtype=np.float32),
         "torch_chw_uint8": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+        "torch_hwc_float": torch.from_numpy(rng.random((h, w, 3), dtype=np.float32)),
+        "numpy_chw_uint8": np.ascontiguousarray(rgb.transpose(2, 0, 1)),
         "pil_rgb": Image.fromarray(rgb),
         "pil_rgba": Image.fromarray(rgba),
         "pil_L": Image.fromarray(rgb[..., 0]),
@@ -51,6 +53,9 @@ def test_preprocessing_equals_hf(h, w):
         assert got.shape == expected.shape == (1, 3, 768, 768), name
         assert got.dtype == torch.float32
         assert torch.equal(got, expected), f"{name}: max abs diff {(got - expected).abs().max().item()}"
+    # A 2-D grayscale array (HF's processor rejects it at the top level) equals the same pixels as PIL "L".
+    gray = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    assert torch.equal(ours(gray), ours(Image.fromarray(gray)))
 
 
 def test_preprocessing_batch_path_and_config(tmp_path):
