@@ -200,8 +200,11 @@ class Processor:
 
         special = {k: tok_cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                    if isinstance(tok_cfg.get(k), str)}
-        special.update({k: v for k, v in (tok_cfg.get("extra_special_tokens") or {}).items()
-                        if k in DEFAULT_MM_TOKENS and isinstance(v, str)})
+        # The multimodal token strings: flat keys (HF 5), "model_specific_special_tokens" or a dict-valued
+        # "extra_special_tokens" (HF 4.5x checkpoints).
+        for source in (tok_cfg.get("extra_special_tokens"), tok_cfg.get("model_specific_special_tokens"), tok_cfg):
+            if isinstance(source, dict):
+                special.update({k: v for k, v in source.items() if k in DEFAULT_MM_TOKENS and isinstance(v, str)})
 
         # Image/audio settings: processor_config.json (HF 5) nests them; older checkpoints keep them
         # flat in preprocessor_config.json (image and audio keys side by side).

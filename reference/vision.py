@@ -283,3 +283,32 @@ def load_vision_tower(tower: VisionTower, state_dict: dict, prefix: str = VISION
                        f"unexpected {unexpected[:5]} ({len(unexpected)}), shape mismatches {bad_shapes[:5]}")
     tower.timm_model.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in own.values()))
     return tower
+
+
+def build_vision(config, state_dict: dict | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+    """(vision_tower, embed_vision) for a ``Gemma3nConfig``, loaded from a full checkpoint state dict if given.
+
+    With a state dict the modules are built on the meta device and take the checkpoint tensors (no random
+    init of ~300M parameters)."""
+    from gemma3n_fast.reference.embedder import MultimodalEmbedder
+
+    vc = config.vision
+    if vc is None:
+        raise ValueError("this config has no vision_config (a text-only checkpoint)")
+    build_on = "meta" if state_dict is not None else (device or "cpu")
+    tower = VisionTower(vc, device=build_on)
+    with torch.device(build_on):
+        embed = MultimodalEmbedder(vc.hidden_size, config.text.hidden_size, vc.vocab_size, vc.vocab_offset,
+                                   vc.rms_norm_eps)
+    if state_dict is not None:
+        load_vision_tower(tower, state_dict)
+        prefix = "model.embed_vision."
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        result = embed.load_state_dict(sd, strict=False, assign=True)
+        if result.missing_keys or result.unexpected_keys:
+            raise KeyError(f"embed_vision weights: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    tower, embed = tower.eval(), embed.eval()
+    if device is not None or dtype is not None:
+        tower, embed = tower.to(device=device, dtype=dtype), embed.to(device=device, dtype=dtype)
+    return tower, embed

@@ -269,3 +269,22 @@ def test_stream_decoder_matches_decode(pair):
         piece = stream.step(ours.tokenizer, i)
         pieces.append(piece) if piece is not None else None
     assert "".join(pieces) == ours.decode(ids, skip_special_tokens=True)
+
+
+def test_loads_a_processor_saved_by_hf(tmp_path, pair):
+    """The files HF's save_pretrained writes (processor_config.json with nested image settings, flat special
+    tokens in tokenizer_config.json, chat_template.jinja) configure our processor the same way."""
+    _, hf, _ = pair
+    hf_small = type(hf)(feature_extractor=hf.feature_extractor, image_processor=hf.image_processor,
+                        tokenizer=hf.tokenizer, chat_template=CHECKPOINT_TEMPLATE, image_seq_length=7,
+                        audio_seq_length=5)
+    hf_small.save_pretrained(str(tmp_path))
+    ours = Processor.from_pretrained(tmp_path)
+    assert (ours.image_seq_length, ours.audio_seq_length, ours.padding_side) == (7, 5, "left")
+    messages = [{"role": "user", "content": [{"type": "image", "image": _rand_image(9, 31, 77)},
+                                             {"type": "text", "text": "Caption?"}]}]
+    got = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = hf_small.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt")
+    _assert_same(got, expected)
+    assert torch.equal(got["pixel_values"], expected["pixel_values"]) and got["pixel_values"].shape[-2:] == (40, 48)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gemma3n_fast.reference.config import VisionConfig
+from gemma3n_fast.reference.config import Gemma3nConfig, VisionConfig
 from gemma3n_fast.reference.embedder import MultimodalEmbedder
-from gemma3n_fast.reference.vision import (ImageError, ImageProcessor, VisionTower, get_image_features,
+from gemma3n_fast.reference.vision import (ImageError, ImageProcessor, VisionTower, build_vision, get_image_features,
                                            load_image, load_vision_tower)
 
 # The processor config HF's Gemma 3n converter writes (image part of processor_config.json).
@@ -119,12 +119,8 @@ def test_image_features_equal_hf():
     cfg, hf = _tiny_hf_model()
     # As stored by Gemma3nForConditionalGeneration: "model." + the base model's keys.
     sd = {"model." + k: v for k, v in hf.state_dict().items()}
-    tower = VisionTower(VisionConfig(model_args={"channel_multiplier": 0.25}), device="meta")
-    load_vision_tower(tower, sd)
-    embed = MultimodalEmbedder(2048, 48, 128, 262_144, eps=1e-6)
-    embed.load_state_dict({k[len("model.embed_vision."):]: v for k, v in sd.items()
-                           if k.startswith("model.embed_vision.")})
-    tower.eval()
+    ours_cfg = Gemma3nConfig.from_dict(cfg.to_dict(), strict=False)  # our config from HF's config.json dict
+    tower, embed = build_vision(ours_cfg, sd)
 
     # Two 256x256 images: the tower still gives a 16x16 grid (stage 2 is already 16x16, no pooling).
     # (Odd sizes such as 256x272 run into fp32 denormals on CPU and take ~10x longer; same numbers.)
