@@ -56,6 +56,8 @@ def _from_pil(img) -> torch.Tensor:
 def _from_path(path) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
+    if str(path).startswith(("http://", "https://")):
+        raise ImageError(f"images are not fetched from URLs ({path}); download the file and pass its path")
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")

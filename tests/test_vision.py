@@ -87,6 +87,10 @@ def test_bad_images_give_clear_errors(tmp_path):
         load_image(np.ones((8, 8, 3), np.int32))
     with pytest.raises(ImageError, match="NaN"):
         load_image(np.full((8, 8, 3), np.nan, np.float32))
+    with pytest.raises(ImageError, match="not fetched from URLs"):
+        load_image("https://example.com/cat.jpg")
+    with pytest.raises(ImageError, match="unsupported PIL image mode"):
+        load_image(Image.new("I;16B", (4, 4)))
     with pytest.raises(ImageError, match="unsupported image type"):
         load_image(12)
     buf = io.BytesIO()
