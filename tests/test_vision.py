@@ -119,7 +119,17 @@ def _tiny_hf_model():
     return cfg, model
 
 
-def test_image_features_equal_hf():
+@pytest.fixture
+def one_thread():
+    """The conv tower runs ~10x slower with 2 OpenMP threads when the 2 cores are shared with other test
+    processes (measured 9.1 s vs 0.9 s per forward under load); one thread costs little when idle."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_image_features_equal_hf(one_thread):
     cfg, hf = _tiny_hf_model()
     # As stored by Gemma3nForConditionalGeneration: "model." + the base model's keys.
     sd = {"model." + k: v for k, v in hf.state_dict().items()}
