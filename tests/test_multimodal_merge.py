@@ -39,7 +39,12 @@ def hf_model():
                         audio_token_id=AUD, vision_soft_tokens_per_image=N_IMG_TOK,
                         audio_soft_tokens_per_image=N_AUD_TOK)
     torch.manual_seed(0)
-    model = Gemma3nModel(cfg).eval()
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # building the 0.25 vision tower is far slower with 2 threads on shared cores
+    try:
+        model = Gemma3nModel(cfg).eval()
+    finally:
+        torch.set_num_threads(n_threads)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(("embed_vision.", "embed_audio.")):
