@@ -6,8 +6,8 @@ Math, per row of gate g [I] (population statistics over I):
     out  = gelu_tanh(g) * up                           (``std_multiplier=None``: the dense layers, same kernel)
 gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))) = x * sigmoid(2 sqrt(2/pi)(x + 0.044715 x^3)).
 Shapes: gate, up [..., I] (the same shape); out [..., I] in gate.dtype; optional ``active_count`` int32 [rows]
-receives the number of channels per row whose activation gelu_tanh(g') is non-zero (what a sparse down
-projection needs; I for a dense row unless the gate hits exact zeros).
+receives the number of active channels per row, those with g' = relu(g - cutoff) > 0 (exactly the non-zero
+activations: what a sparse down projection needs); a dense call (``std_multiplier=None``) writes I.
 Numerics (the reference's rounding, HF's order): z is rounded to gate.dtype; mean and std are accumulated in
 fp32 and each rounded to gate.dtype; std*z, mean+std*z, g-cutoff, gelu and the product with up are each
 rounded to gate.dtype. The statistics use one read of the row with sums shifted by the row's first element
@@ -79,7 +79,7 @@ def _gaussian_topk_gelu_mul_kernel(
         u = tl.load(up_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_row + start + cols, _round_to(act * u, dtype), mask=mask)
         if WRITE_COUNT:
-            count += tl.where(mask & (act != 0.0), 1, 0)
+            count += tl.where(mask & (g > 0.0), 1, 0) if SPARSE else tl.where(mask, 1, 0)
     if WRITE_COUNT:
         tl.store(count_ptr + row, tl.sum(count, axis=0))
 
