@@ -79,7 +79,10 @@ def _gaussian_topk_gelu_mul_kernel(
         u = tl.load(up_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_row + start + cols, _round_to(act * u, dtype), mask=mask)
         if WRITE_COUNT:
-            count += tl.where(mask & (g > 0.0), 1, 0) if SPARSE else tl.where(mask, 1, 0)
+            if SPARSE:
+                count += tl.where(mask & (g > 0.0), 1, 0)  # g' > 0 <=> gelu(g') != 0
+            else:
+                count += tl.where(mask, 1, 0)
     if WRITE_COUNT:
         tl.store(count_ptr + row, tl.sum(count, axis=0))
 
