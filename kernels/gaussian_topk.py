@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
 
 
 @triton.jit
@@ -50,7 +50,6 @@ def _gaussian_topk_gelu_mul_kernel(
     dtype = out_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK)
 
-    cutoff = 0.0
     if SPARSE:
         # Shifted sums: s1 = sum(g - g0), s2 = sum((g - g0)^2); var = s2/I - (s1/I)^2 without cancellation
         # trouble, since g - g0 is of the order of the spread, not of the mean.

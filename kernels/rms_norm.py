@@ -77,7 +77,7 @@ def _rms_norm_kernel(
             tl.store(out_row + start + cols, y, mask=mask)
 
 
-def _rows(t: torch.Tensor, name: str, H: int) -> torch.Tensor:
+def _rows(t: torch.Tensor, H: int) -> torch.Tensor:
     """[..., H] -> [rows, H] with a unit last-dim stride (a view when possible, else one copy)."""
     t = t.reshape(-1, H)
     return t if t.stride(-1) == 1 or H == 1 else t.contiguous()
@@ -120,8 +120,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     if out_rows.stride(-1) != 1 and H != 1:
         raise ValueError("rms_norm: out must have a contiguous last dim")
 
-    x_rows = _rows(x, "x", H)
-    res_rows = _rows(residual, "residual", H) if residual is not None else x_rows  # dummy pointer when unused
+    x_rows = _rows(x, H)
+    res_rows = _rows(residual, H) if residual is not None else x_rows  # dummy pointer when unused
     n_rows = x_rows.shape[0]
     single = H <= _MAX_SINGLE_BLOCK
     block = triton.next_power_of_2(H) if single else 4096
