@@ -1,0 +1,143 @@
+"""AltUp correct for Gemma 3n, fused: router on the layer output + gains + innovation + all corrected streams
++ the scaled active stream (the per-layer gate input), one program per token.
+
+Math, per token, with predictions P_0..P_{A-1} [H] (A = 4) and the layer output o [H]:
+    r           = tanh(router_weight @ (rms_norm(o; router_norm_weight) / H))     [A]  (as in altup_predict)
+    g           = correction_coefs @ r + 1                                          [A]
+    innovation  = o - P_active
+    corrected_k = P_k + g_k * innovation                     for every k (k = active too)
+    scaled      = corrected_active * correct_output_scale    (None when no scale is given)
+Shapes: predictions [A, ..., H]; activated [..., H]; correction_coefs [A, A]; correct_output_scale [H] or None.
+Returns (corrected [A, ..., H], scaled [..., H] or None), both in activated.dtype. Coefficient clipping is not
+done here (the model clips once at load).
+Numerics: each step is rounded to the activation dtype where the reference rounds (router chain, g before and
+after the +1, innovation, the product g_k * innovation, the add); ``scaled`` is computed in fp32, rounded to the
+scale's dtype, then to the activation dtype (the reference's ``.to(scale.dtype) * scale`` then ``.to(x.dtype)``).
+Passes: o is read three times (router sum of squares, router dot, update; re-reads are L1/L2 hits), each
+prediction once, each output written once.
+Layout: like altup_predict, token rows through strides with a contiguous last dim (copied once otherwise);
+``out`` / ``scaled_out`` must be viewable as [A, tokens, H] / [tokens, H].
+Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation beyond the outputs: CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gemma3n_fast.kernels.altup_predict import _DTYPES, _altup_modalities, _check_router, _round_to
+
+
+@triton.jit
+def _altup_correct_kernel(
+    p_ptr, o_ptr, norm_w_ptr, router_w_ptr, coef_ptr, scale_ptr, out_ptr, scaled_ptr,
+    H, p_stream_stride, p_token_stride, o_token_stride, out_stream_stride, out_token_stride, scaled_token_stride,
+    router_row_stride, coef_row_stride, coef_col_stride, eps, active,
+    A: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    dtype = out_ptr.dtype.element_ty
+    p_tok = p_ptr + token * p_token_stride
+    o_row = o_ptr + token * o_token_stride
+    out_tok = out_ptr + token * out_token_stride
+    modal = _altup_modalities(o_row, norm_w_ptr, router_w_ptr, H, router_row_stride, eps, dtype, A, BLOCK)  # [A]
+
+    # g_k = sum_a coefs[k, a] * r[a], rounded (F.linear), then + 1 rounded again.
+    k_idx = tl.arange(0, A)
+    coef_w = tl.load(coef_ptr + k_idx[:, None] * coef_row_stride + k_idx[None, :] * coef_col_stride).to(tl.float32)
+    gains = _round_to(tl.sum(coef_w * modal[None, :], axis=1), dtype).to(tl.float32)
+    gains = _round_to(gains + 1.0, dtype).to(tl.float32)  # [A]
+    is_active = (k_idx == active)[:, None]  # [A, 1]: picks P_active out of the tile without a second load
+
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, H, BLOCK):
+        mask = start + cols < H
+        o = tl.load(o_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(p_tok + k_idx[:, None] * p_stream_stride + start + cols[None, :],
+                    mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+        p_active = tl.sum(tl.where(is_active, p, 0.0), axis=0)  # exact: one non-zero term per column
+        innovation = _round_to(o - p_active, dtype).to(tl.float32)
+        update = _round_to(gains[:, None] * innovation[None, :], dtype).to(tl.float32)
+        corrected = _round_to(p + update, dtype)  # [A, BLOCK] in the activation dtype
+        tl.store(out_tok + k_idx[:, None] * out_stream_stride + start + cols[None, :], corrected, mask=mask[None, :])
+        if HAS_SCALE:
+            c_active = tl.sum(tl.where(is_active, corrected.to(tl.float32), 0.0), axis=0)
+            scale = tl.load(scale_ptr + start + cols, mask=mask, other=0.0)
+            scaled = _round_to(_round_to(c_active * scale.to(tl.float32), scale.dtype).to(tl.float32), dtype)
+            tl.store(scaled_ptr + token * scaled_token_stride + start + cols, scaled, mask=mask)
+
+
+def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_norm_weight: torch.Tensor,
+                  router_weight: torch.Tensor, correction_coefs: torch.Tensor,
+                  correct_output_scale: torch.Tensor | None = None, eps: float = 1e-6, active: int = 0, *,
+                  out: torch.Tensor | None = None,
+                  scaled_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton version of ``reference.ops.altup_correct``; plus ``out=`` ([A, ..., H]) and ``scaled_out=`` ([..., H])."""
+    fn = "altup_correct"
+    for name, t in (("predictions", predictions), ("activated", activated)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{fn}: {name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
+    if predictions.dim() < 2 or predictions.numel() == 0:
+        raise ValueError(f"{fn}: predictions must be a non-empty [A, ..., H], got {tuple(predictions.shape)}")
+    A, H = predictions.shape[0], predictions.shape[-1]
+    if activated.shape != predictions.shape[1:]:
+        raise ValueError(f"{fn}: activated must have shape {tuple(predictions.shape[1:])} (predictions without "
+                         f"the stream dim), got {tuple(activated.shape)}")
+    if activated.dtype != predictions.dtype:
+        raise TypeError(f"{fn}: activated dtype {activated.dtype} != predictions dtype {predictions.dtype}")
+    if activated.device != predictions.device:
+        raise ValueError(f"{fn}: activated is on {activated.device} but predictions are on {predictions.device}")
+    if A & (A - 1):
+        raise ValueError(f"{fn}: the number of streams A must be a power of two (Gemma 3n: 4), got {A}")
+    if not 0 <= active < A:
+        raise ValueError(f"{fn}: active must be in [0, {A}), got {active}")
+    _check_router(fn, activated.dtype, activated.device, H, A, router_norm_weight, router_weight)
+    if not isinstance(correction_coefs, torch.Tensor) or correction_coefs.shape != (A, A):
+        raise ValueError(f"{fn}: correction_coefs must be a ({A}, {A}) tensor, got "
+                         f"{getattr(correction_coefs, 'shape', type(correction_coefs).__name__)}")
+    if correction_coefs.device != activated.device or correction_coefs.dtype not in _DTYPES:
+        raise ValueError(f"{fn}: correction_coefs must be fp32/fp16/bf16 on {activated.device}")
+    if correct_output_scale is not None:
+        if correct_output_scale.shape != (H,) or correct_output_scale.dtype not in _DTYPES \
+                or correct_output_scale.device != activated.device:
+            raise ValueError(f"{fn}: correct_output_scale must be a ({H},) fp32/fp16/bf16 tensor on "
+                             f"{activated.device}, got {tuple(correct_output_scale.shape)} "
+                             f"{correct_output_scale.dtype} on {correct_output_scale.device}")
+
+    def _view(t, name, shape, rows_shape):
+        if t is None:
+            return torch.empty(shape, dtype=activated.dtype, device=activated.device)
+        if t.shape != shape or t.dtype != activated.dtype or t.device != activated.device:
+            raise ValueError(f"{fn}: {name} must be {tuple(shape)} {activated.dtype} on {activated.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+        try:
+            v = t.view(rows_shape)
+        except RuntimeError:
+            raise ValueError(f"{fn}: {name} must be viewable as {rows_shape} rows") from None
+        if v.stride(-1) != 1 and H != 1:
+            raise ValueError(f"{fn}: {name} must have a contiguous last dim")
+        return t
+
+    out = _view(out, "out", predictions.shape, (A, -1, H))
+    scaled = None
+    if correct_output_scale is not None:
+        scaled = _view(scaled_out, "scaled_out", activated.shape, (-1, H))
+    out3 = out.view(A, -1, H)
+    scaled2 = scaled.view(-1, H) if scaled is not None else out3[0]  # dummy pointer when unused
+
+    p3 = predictions.reshape(A, -1, H)
+    p3 = p3 if p3.stride(-1) == 1 or H == 1 else p3.contiguous()
+    o2 = activated.reshape(-1, H)
+    o2 = o2 if o2.stride(-1) == 1 or H == 1 else o2.contiguous()
+    router_w = router_weight if router_weight.stride(-1) == 1 else router_weight.contiguous()
+    scale = correct_output_scale.contiguous() if correct_output_scale is not None else o2
+    block = min(triton.next_power_of_2(H), 1024)
+    _altup_correct_kernel[(p3.shape[1],)](
+        p3, o2, router_norm_weight.contiguous(), router_w, correction_coefs, scale, out3, scaled2,
+        H, p3.stride(0), p3.stride(1), o2.stride(0), out3.stride(0), out3.stride(1), scaled2.stride(0),
+        router_w.stride(0), correction_coefs.stride(0), correction_coefs.stride(1), float(eps), int(active),
+        A=A, HAS_SCALE=correct_output_scale is not None, BLOCK=block, num_warps=4 if block >= 512 else 2,
+    )
+    return out, scaled

@@ -1,0 +1,146 @@
+"""Gaussian top-k sparse GELU-mul (Gemma 3n's activation sparsity), one Triton program per row.
+
+Math, per row of gate g [I] (population statistics over I):
+    mean = sum(g) / I,  std = sqrt(sum((g - mean)^2) / I),  cutoff = mean + std * z
+    out  = gelu_tanh(relu(g - cutoff)) * up            (z = Phi^-1(sparsity), the caller's ``std_multiplier``)
+    out  = gelu_tanh(g) * up                           (``std_multiplier=None``: the dense layers, same kernel)
+gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))) = x * sigmoid(2 sqrt(2/pi)(x + 0.044715 x^3)).
+Shapes: gate, up [..., I] (the same shape); out [..., I] in gate.dtype; optional ``active_count`` int32 [rows]
+receives the number of active channels per row, those with g' = relu(g - cutoff) > 0 (exactly the non-zero
+activations: what a sparse down projection needs); a dense call (``std_multiplier=None``) writes I.
+Numerics (the reference's rounding, HF's order): z is rounded to gate.dtype; mean and std are accumulated in
+fp32 and each rounded to gate.dtype; std*z, mean+std*z, g-cutoff, gelu and the product with up are each
+rounded to gate.dtype. The statistics use one read of the row with sums shifted by the row's first element
+(numerically safe for any mean), then a second read computes the output.
+Layout: gate/up are read through a row stride with a contiguous last dim, so views of a fused [..., 2I] gate|up
+projection pass without copies (when ``reshape(-1, I)`` of them is a view; otherwise they are copied once).
+Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation beyond the output: CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 -> dtype, round-to-nearest-even. Spelled out for bf16 because the interpreter's cast truncates;
+    the same few integer ops on GPU are free in a memory-bound kernel."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # add half an ulp (ties to even), drop 16 bits
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _gaussian_topk_gelu_mul_kernel(
+    gate_ptr, up_ptr, out_ptr, count_ptr,
+    I, gate_row_stride, up_row_stride, out_row_stride, z,
+    SPARSE: tl.constexpr, WRITE_COUNT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    gate_row = gate_ptr + row * gate_row_stride
+    up_row = up_ptr + row * up_row_stride
+    out_row = out_ptr + row * out_row_stride
+    dtype = out_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+
+    if SPARSE:
+        # Shifted sums: s1 = sum(g - g0), s2 = sum((g - g0)^2); var = s2/I - (s1/I)^2 without cancellation
+        # trouble, since g - g0 is of the order of the spread, not of the mean.
+        shift = tl.load(gate_row).to(tl.float32)
+        s1 = tl.zeros([BLOCK], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, I, BLOCK):
+            mask = start + cols < I
+            d = tl.where(mask, tl.load(gate_row + start + cols, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+            s1 += d
+            s2 += d * d
+        mean_shifted = tl.sum(s1, axis=0) / I
+        var = tl.maximum(tl.sum(s2, axis=0) / I - mean_shifted * mean_shifted, 0.0)
+        mean = _round_to(mean_shifted + shift, dtype).to(tl.float32)
+        std = _round_to(tl.sqrt(var), dtype).to(tl.float32)
+        cutoff = _round_to(mean + _round_to(std * z, dtype).to(tl.float32), dtype).to(tl.float32)
+
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, I, BLOCK):
+        mask = start + cols < I
+        g = tl.load(gate_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        if SPARSE:
+            g = tl.maximum(_round_to(g - cutoff, dtype).to(tl.float32), 0.0)  # relu of the shifted gate
+        inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+        act = _round_to(g * tl.sigmoid(2.0 * inner), dtype).to(tl.float32)  # 0.5 g (1 + tanh(inner))
+        u = tl.load(up_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_row + start + cols, _round_to(act * u, dtype), mask=mask)
+        if WRITE_COUNT:
+            if SPARSE:
+                count += tl.where(mask & (g > 0.0), 1, 0)  # g' > 0 <=> gelu(g') != 0
+            else:
+                count += tl.where(mask, 1, 0)
+    if WRITE_COUNT:
+        tl.store(count_ptr + row, tl.sum(count, axis=0))
+
+
+def _rows(t: torch.Tensor, I: int) -> torch.Tensor:
+    """[..., I] -> [rows, I] with a unit last-dim stride (a view when possible, else one copy)."""
+    t = t.reshape(-1, I)
+    return t if t.stride(-1) == 1 or I == 1 else t.contiguous()
+
+
+def gaussian_topk_gelu_mul(gate: torch.Tensor, up: torch.Tensor, std_multiplier: float | None, *,
+                           out: torch.Tensor | None = None,
+                           active_count: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of ``reference.ops.gaussian_topk_gelu_mul``; plus ``out=`` and ``active_count=`` (int32 [rows])."""
+    for name, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"gaussian_topk_gelu_mul: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"gaussian_topk_gelu_mul: {name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
+    if gate.dim() < 1 or gate.numel() == 0:
+        raise ValueError(f"gaussian_topk_gelu_mul: gate must be a non-empty [..., I], got {tuple(gate.shape)}")
+    if up.shape != gate.shape:
+        raise ValueError(f"gaussian_topk_gelu_mul: up shape {tuple(up.shape)} != gate shape {tuple(gate.shape)}")
+    if up.dtype != gate.dtype:
+        raise TypeError(f"gaussian_topk_gelu_mul: up dtype {up.dtype} != gate dtype {gate.dtype}")
+    if up.device != gate.device:
+        raise ValueError(f"gaussian_topk_gelu_mul: up is on {up.device} but gate is on {gate.device}")
+    if std_multiplier is not None and not isinstance(std_multiplier, (int, float)):
+        raise TypeError("gaussian_topk_gelu_mul: std_multiplier must be a Python float or None "
+                        f"(a tensor would force a host sync), got {type(std_multiplier).__name__}")
+    I = gate.shape[-1]
+    if out is None:
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    elif out.shape != gate.shape or out.dtype != gate.dtype or out.device != gate.device:
+        raise ValueError(f"gaussian_topk_gelu_mul: out must be {tuple(gate.shape)} {gate.dtype} on {gate.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    try:
+        out_rows = out.view(-1, I)
+    except RuntimeError:
+        raise ValueError("gaussian_topk_gelu_mul: out must be viewable as [rows, I] (contiguous rows)") from None
+    if out_rows.stride(-1) != 1 and I != 1:
+        raise ValueError("gaussian_topk_gelu_mul: out must have a contiguous last dim")
+    n_rows = out_rows.shape[0]
+    if active_count is not None:
+        if active_count.dtype != torch.int32 or active_count.numel() != n_rows or not active_count.is_contiguous():
+            raise ValueError(f"gaussian_topk_gelu_mul: active_count must be a contiguous int32 tensor with {n_rows} "
+                             f"elements (one per row), got {tuple(active_count.shape)} {active_count.dtype}")
+        if active_count.device != gate.device:
+            raise ValueError(f"gaussian_topk_gelu_mul: active_count is on {active_count.device}, gate on {gate.device}")
+
+    # z rounded to the activation dtype exactly as the reference does (a CPU scalar op, no device sync).
+    z = 0.0 if std_multiplier is None else float(torch.tensor(float(std_multiplier)).to(gate.dtype).float())
+    gate_rows, up_rows = _rows(gate, I), _rows(up, I)
+    block = min(triton.next_power_of_2(I), 4096)
+    num_warps = min(max(block // 256, 1), 8)
+    _gaussian_topk_gelu_mul_kernel[(n_rows,)](
+        gate_rows, up_rows, out_rows, active_count if active_count is not None else out_rows,
+        I, gate_rows.stride(0), up_rows.stride(0), out_rows.stride(0), z,
+        SPARSE=std_multiplier is not None, WRITE_COUNT=active_count is not None, BLOCK=block,
+        num_warps=num_warps,
+    )
+    return out

@@ -1,0 +1,135 @@
+"""Gemma 3n RMSNorm, optionally fused with the residual add, as one Triton pass per row.
+
+Math (over the last dim, H):  y = x * (mean(x^2) + eps)^-1/2 * w   (no ``1 + w`` offset; w optional)
+                              out = y                  (residual None)
+                              out = residual + y       (the add after y is rounded to x.dtype, as the model's
+                                                        ``h + post_norm(m)`` does)
+Shapes: x [..., H] (any leading shape: rows of hidden states, or [..., heads, D] for the per-head q/k/v norms),
+weight [H] or None (the scale-free V norm), residual like x. Output in x.dtype.
+Numerics: x, w and the sum of squares are fp32 inside; y is rounded to x.dtype once, then the residual add is done
+in fp32 and rounded again (two roundings, exactly the reference's). Dtypes fp32 / fp16 / bf16.
+Layout: rows are addressed by a row stride, so any x whose ``reshape(-1, H)`` is a view (last dim contiguous) is
+read in place; anything else is copied once by that reshape. ``out`` must be viewable as [rows, H].
+Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation beyond the output: CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_SINGLE_BLOCK = 8192  # rows up to this width are held in registers; wider rows are looped over twice
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 -> dtype, round-to-nearest-even. Spelled out for bf16 because the interpreter's cast truncates;
+    the same few integer ops on GPU are free in a memory-bound kernel."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # add half an ulp (ties to even), drop 16 bits
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, res_ptr, out_ptr,
+    H, x_row_stride, res_row_stride, out_row_stride, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    out_row = out_ptr + row * out_row_stride
+    res_row = res_ptr + row * res_row_stride
+    cols = tl.arange(0, BLOCK)
+
+    if SINGLE_BLOCK:
+        mask = cols < H
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+        y = x * inv_rms
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _round_to(y, out_ptr.dtype.element_ty)  # the norm's own rounding to x.dtype
+        if HAS_RESIDUAL:
+            y = _round_to(tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32), y.dtype)
+        tl.store(out_row + cols, y, mask=mask)
+    else:
+        # Pass 1: sum of squares, accumulated per lane in fp32, reduced once at the end.
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, H, BLOCK):
+            mask = start + cols < H
+            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += x * x
+        inv_rms = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / H + eps)
+        # Pass 2: normalise (the re-read of x is served by L2 for any realistic H).
+        for start in range(0, H, BLOCK):
+            mask = start + cols < H
+            y = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32) * inv_rms
+            if HAS_WEIGHT:
+                y = y * tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            y = _round_to(y, out_ptr.dtype.element_ty)
+            if HAS_RESIDUAL:
+                r = tl.load(res_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                y = _round_to(r + y.to(tl.float32), y.dtype)
+            tl.store(out_row + start + cols, y, mask=mask)
+
+
+def _rows(t: torch.Tensor, H: int) -> torch.Tensor:
+    """[..., H] -> [rows, H] with a unit last-dim stride (a view when possible, else one copy)."""
+    t = t.reshape(-1, H)
+    return t if t.stride(-1) == 1 or H == 1 else t.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6,
+             residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of ``reference.ops.rms_norm``; same signature plus ``out=`` ([..., H] like x, viewable)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"rms_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"rms_norm: x dtype {x.dtype} is not supported (fp32, fp16, bf16)")
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"rms_norm: x must be a non-empty tensor [..., H], got shape {tuple(x.shape)}")
+    H = x.shape[-1]
+    if weight is not None:
+        if weight.shape != (H,):
+            raise ValueError(f"rms_norm: weight must have shape ({H},), got {tuple(weight.shape)}")
+        if weight.dtype not in _DTYPES:
+            raise TypeError(f"rms_norm: weight dtype {weight.dtype} is not supported (fp32, fp16, bf16)")
+        if weight.device != x.device:
+            raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}")
+        weight = weight if weight.stride(0) == 1 else weight.contiguous()
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"rms_norm: residual dtype {residual.dtype} != x dtype {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"rms_norm: residual is on {residual.device} but x is on {x.device}")
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"rms_norm: out must be {tuple(x.shape)} {x.dtype} on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    try:
+        out_rows = out.view(-1, H)
+    except RuntimeError:
+        raise ValueError("rms_norm: out must be viewable as [rows, H] (contiguous rows)") from None
+    if out_rows.stride(-1) != 1 and H != 1:
+        raise ValueError("rms_norm: out must have a contiguous last dim")
+
+    x_rows = _rows(x, H)
+    res_rows = _rows(residual, H) if residual is not None else x_rows  # dummy pointer when unused
+    n_rows = x_rows.shape[0]
+    single = H <= _MAX_SINGLE_BLOCK
+    block = triton.next_power_of_2(H) if single else 4096
+    num_warps = min(max(block // 256, 1), 16)  # ~8 fp32 values per thread per row chunk
+    _rms_norm_kernel[(n_rows,)](
+        x_rows, weight if weight is not None else x_rows, res_rows, out_rows,
+        H, x_rows.stride(0), res_rows.stride(0), out_rows.stride(0), float(eps),
+        HAS_WEIGHT=weight is not None, HAS_RESIDUAL=residual is not None, SINGLE_BLOCK=single, BLOCK=block,
+        num_warps=num_warps,
+    )
+    return out
