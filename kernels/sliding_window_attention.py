@@ -69,11 +69,11 @@ def _swa_prefill_kernel(
     p_max = tl.max(tl.where(m_mask, q_pos, -1), axis=0)
     p_min = tl.min(tl.where(m_mask, q_pos, 1 << 62), axis=0)
     hi = tl.minimum(p_max - slot_offset + 1, Tk)  # exclusive: keys after the latest query are invisible
-    lo = 0
+    lo = tl.zeros([], tl.int64)
     if HAS_WINDOW:
         lo = tl.maximum(p_min - window + 1 - slot_offset, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.maximum(hi, lo)
+    lo = ((lo // BLOCK_N) * BLOCK_N).to(tl.int32)  # tile-aligned start
+    hi = tl.maximum(hi, lo).to(tl.int32)
 
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
@@ -180,12 +180,15 @@ def _check_out(out, shape, dtype, device):
     return out
 
 
-def _prefill_blocks(D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) that keep Q, K, V tiles within Hopper shared memory."""
-    if D <= 64:
-        return 64, 64, 4
+def _prefill_blocks(D: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) that keep Q + 2 stages of K, V tiles within Hopper shared memory (~227 KB).
+
+    D 256 in 16-bit: Q 64x256 (32 KB) + 2 x (K, V 32x256) (64 KB); fp32 halves BLOCK_M to stay under the limit.
+    """
     if D <= 128:
         return 64, 64, 4
+    if dtype == torch.float32:
+        return 32, 32, 8
     return 64, 32, 8
 
 
@@ -194,7 +197,10 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill attention; same contract as ``reference.ops.sliding_window_attention`` (plus ``out=``).
 
-    Requires the left-padded slot layout described in the module docstring for tile skipping.
+    Requires the left-padded slot layout described in the module docstring for tile skipping. Keys stored in a
+    ring buffer (slot = position % W) break that layout: for a prefill chunk on top of a ring cache, pass the
+    keys in position order (cached keys then the chunk), or use ``sliding_window_attention_decode``, which
+    accepts any slot order.
     """
     B, Hq, Tq, D, Hkv, Tk = _check_attention_inputs(q, k, v, q_pos, k_pos, window, softcap)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -202,7 +208,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out = _check_out(out, (B, Hq, Tq, D), q.dtype, q.device)
     if out is None:
         out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
-    BLOCK_M, BLOCK_N, num_warps = _prefill_blocks(D)
+    BLOCK_M, BLOCK_N, num_warps = _prefill_blocks(D, q.dtype)
     BLOCK_D = triton.next_power_of_2(D)
     grid = (triton.cdiv(Tq, BLOCK_M), B * Hq)
     _swa_prefill_kernel[grid](

@@ -147,7 +147,7 @@ def _swa_decode_reduce_kernel(
              mask=d_mask)
 
 
-_BLOCK_N = 64
+_BLOCK_N = 64  # keys per tile; 32 for fp32 at D > 128 (two stages of K and V tiles must fit shared memory)
 _TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs)
 
 
@@ -184,7 +184,8 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
         num_splits = decode_num_splits(B, Hkv, S)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    keys_per_split = triton.cdiv(triton.cdiv(S, num_splits), _BLOCK_N) * _BLOCK_N
+    BLOCK_N = 32 if (q.dtype == torch.float32 and D > 128) else _BLOCK_N
+    keys_per_split = triton.cdiv(triton.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
     num_splits = triton.cdiv(S, keys_per_split)  # drop splits that would be empty
     split = num_splits > 1
     if split:
@@ -209,7 +210,7 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
         Hkv, Tq, S, D, G, keys_per_split, num_splits, window if window is not None else 0,
         float(scaling) * LOG2E, float(softcap) if softcap is not None else 1.0,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, IEEE_DOT=q.dtype == torch.float32,
-        SPLIT=split, BLOCK_M=BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=2,
+        SPLIT=split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=2,
     )
     if split:
         _swa_decode_reduce_kernel[(B * Hkv, G * Tq)](
