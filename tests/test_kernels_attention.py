@@ -76,7 +76,7 @@ PREFILL_CASES = [
     ("w16_T17_pad", 2, 2, 1, 17, 17, 64, 16, None, [0, 6], "neg"),
     ("w16_T35_pad0_cap", 2, 2, 2, 35, 35, 128, 16, 20.0, [3, 0], "zero"),
     ("w16_chunk_after_cache", 2, 4, 2, 21, 70, 64, 16, None, [0, 9], "neg"),
-    ("global_T100_D128", 2, 4, 2, 100, 100, 128, None, None, [0, 30], "neg"),
+    ("global_T100_D128", 2, 2, 1, 100, 100, 128, None, None, [0, 30], "neg"),
     ("global_T40_D256", 1, 4, 2, 40, 40, 256, None, 30.0, [0], "neg"),
     ("w16_T67_D256", 1, 2, 1, 67, 67, 256, 16, None, [0], "neg"),
     ("w512_T511", 1, 1, 1, 511, 511, 32, 512, None, [0], "neg"),
@@ -86,8 +86,13 @@ PREFILL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", PREFILL_CASES, ids=[c[0] for c in PREFILL_CASES])
+# The longest case (two windows of 512 plus a boundary) runs in fp32 only: ~10 s per dtype under the interpreter.
+FP32_ONLY = {"w512_T1027_pad"}
+PREFILL_GRID = [pytest.param(c, dt, id=f"{c[0]}-{dtype_id(dt)}") for c in PREFILL_CASES for dt in CPU_DTYPES
+                if dt == torch.float32 or c[0] not in FP32_ONLY]
+
+
+@pytest.mark.parametrize("case,dtype", PREFILL_GRID)
 def test_prefill_parity(case, dtype):
     _, B, Hq, Hkv, Tq, Tk, D, window, softcap, pads, qpad = case
     torch.manual_seed(zlib.crc32(case[0].encode()))
