@@ -1,0 +1,385 @@
+"""Parity of the attention kernels with ``reference.ops``: sliding-window prefill, flash-decoding, conformer.
+
+Rule for every comparison: the kernel's max abs error against the reference op run in fp64 must be at most
+twice PyTorch's own error (the reference op run in the test dtype, against the same fp64 result) plus a small
+absolute term ``ATOL[dtype]``. Outputs are poisoned with NaN before each call so an unwritten element fails.
+On CPU everything runs through the Triton interpreter (fp32 / fp16, small shapes); ``gpu`` tests run compiled
+kernels in bf16 at Gemma 3n E2B shapes.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from gemma3n_fast.kernels import chunked_local_attention as cla_mod
+from gemma3n_fast.kernels import sliding_window_attention as swa_mod
+from gemma3n_fast.kernels import sliding_window_decode as dec_mod
+from gemma3n_fast.reference import ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Absolute slack on top of 2x torch's own error: fp32 -> a few ulps of O(1) outputs after a softmax-weighted
+# sum; fp16 / bf16 -> about one ulp at |out| ~ 2 (the kernels round P to the input dtype like the reference).
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def dtype_id(dt):
+    return str(dt).replace("torch.", "")
+
+
+def assert_close_2x(ours, ref_dtype, ref64, dtype, what=""):
+    assert not torch.isnan(ours).any(), f"{what}: {int(torch.isnan(ours).sum())} output elements not written / NaN"
+    ours64, torch64 = ours.double(), ref_dtype.double()
+    err = (ours64 - ref64).abs()
+    torch_err = (torch64 - ref64).abs().max().item()
+    bound = 2 * torch_err + ATOL[dtype]
+    where = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+    assert err.max().item() <= bound, (
+        f"{what}: max err {err.max().item():.3e} (mean {err.mean().item():.3e}, at {where}) > bound {bound:.3e} "
+        f"(torch {dtype_id(dtype)} err {torch_err:.3e})")
+
+
+def test_kernels_run_through_triton():
+    # The launchers are the kernel modules' own functions (not the reference), and on CPU the interpreter is on.
+    assert swa_mod.sliding_window_attention is not ops.sliding_window_attention
+    assert dec_mod.sliding_window_attention_decode.__module__ == "gemma3n_fast.kernels.sliding_window_decode"
+    assert cla_mod.chunked_local_attention.__module__ == "gemma3n_fast.kernels.chunked_local_attention"
+    assert hasattr(swa_mod._swa_prefill_kernel, "run") and hasattr(cla_mod._chunked_local_attention_kernel, "run")
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefill
+# ----------------------------------------------------------------------------------------------------------------
+
+def left_padded_positions(pads, Tq, Tk, pad_query_pos):
+    """k_pos[b, j] = j - pad_b (negative = padding); queries are the last Tq key slots (chunked prefill)."""
+    k_pos = torch.arange(Tk)[None, :] - torch.tensor(pads)[:, None]
+    q_pos = k_pos[:, Tk - Tq:].clone()
+    if pad_query_pos == "zero":  # HF-style: padded queries get a real-looking position
+        q_pos = q_pos.clamp(min=0)
+    return q_pos.to(DEVICE), k_pos.to(DEVICE)
+
+
+# (id, B, Hq, Hkv, Tq, Tk, D, window, softcap, pads, padded-query positions)
+PREFILL_CASES = [
+    ("w1_T5", 1, 2, 1, 5, 5, 64, 1, None, [0], "neg"),
+    ("w3_T2", 1, 2, 2, 2, 2, 64, 3, None, [0], "neg"),
+    ("w3_T4_gqa2", 2, 4, 2, 4, 4, 64, 3, None, [0, 1], "neg"),
+    ("w3_T9_cap", 1, 2, 1, 9, 9, 64, 3, 5.0, [0], "neg"),
+    ("w16_T15", 1, 4, 1, 15, 15, 64, 16, None, [0], "neg"),
+    ("w16_T16_gqa4", 1, 4, 1, 16, 16, 64, 16, None, [0], "neg"),
+    ("w16_T17_pad", 2, 2, 1, 17, 17, 64, 16, None, [0, 6], "neg"),
+    ("w16_T35_pad0_cap", 2, 2, 2, 35, 35, 128, 16, 20.0, [3, 0], "zero"),
+    ("w16_chunk_after_cache", 2, 4, 2, 21, 70, 64, 16, None, [0, 9], "neg"),
+    ("global_T100_D128", 2, 2, 1, 100, 100, 128, None, None, [0, 30], "neg"),
+    ("global_T40_D256", 1, 4, 2, 40, 40, 256, None, 30.0, [0], "neg"),
+    ("w16_T67_D256", 1, 2, 1, 67, 67, 256, 16, None, [0], "neg"),
+    ("w512_T511", 1, 1, 1, 511, 511, 32, 512, None, [0], "neg"),
+    ("w512_T513", 1, 1, 1, 513, 513, 32, 512, None, [0], "neg"),
+    ("w512_T1027_pad", 2, 1, 1, 1027, 1027, 32, 512, None, [0, 200], "neg"),
+    ("D80_w16_T50", 1, 3, 1, 50, 50, 80, 16, None, [0], "neg"),
+]
+
+
+# The longest case (two windows of 512 plus a boundary) runs in fp32 only: ~10 s per dtype under the interpreter.
+FP32_ONLY = {"w512_T1027_pad"}
+PREFILL_GRID = [pytest.param(c, dt, id=f"{c[0]}-{dtype_id(dt)}") for c in PREFILL_CASES for dt in CPU_DTYPES
+                if dt == torch.float32 or c[0] not in FP32_ONLY]
+
+
+@pytest.mark.parametrize("case,dtype", PREFILL_GRID)
+def test_prefill_parity(case, dtype):
+    _, B, Hq, Hkv, Tq, Tk, D, window, softcap, pads, qpad = case
+    torch.manual_seed(zlib.crc32(case[0].encode()))
+    q = torch.randn(B, Hq, Tq, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, Hkv, Tk, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, Hkv, Tk, D, device=DEVICE, dtype=dtype)
+    q_pos, k_pos = left_padded_positions(pads, Tq, Tk, qpad)
+    scaling = D ** -0.5
+    kw = dict(window=window, scaling=scaling, softcap=softcap)
+    out = torch.full((B, Hq, Tq, D), float("nan"), device=DEVICE, dtype=dtype)
+    res = swa_mod.sliding_window_attention(q, k, v, q_pos, k_pos, out=out, **kw)
+    assert res is out
+    ref64 = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos, **kw)
+    ref = ops.sliding_window_attention(q, k, v, q_pos, k_pos, **kw)
+    assert_close_2x(out, ref, ref64, dtype, case[0])
+
+
+def test_prefill_noncontiguous_views():
+    # q/k/v as views of one fused [B, T, (Hq + 2 Hkv) * D] projection, transposed to [B, H, T, D].
+    B, T, Hq, Hkv, D = 2, 33, 4, 2, 64
+    fused = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEVICE)
+    q, k, v = fused.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, D)).transpose(1, 2) for t in (q, k, v))
+    q_pos, k_pos = left_padded_positions([0, 4], T, T, "neg")
+    out = swa_mod.sliding_window_attention(q, k, v, q_pos, k_pos, window=8)
+    ref = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos, window=8)
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_cache(lengths, slots, Tq, ring):
+    """k_pos [B, S] for caches holding positions 0..L-1 (slot = pos % S for a ring, pos otherwise); q_pos last Tq."""
+    B = len(lengths)
+    k_pos = torch.full((B, slots), -1, dtype=torch.long)
+    q_pos = torch.empty((B, Tq), dtype=torch.long)
+    for b, L in enumerate(lengths):
+        for p in range(L):
+            if ring or p < slots:
+                k_pos[b, p % slots] = p
+        q_pos[b] = torch.arange(L - Tq, L)
+    return q_pos.to(DEVICE), k_pos.to(DEVICE)
+
+
+# (id, B, Hq, Hkv, Tq, S, D, window, softcap, lengths, ring, num_splits)
+DECODE_CASES = [
+    ("ring_w16_wrapped", 2, 8, 2, 1, 16, 64, 16, None, [40, 7], True, None),
+    ("ring_w3_wrapped_gqa1", 2, 2, 2, 1, 3, 64, 3, None, [10, 2], True, None),
+    ("ring_w1", 1, 4, 1, 1, 1, 64, 1, None, [9], True, None),
+    ("ring_w17_Tq2_cap", 2, 4, 1, 2, 17, 128, 16, 10.0, [50, 16], True, None),
+    ("ring_w512_wrapped", 2, 1, 1, 1, 512, 32, 512, None, [1030, 300], True, None),
+    ("global_split3", 2, 8, 2, 1, 300, 64, None, None, [290, 45], False, 3),
+    ("global_split5_Tq3_D256", 1, 4, 2, 3, 260, 256, None, None, [250], False, 5),
+    ("global_split4_cap", 2, 4, 4, 1, 200, 128, None, 30.0, [200, 1], False, 4),
+    ("global_heuristic", 1, 4, 1, 1, 700, 64, None, None, [650], False, None),
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_decode_parity(case, dtype):
+    _, B, Hq, Hkv, Tq, S, D, window, softcap, lengths, ring, num_splits = case
+    torch.manual_seed(zlib.crc32(case[0].encode()))
+    q = torch.randn(B, Hq, Tq, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dtype)
+    q_pos, k_pos = build_cache(lengths, S, Tq, ring)
+    kw = dict(window=window, scaling=D ** -0.5, softcap=softcap)
+    out = torch.full((B, Hq, Tq, D), float("nan"), device=DEVICE, dtype=dtype)
+    dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, out=out, num_splits=num_splits, **kw)
+    ref64 = ops.sliding_window_attention_decode(q.double(), k.double(), v.double(), q_pos, k_pos, **kw)
+    ref = ops.sliding_window_attention_decode(q, k, v, q_pos, k_pos, **kw)
+    assert_close_2x(out, ref, ref64, dtype, case[0])
+
+
+def test_decode_ring_equals_linear_cache():
+    # A wrapped ring of W slots gives the same answer as the full linear cache with the window mask.
+    W, L, B, Hkv, G, D = 16, 45, 1, 2, 4, 64
+    k_full = torch.randn(B, Hkv, L, D, device=DEVICE)
+    v_full = torch.randn(B, Hkv, L, D, device=DEVICE)
+    q = torch.randn(B, Hkv * G, 1, D, device=DEVICE)
+    slots = torch.arange(L - W, L) % W  # ring slot of each of the last W positions
+    k_ring = torch.empty(B, Hkv, W, D, device=DEVICE)
+    v_ring = torch.empty_like(k_ring)
+    k_ring[:, :, slots], v_ring[:, :, slots] = k_full[:, :, L - W:], v_full[:, :, L - W:]
+    ring_pos = torch.empty(B, W, dtype=torch.long)
+    ring_pos[:, slots] = torch.arange(L - W, L)
+    q_pos = torch.full((B, 1), L - 1, device=DEVICE)
+    ring = dec_mod.sliding_window_attention_decode(q, k_ring, v_ring, q_pos, ring_pos.to(DEVICE), window=W)
+    linear = ops.sliding_window_attention(q.double(), k_full.double(), v_full.double(), q_pos,
+                                          torch.arange(L, device=DEVICE)[None], window=W)
+    assert (ring.double() - linear).abs().max().item() <= 1e-5
+
+
+def test_decode_workspace_and_splits():
+    B, Hq, Hkv, S, D = 1, 4, 2, 600, 64
+    assert dec_mod.decode_num_splits(1, 2, 32768) > 1  # long context: flash-decoding
+    assert dec_mod.decode_num_splits(8, 2, 512) == 2 and dec_mod.decode_num_splits(1, 2, 100) == 1
+    q = torch.randn(B, Hq, 1, D, device=DEVICE)
+    k, v = torch.randn(B, Hkv, S, D, device=DEVICE), torch.randn(B, Hkv, S, D, device=DEVICE)
+    q_pos, k_pos = build_cache([600], S, 1, False)
+    ws = torch.full((dec_mod.decode_workspace_size(B, Hq, 1, D, 2),), float("nan"), device=DEVICE)
+    out = dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws, num_splits=2)
+    ref = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos)
+    assert not torch.isnan(ws).all()  # the workspace was used
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="workspace"):
+        dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws[:10], num_splits=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conformer chunked local attention
+# ----------------------------------------------------------------------------------------------------------------
+
+# (id, B, T, N, Dh, max_past, max_future, padded tail per batch row)
+CONFORMER_CASES = [
+    ("T12_exact", 1, 12, 2, 24, 12, 0, [0]),
+    ("T24_pad", 2, 24, 2, 40, 12, 0, [0, 5]),
+    ("T37_pad_hole", 2, 37, 3, 24, 12, 0, [3, 20]),
+    ("T5_short", 2, 5, 2, 24, 12, 0, [0, 2]),
+    ("T50_Dh192", 1, 50, 2, 192, 12, 0, [7]),
+    ("past5_future2", 2, 30, 2, 16, 5, 2, [0, 9]),
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CONFORMER_CASES, ids=[c[0] for c in CONFORMER_CASES])
+def test_chunked_local_attention_parity(case, dtype):
+    name, B, T, N, Dh, P, R, tails = case
+    torch.manual_seed(zlib.crc32(name.encode()))
+    q = torch.randn(B, T, N, Dh, device=DEVICE, dtype=dtype) * 2
+    k = torch.randn(B, T, N, Dh, device=DEVICE, dtype=dtype) * 2
+    v = torch.randn(B, T, N, Dh, device=DEVICE, dtype=dtype)
+    pos_emb = torch.randn(P + R + 1, N, Dh, device=DEVICE, dtype=dtype)
+    q_scale = (torch.rand(Dh, device=DEVICE) + 0.5) * Dh ** -0.5
+    valid = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    for b, tail in enumerate(tails):
+        valid[b, T - tail:] = False
+    if name == "T37_pad_hole":
+        valid[0, 13] = False  # an invalid frame in the middle
+    kw = dict(chunk_size=12, max_past=P, max_future=R, logit_cap=50.0)
+    out = torch.full((B, T, N, Dh), float("nan"), device=DEVICE, dtype=dtype)
+    cla_mod.chunked_local_attention(q, k, v, pos_emb, valid, q_scale=q_scale.to(dtype), out=out, **kw)
+    # The fp64 reference turns rows with no visible key into NaN (finfo(fp64).min -> -inf in its fp32 softmax);
+    # the contract says those rows are 0.
+    ref64 = ops.chunked_local_attention(q.double(), k.double(), v.double(), pos_emb.double(), valid,
+                                        q_scale=q_scale.to(dtype).double(), **kw).nan_to_num(0.0)
+    ref = ops.chunked_local_attention(q, k, v, pos_emb, valid, q_scale=q_scale.to(dtype), **kw)
+    assert_close_2x(out, ref, ref64, dtype, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+def _attn_args(B=1, Hq=4, Hkv=2, T=8, D=64, dtype=torch.float32):
+    q = torch.randn(B, Hq, T, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=dtype)
+    pos = torch.arange(T, device=DEVICE)[None].expand(B, T)
+    return q, k, v, pos, pos
+
+
+@pytest.mark.parametrize("fn", [swa_mod.sliding_window_attention, dec_mod.sliding_window_attention_decode],
+                         ids=["prefill", "decode"])
+def test_attention_bad_input(fn):
+    q, k, v, qp, kp = _attn_args()
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        fn(q[0], k, v, qp, kp)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        fn(q[:, :3], k, v, qp, kp)
+    with pytest.raises(TypeError, match="share a dtype"):
+        fn(q, k.half(), v, qp, kp)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        fn(q.double(), k.double(), v.double(), qp, kp)
+    with pytest.raises(TypeError, match="k_pos must be an integer"):
+        fn(q, k, v, qp, kp.float())
+    with pytest.raises(ValueError, match="q_pos must have shape"):
+        fn(q, k, v, qp[:, :3], kp)
+    with pytest.raises(ValueError, match="window"):
+        fn(q, k, v, qp, kp, window=0)
+    with pytest.raises(ValueError, match="empty"):
+        fn(q[:, :, :0], k, v, qp[:, :0], kp)
+    with pytest.raises(ValueError, match="out must be"):
+        fn(q, k, v, qp, kp, out=torch.empty(1, 4, 8, 32, device=DEVICE))
+
+
+def test_chunked_local_attention_bad_input():
+    B, T, N, Dh = 1, 10, 2, 24
+    q = torch.randn(B, T, N, Dh, device=DEVICE)
+    pe = torch.randn(13, N, Dh, device=DEVICE)
+    valid = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    qs = torch.ones(Dh, device=DEVICE)
+    with pytest.raises(ValueError, match="pos_emb must have shape"):
+        cla_mod.chunked_local_attention(q, q, q, pe[:12], valid, q_scale=qs)
+    with pytest.raises(ValueError, match="valid must be a bool"):
+        cla_mod.chunked_local_attention(q, q, q, pe, valid.float(), q_scale=qs)
+    with pytest.raises(ValueError, match="q_scale"):
+        cla_mod.chunked_local_attention(q, q, q, pe, valid, q_scale=qs[:5])
+    with pytest.raises(ValueError, match="one shape"):
+        cla_mod.chunked_local_attention(q, q[:, :5], q, pe, valid, q_scale=qs)
+    with pytest.raises(ValueError, match="max_future"):
+        cla_mod.chunked_local_attention(q, q, q, pe, valid, q_scale=qs, max_future=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels, bf16, Gemma 3n E2B shapes (8 q heads, 2 KV heads, D 256, window 512)
+# ----------------------------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("T,window,pads", [(2048, 512, [0, 700]), (1500, None, [0, 37]), (4099, 512, [0])],
+                         ids=["2k_w512_pad", "1500_global_pad", "4099_w512"])
+def test_prefill_gpu_e2b(T, window, pads, dtype):
+    B = len(pads)
+    torch.manual_seed(0)
+    q = torch.randn(B, 8, T, 256, device="cuda", dtype=dtype)
+    k = torch.randn(B, 2, T, 256, device="cuda", dtype=dtype)
+    v = torch.randn(B, 2, T, 256, device="cuda", dtype=dtype)
+    q_pos, k_pos = left_padded_positions(pads, T, T, "zero")
+    kw = dict(window=window, scaling=1.0 / 16)
+    out = torch.full_like(q, float("nan"))
+    swa_mod.sliding_window_attention(q, k, v, q_pos, k_pos, out=out, **kw)
+    ref64 = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos, **kw)
+    ref = ops.sliding_window_attention(q, k, v, q_pos, k_pos, **kw)
+    assert_close_2x(out, ref, ref64, dtype, f"prefill T={T}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("S,window,lengths", [(512, 512, [9000, 100, 512, 513, 1, 3000, 77, 6000]),
+                                              (8192, None, [8192, 100, 5000, 1, 8000, 2, 4096, 7000]),
+                                              (32768, None, [30000])],
+                         ids=["ring512_b8", "global8k_b8", "global32k_b1"])
+def test_decode_gpu_e2b(S, window, lengths, dtype):
+    B = len(lengths)
+    torch.manual_seed(0)
+    q = torch.randn(B, 8, 1, 256, device="cuda", dtype=dtype)
+    k = torch.randn(B, 2, S, 256, device="cuda", dtype=dtype)
+    v = torch.randn(B, 2, S, 256, device="cuda", dtype=dtype)
+    q_pos, k_pos = build_cache(lengths, S, 1, ring=window is not None)
+    out = torch.full_like(q, float("nan"))
+    dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, window=window, out=out)
+    ref64 = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos, window=window)
+    ref = ops.sliding_window_attention(q, k, v, q_pos, k_pos, window=window)
+    assert_close_2x(out, ref, ref64, dtype, f"decode S={S}")
+
+
+@pytest.mark.gpu
+def test_decode_gpu_cuda_graph():
+    B, S = 2, 4096
+    q = torch.randn(B, 8, 1, 256, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, 2, S, 256, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q_pos, k_pos = build_cache([4000, 1234], S, 1, False)
+    splits = dec_mod.decode_num_splits(B, 2, S)
+    ws = torch.empty(dec_mod.decode_workspace_size(B, 8, 1, 256, splits), device="cuda")
+    out = torch.empty_like(q)
+    dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, out=out, workspace=ws)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, out=out, workspace=ws)
+    q.copy_(torch.randn_like(q))
+    out.fill_(float("nan"))
+    graph.replay()
+    ref = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos)
+    assert (out.double() - ref).abs().max().item() <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+def test_chunked_local_attention_gpu_30s_clip(dtype):
+    B, T, N, Dh = 2, 750, 8, 192
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, N, Dh, device="cuda", dtype=dtype) for _ in range(3))
+    pos_emb = torch.randn(13, N, Dh, device="cuda", dtype=dtype)
+    q_scale = (torch.rand(Dh, device="cuda") + 0.5) * Dh ** -0.5
+    valid = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    valid[1, 500:] = False
+    out = torch.full_like(q, float("nan"))
+    cla_mod.chunked_local_attention(q, k, v, pos_emb, valid, q_scale=q_scale.to(dtype), out=out)
+    ref64 = ops.chunked_local_attention(q.double(), k.double(), v.double(), pos_emb.double(), valid,
+                                        q_scale=q_scale.to(dtype).double()).nan_to_num(0.0)
+    ref = ops.chunked_local_attention(q, k, v, pos_emb, valid, q_scale=q_scale.to(dtype))
+    assert_close_2x(out, ref, ref64, dtype, "conformer 30 s")
