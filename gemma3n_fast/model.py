@@ -550,7 +550,8 @@ def _build_towers(config: Gemma3nConfig, device) -> dict:
 
 def _normalize_keys(config: Gemma3nConfig, sd: dict, model: nn.Module) -> dict:
     """Map the checkpoint's keys onto ours; drop what the fast model never reads (tied lm_head, consumer k/v)."""
-    expected = set(model.state_dict().keys())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = set(shapes)
     out = {}
     for k, v in sd.items():
         if config.text_only and k.startswith("model.") and not k.startswith(TEXT_PREFIX):
@@ -562,6 +563,10 @@ def _normalize_keys(config: Gemma3nConfig, sd: dict, model: nn.Module) -> dict:
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: {len(missing)} missing key(s) {missing[:5]}, "
                          f"{len(unexpected)} unexpected key(s) {unexpected[:5]}")
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs config {shapes[k]}" for k, v in out.items() if tuple(v.shape) != shapes[k]]
+    if wrong:
+        raise ValueError(f"checkpoint does not match config.json: {len(wrong)} tensor(s) of the wrong shape, e.g. "
+                         + "; ".join(wrong[:3]))
     return out
 
 

@@ -1,0 +1,250 @@
+"""The fast model (fp32, CPU, kernels through the Triton interpreter) against HF transformers (the oracle).
+
+Oracle: a tiny randomly initialised HF ``Gemma3nForCausalLM`` saved with ``save_pretrained`` and loaded by
+``gemma3n_fast.load`` from that folder. The tiny config has a sliding window of 8 (prompts are longer),
+2 KV-shared layers, sparse MLPs in layers 0-1, and non-power-of-two sizes where the model allows.
+"""
+import json
+
+import pytest
+import torch
+
+import gemma3n_fast
+from gemma3n_fast import generate as gen_mod
+from gemma3n_fast.cache import CacheLengthError
+from gemma3n_fast.tiny import TINY_TEXT, build_word_tokenizer, init_random_
+
+# fp32 end to end: the only differences are summation order (fused q|k|v, gate|up) -> ~1e-6 relative.
+LOGIT_REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    d = tmp_path_factory.mktemp("tiny_hf")
+    hf = Gemma3nForCausalLM(Gemma3nTextConfig(**TINY_TEXT)).eval()
+    init_random_(hf, seed=0)
+    hf.save_pretrained(d)
+    build_word_tokenizer(TINY_TEXT["vocab_size"]).save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    from transformers import Gemma3nForCausalLM
+
+    return Gemma3nForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def fast(folder):
+    return gemma3n_fast.load(folder, device="cpu", dtype=torch.float32, kernels="interpret")
+
+
+def _ids(*shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(6, TINY_TEXT["vocab_size"], shape, generator=g)  # no special tokens in prompts
+
+
+def _left_padded(lengths, seed=2):
+    T = max(lengths)
+    ids = _ids(len(lengths), T, seed=seed)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, T - n:] = 1
+        ids[r, :T - n] = 0
+    return ids, mask
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_loads_with_interpreter_and_names_its_ops(fast):
+    assert fast.backend.mode == "interpret"
+    assert set(fast.backend.sources) >= {"rms_norm", "altup_predict", "sliding_window_attention_decode"}
+    assert fast.load_time_s is not None and fast.load_time_s > 0
+    assert fast.generation_config["eos_token_id"] == 1
+
+
+def test_logits_equal_hf(fast, hf):
+    ids = _ids(2, 13)  # 13 > sliding window 8
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = fast(ids).logits
+    assert out.shape == ref.shape == (2, 13, TINY_TEXT["vocab_size"])
+    assert _rel_err(out, ref) <= LOGIT_REL_TOL
+
+
+def test_logits_left_padded_equal_hf(fast, hf):
+    ids, mask = _left_padded([5, 11, 8])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+    out = fast(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert _rel_err(out[real], ref[real]) <= LOGIT_REL_TOL
+
+
+def test_greedy_32_tokens_equal_hf(fast, hf):
+    ids = _ids(1, 11, seed=3)
+    ref = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = fast.generate(ids, max_new_tokens=32, eos_token_id=[])
+    assert out.shape == (1, 43)
+    assert torch.equal(out, ref)
+
+
+def test_greedy_ragged_batch_of_3_equals_hf(fast, hf):
+    ids, mask = _left_padded([4, 12, 9], seed=4)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=32, eos_token_id=[])
+    assert torch.equal(out, ref)
+
+
+def test_chunked_prefill_equals_one_shot(fast, hf, monkeypatch):
+    ids = _ids(2, 23, seed=5)
+    ref = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    monkeypatch.setattr(gen_mod, "PREFILL_CHUNK", 5)  # 5 chunks, each smaller than the window
+    assert torch.equal(fast.generate(ids, max_new_tokens=8, eos_token_id=[]), ref)
+    monkeypatch.setattr(gen_mod, "PREFILL_CHUNK", 10)  # chunks larger than the window
+    assert torch.equal(fast.generate(ids, max_new_tokens=8, eos_token_id=[]), ref)
+
+
+def test_eos_stops_each_row_and_pads_like_hf(fast, hf):
+    ids, mask = _left_padded([6, 10], seed=6)
+    free = fast.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    eos = int(free[0, 10 + 2])  # row 0's third new token becomes an eos id
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[eos, 1],
+                      pad_token_id=0)
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[eos, 1], pad_token_id=0)
+    assert torch.equal(out, ref)
+    row0 = out[0, 10:].tolist()
+    assert row0[2] == eos and all(t == 0 for t in row0[3:])
+
+
+def test_all_rows_finished_trims_output(fast):
+    ids = _ids(1, 9, seed=7)
+    first = int(fast.generate(ids, max_new_tokens=1, eos_token_id=[])[0, -1])
+    out = fast.generate(ids, max_new_tokens=20, eos_token_id=first)
+    assert out.shape == (1, 10) and int(out[0, -1]) == first
+
+
+def test_sampling_with_seed_is_reproducible(fast):
+    ids, mask = _left_padded([7, 5], seed=8)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=1.3, eos_token_id=[])
+    a = fast.generate(ids, seed=123, **kw)
+    b = fast.generate(ids, seed=123, **kw)
+    c = fast.generate(ids, seed=124, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    d = fast.generate(ids, seed=5, top_k=3, top_p=0.9, **kw)
+    assert torch.equal(d, fast.generate(ids, seed=5, top_k=3, top_p=0.9, **kw))
+    # top_k=1 is greedy whatever the seed
+    assert torch.equal(fast.generate(ids, seed=9, top_k=1, **kw), fast.generate(ids, attention_mask=mask,
+                                                                                 max_new_tokens=10, eos_token_id=[]))
+
+
+def test_streaming_yields_exactly_the_generated_text(fast):
+    ids = _ids(1, 8, seed=9)
+    out = fast.generate(ids, max_new_tokens=16, eos_token_id=[])
+    expected = fast.tokenizer.decode(out[0, 8:].tolist(), skip_special_tokens=True)
+    assert "".join(fast.stream(ids, max_new_tokens=16, eos_token_id=[])) == expected
+
+    class Collect:  # HF streamer protocol: put(prompt), put(step tokens)..., end()
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, t):
+            self.puts.append(t.clone())
+
+        def end(self):
+            self.ended = True
+
+    s = Collect()
+    out2 = fast.generate(ids, max_new_tokens=16, eos_token_id=[], streamer=s)
+    assert torch.equal(out2, out) and s.ended
+    assert torch.equal(s.puts[0], ids) and torch.equal(torch.cat(s.puts[1:]), out[0, 8:])
+
+
+def test_chat_returns_the_decoded_reply(fast):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hello world"}]}]
+    reply = fast.chat(msgs, max_new_tokens=6, eos_token_id=[])
+    prompt = fast.tokenizer.encode(gen_mod._gemma_prompt(msgs), add_special_tokens=False).ids
+    assert prompt[:2] == [2, 4]  # <bos><start_of_turn>
+    out = fast.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_id=[])
+    assert reply == fast.tokenizer.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True) and reply
+
+
+def test_generate_stats(fast):
+    fast.generate(_ids(1, 6), max_new_tokens=4, eos_token_id=[])
+    s = fast.last_stats
+    assert s["prompt_tokens"] == 6 and s["new_tokens"] == 4 and s["ttft_s"] > 0 and s["decode_tok_s"] > 0
+
+
+# ---- error paths ---------------------------------------------------------------------------------
+
+
+def test_too_long_is_an_error_before_any_work(fast):
+    ids = _ids(1, 500)
+    with pytest.raises(CacheLengthError, match="max_position_embeddings=512"):
+        fast.generate(ids, max_new_tokens=13)
+
+
+def test_fp16_is_refused(folder):
+    with pytest.raises(ValueError, match="float16"):
+        gemma3n_fast.load(folder, dtype=torch.float16, kernels="reference")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: torch.tensor([1, 2, 3]), "input_ids"),
+    (lambda: torch.rand(1, 4), "input_ids"),
+    (lambda: torch.zeros(1, 0, dtype=torch.long), "empty"),
+])
+def test_bad_input_ids(fast, bad, match):
+    with pytest.raises(ValueError, match=match):
+        fast.generate(bad(), max_new_tokens=2)
+
+
+def test_bad_masks_and_arguments(fast):
+    ids = _ids(2, 5)
+    with pytest.raises(ValueError, match="does not match"):
+        fast.generate(ids, attention_mask=torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)
+    right = torch.ones(2, 5, dtype=torch.long)
+    right[0, -1] = 0
+    with pytest.raises(ValueError, match="left"):
+        fast.generate(ids, attention_mask=right, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        fast.generate(ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        fast.generate(ids, max_new_tokens=2, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="pixel_values"):
+        fast(ids, pixel_values=torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="messages"):
+        fast.chat("hello")
+
+
+def test_missing_files(tmp_path, folder):
+    with pytest.raises(FileNotFoundError):
+        gemma3n_fast.load(tmp_path / "nope", kernels="reference")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        gemma3n_fast.load(tmp_path, kernels="reference")
+
+
+def test_mismatched_checkpoint_names_the_keys(tmp_path, folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["laurel_rank"] = 6
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
+    with pytest.raises(ValueError, match="laurel|size mismatch|does not match"):
+        gemma3n_fast.load(tmp_path, kernels="reference")
+
+
+def test_backend_modes_are_checked():
+    from gemma3n_fast.backend import Backend
+
+    with pytest.raises(ValueError, match="kernels"):
+        Backend("fast", torch.device("cpu"))
+    with pytest.raises(ValueError, match="CUDA"):
+        Backend("triton", torch.device("cpu"))
+    assert set(Backend("reference", torch.device("cpu")).sources.values()) == {"reference"}
