@@ -311,18 +311,20 @@ def _gemma_prompt(messages) -> str:
     return "".join(out)
 
 
-def chat(self, messages, max_new_tokens=None, **sampling) -> str:
-    """Reply to a chat (``[{"role": "user", "content": ...}]``) with the chat template; returns the text."""
+def chat_inputs(self, messages) -> dict:
+    """Messages -> generate() inputs (input_ids [1, T] and any pixel_values / input_features) via the chat template."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in messages):
         raise ValueError("chat(): messages must be a list of {'role': ..., 'content': ...} dicts")
-    inputs = {}
     if self.processor is not None and hasattr(self.processor, "apply_chat_template"):
-        inputs = dict(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=True, return_tensors="pt"))
-        input_ids = inputs.pop("input_ids")
-    else:
-        tok = _tokenizer(self)
-        input_ids = torch.tensor([tok.encode(_gemma_prompt(messages), add_special_tokens=False).ids])
-    out = self.generate(input_ids, max_new_tokens=max_new_tokens, **inputs, **sampling)
-    return _tokenizer(self).decode(out[0, input_ids.shape[1]:].tolist(), skip_special_tokens=True)
+        return dict(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True, return_tensors="pt"))
+    tok = _tokenizer(self)
+    return {"input_ids": torch.tensor([tok.encode(_gemma_prompt(messages), add_special_tokens=False).ids])}
+
+
+def chat(self, messages, max_new_tokens=None, **sampling) -> str:
+    """Reply to a chat (``[{"role": "user", "content": ...}]``) with the chat template; returns the text."""
+    inputs = chat_inputs(self, messages)
+    out = self.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
+    return _tokenizer(self).decode(out[0, inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)

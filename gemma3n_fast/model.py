@@ -653,3 +653,4 @@ from gemma3n_fast import generate as _generate  # noqa: E402
 Gemma3nFast.generate = _generate.generate
 Gemma3nFast.stream = _generate.stream
 Gemma3nFast.chat = _generate.chat
+Gemma3nFast.chat_inputs = _generate.chat_inputs
