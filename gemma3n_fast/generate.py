@@ -158,7 +158,7 @@ def _generate_steps(model, input_ids, attention_mask=None, pixel_values=None, in
     max_length = min(-(-(T + N) // CACHE_ROUND) * CACHE_ROUND, c.max_position_embeddings)
 
     # decode state: reuse the captured graph for the same configuration
-    use_graph = model.device.type == "cuda" and model.backend.mode == "triton"
+    use_graph = model.device.type == "cuda" and model.use_cuda_graph
     key = (B, max_length, N, tuple(eos), pad, sampler.key())
     st = model._graphs.get(key) if use_graph else None
     if st is None:

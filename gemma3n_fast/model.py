@@ -223,6 +223,7 @@ class Gemma3nFast(nn.Module):
         self.generation_config: dict = {}
         self.load_time_s: float | None = None
         self._graphs: dict = {}
+        self.use_cuda_graph = True  # decode step captured into a CUDA graph on CUDA devices
 
     # ---- one-time preparation -------------------------------------------------------------------
     @torch.no_grad()

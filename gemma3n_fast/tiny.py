@@ -67,3 +67,30 @@ def write_tiny_text_checkpoint(folder, seed: int = 0, **overrides) -> Path:
         {"bos_token_id": 2, "eos_token_id": [1, 5], "pad_token_id": 0, "max_new_tokens": 32}))
     build_word_tokenizer(text["vocab_size"]).save(str(folder / "tokenizer.json"))
     return folder
+
+
+def random_text_model(text_overrides: dict, *, device, dtype, seed: int = 0, kernels=None, embed_std: float = 0.05):
+    """A text-only fast model at any size with random weights built directly on ``device`` (no checkpoint).
+
+    Weights are drawn in fp32 from ``seed`` and rounded to bf16 first, so an fp32 and a bf16 model built
+    with the same seed hold exactly the same values (for bf16-vs-fp32 comparisons). Used by the GPU tests
+    and bench/first_number.py at E2B shapes.
+    """
+    from gemma3n_fast.model import Gemma3nFast
+    from gemma3n_fast.reference.config import Gemma3nConfig, TextConfig
+
+    config = Gemma3nConfig(text=TextConfig(**text_overrides), audio=None, vision=None, text_only=True)
+    with torch.device("meta"):
+        model = Gemma3nFast(config)
+    model.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = embed_std if "embed_tokens" in name else (0.3 if p.dim() == 1 else 0.02)
+            w = torch.randn(p.shape, generator=g, device=device) * std
+            if "norm" in name:
+                w += 1.0
+            p.data = w.to(torch.bfloat16).to(dtype)
+            del w
+    model.eval().requires_grad_(False)
+    return model.prepare(kernels)
