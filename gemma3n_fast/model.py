@@ -255,25 +255,22 @@ class Gemma3nFast(nn.Module):
 
     # ---- embeddings ------------------------------------------------------------------------------
     def _embed(self, input_ids, pixel_values=None, input_features=None, input_features_mask=None, decode=False):
-        """Token ids [B, T] (+ media) -> inputs_embeds [B, T, H], per_layer_inputs [B, T, L, P]."""
+        """Token ids [B, T] (+ media) -> inputs_embeds [B, T, H], per_layer_inputs [B, T, L, P].
+
+        decode=True: static shapes and no host sync (the CUDA-graph step): multimodal hard-token embeddings are
+        computed for every row and selected with ``where``."""
         c, lm, inner = self.text_config, self.model.language_model, self.model
         x = F.embedding(input_ids.clamp(0, c.vocab_size - 1), lm.embed_tokens.weight) * self.embed_scale
-        for name in ("embed_vision", "embed_audio"):  # multimodal hard tokens (eoi/eoa/placeholders)
-            emb = getattr(inner, name, None)
-            if emb is None:
-                continue
-            hi = emb.vocab_offset + emb.vocab_size if name == "embed_vision" else c.vocab_size
-            mask = (input_ids >= emb.vocab_offset) & (input_ids < hi)
-            if decode:  # static shapes, no host sync: embed every row, keep the masked ones
-                x = torch.where(mask[..., None], emb.embed_hard(torch.where(mask, input_ids, emb.vocab_offset)).to(x.dtype), x)
-            elif bool(mask.any()):
-                x = x.clone()
-                x[mask] = emb.embed_hard(input_ids[mask]).to(x.dtype)
-        if pixel_values is not None:
-            x = self._merge(x, input_ids == self.config.image_token_id, self._image_features(pixel_values), "image")
-        if input_features is not None:
-            x = self._merge(x, input_ids == self.config.audio_token_id,
-                            self._audio_features(input_features, input_features_mask), "audio")
+        emb_v, emb_a = getattr(inner, "embed_vision", None), getattr(inner, "embed_audio", None)
+        if decode:
+            audio_start = emb_a.vocab_offset if emb_a is not None else c.vocab_size
+            for emb, lo, hi in ((emb_v, emb_v and emb_v.vocab_offset, audio_start), (emb_a, audio_start, c.vocab_size)):
+                if emb is not None:
+                    mask = (input_ids >= lo) & (input_ids < hi)
+                    safe = torch.where(mask, input_ids, emb.vocab_offset)
+                    x = torch.where(mask[..., None], emb.embed_hard(safe).to(x.dtype), x)
+        elif emb_v is not None or emb_a is not None or pixel_values is not None or input_features is not None:
+            x = self._merge_multimodal(input_ids, x, pixel_values, input_features, input_features_mask)
         ple_ids = torch.where((input_ids >= 0) & (input_ids < c.vocab_size_per_layer_input), input_ids, 0)
         token_part = F.embedding(ple_ids, lm.embed_tokens_per_layer.weight) * self.ple_embed_scale
         proj = F.linear(x, lm.per_layer_model_projection.weight) * self.ple_projection_scale
@@ -282,34 +279,48 @@ class Gemma3nFast(nn.Module):
         per_layer = (proj + token_part.unflatten(-1, (c.num_hidden_layers, -1))) * self.ple_combine_scale
         return x, per_layer
 
-    @staticmethod
-    def _merge(x, mask, features, what):
-        n = int(mask.sum())
-        if n != features.shape[0] * features.shape[1]:
-            raise ValueError(f"{what}: the prompt has {n} {what} placeholder tokens but the {what} inputs give "
-                             f"{features.shape[0] * features.shape[1]} soft tokens")
-        return x.masked_scatter(mask[..., None], features.to(x.dtype))
+    def _merge_multimodal(self, input_ids, x, pixel_values, input_features, input_features_mask):
+        """Hard multimodal tokens, then image / audio soft tokens (the reference merge; spec §4)."""
+        try:
+            from gemma3n_fast.reference.multimodal import merge_multimodal
+        except ImportError:
+            merge_multimodal = None
+        inner, cfg = self.model, self.config
+        if merge_multimodal is None:
+            if pixel_values is not None or input_features is not None:
+                raise ValueError("pixel_values / input_features need gemma3n_fast.reference.multimodal (not installed)")
+            return x  # (hard multimodal tokens need it too; a text prompt has none)
+        image_features = self._image_features(pixel_values) if pixel_values is not None else None
+        audio_features, audio_pad = (self._audio_features(input_features, input_features_mask)
+                                     if input_features is not None else (None, None))
+        return merge_multimodal(input_ids, x, embed_vision=getattr(inner, "embed_vision", None),
+                                embed_audio=getattr(inner, "embed_audio", None), image_features=image_features,
+                                audio_features=audio_features, audio_padding_mask=audio_pad,
+                                image_token_id=cfg.image_token_id, audio_token_id=cfg.audio_token_id,
+                                audio_pad_token_id=self.text_config.vocab_size - 1,
+                                audio_tokens_per_clip=cfg.audio_soft_tokens_per_image)
 
     def _image_features(self, pixel_values):
+        """[N, 3, H, W] -> image soft tokens in text space [N, 256, H] (reference vision tower + embed_vision)."""
         tower = getattr(self.model, "vision_tower", None)
         if tower is None:
             raise ValueError("pixel_values given, but this model has no vision tower "
                              "(text-only checkpoint, or gemma3n_fast.reference.vision is unavailable)")
         from gemma3n_fast.reference import vision
 
-        v = self.config.vision
-        fmap = tower(pixel_values.to(self.device, self.dtype))
-        tokens = vision.image_features_to_tokens(fmap, v.hidden_size, self.config.vision_soft_tokens_per_image)
-        return self.model.embed_vision.embed_soft(tokens)
+        return vision.get_image_features(tower, self.model.embed_vision, pixel_values.to(self.device, self.dtype),
+                                         self.config.vision_soft_tokens_per_image)
 
     def _audio_features(self, input_features, input_features_mask):
+        """[N, F, 128] log-mels -> (audio soft tokens [N, S, H], padding mask [N, S]) (reference tower + embed_audio)."""
         tower = getattr(self.model, "audio_tower", None)
         if tower is None:
             raise ValueError("input_features given, but this model has no audio tower "
                              "(text-only checkpoint, or gemma3n_fast.reference.audio_tower is unavailable)")
-        from gemma3n_fast.reference import audio_tower
-
-        return audio_tower.get_audio_features(self, input_features.to(self.device, self.dtype), input_features_mask)
+        if input_features_mask is None:
+            input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool)
+        feats, pad_mask = tower(input_features.to(self.device, self.dtype), input_features_mask.to(self.device))
+        return self.model.embed_audio.embed_soft(feats), pad_mask
 
     # ---- the decoder -----------------------------------------------------------------------------
     def _rope(self, positions, layer_type):
