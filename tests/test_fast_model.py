@@ -248,3 +248,35 @@ def test_backend_modes_are_checked():
     with pytest.raises(ValueError, match="CUDA"):
         Backend("triton", torch.device("cpu"))
     assert set(Backend("reference", torch.device("cpu")).sources.values()) == {"reference"}
+
+
+# ---- structure: what is done once at load, and the cache layout ----------------------------------
+
+
+def test_kv_shared_layers_have_no_kv_and_weights_are_fused_once(fast):
+    c = fast.text_config
+    D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    for layer in fast.model.language_model.layers:
+        owner = layer.index < c.first_kv_shared_layer
+        assert hasattr(layer.self_attn, "k_proj") == owner
+        assert layer.qkv_weight.shape[0] == (Hq + 2 * Hkv * owner) * D
+        # the HF-named weights are views of the fused matrices (no second copy)
+        assert layer.self_attn.q_proj.weight.data_ptr() == layer.qkv_weight.data_ptr()
+        assert layer.mlp.up_proj.weight.data_ptr() == layer.gate_up_weight[c.intermediate_size[layer.index]:].data_ptr()
+        assert layer.altup.prediction_coefs.weight.abs().max() <= c.altup_coef_clip
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in fast.state_dict()
+
+
+def test_static_cache_layout():
+    from gemma3n_fast.cache import StaticKVCache
+    from gemma3n_fast.reference.config import TextConfig
+
+    c = TextConfig(**TINY_TEXT)
+    cache = StaticKVCache(c, batch=3, max_length=40, device="cpu", dtype=torch.float32)
+    assert len(cache.k) == c.first_kv_shared_layer == 4  # owners only
+    for i, k in enumerate(cache.k):
+        assert k.shape == (3, 2, 8 if c.is_sliding(i) else 40, 32)
+    assert cache.pos["sliding_attention"].shape == (3, 8) and cache.pos["full_attention"].shape == (3, 40)
+    assert (cache.pos["full_attention"] == -1).all() and cache.pos["full_attention"].dtype == torch.int32
+    with pytest.raises(CacheLengthError, match="max_position_embeddings"):
+        StaticKVCache(c, batch=1, max_length=513, device="cpu", dtype=torch.float32)
