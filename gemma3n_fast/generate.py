@@ -222,12 +222,13 @@ def _generate_steps(model, input_ids, attention_mask=None, pixel_values=None, in
 
 def generate(self, input_ids, attention_mask=None, pixel_values=None, input_features=None, input_features_mask=None,
              max_new_tokens=None, do_sample=False, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-             pad_token_id=None, streamer=None, seed=None) -> torch.Tensor:
+             pad_token_id=None, streamer=None, seed=None, token_type_ids=None) -> torch.Tensor:
     """HF-style generate: returns prompt + new tokens [B, T + N]; stops per row at any eos id and pads.
 
     Greedy unless ``do_sample`` (and temperature > 0). ``streamer``: an object with ``put(tokens)`` / ``end()``
     (HF convention: first the prompt, then each step's tokens [B]). ``seed`` makes sampling reproducible.
     Timing of the last call: ``self.last_stats`` (prompt tokens, time to first token, decode tok/s).
+    ``token_type_ids`` (returned by processors) is accepted and unused: Gemma 3n's image tokens are causal.
     """
     t0 = time.perf_counter()
     steps = _generate_steps(self, input_ids, attention_mask, pixel_values, input_features, input_features_mask,

@@ -250,6 +250,7 @@ class Gemma3nFast(nn.Module):
         self.ple_combine_scale = torch.rsqrt(torch.tensor(2.0)).to(dtype).to(dev)
         self.inv_freq = {t: 1.0 / (base ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=dev) / c.head_dim))
                          for t, base in c.rope_base.items()}
+        self._route_audio_attention()
         self._graphs.clear()
         return self
 
@@ -312,15 +313,42 @@ class Gemma3nFast(nn.Module):
                                          self.config.vision_soft_tokens_per_image)
 
     def _audio_features(self, input_features, input_features_mask):
-        """[N, F, 128] log-mels -> (audio soft tokens [N, S, H], padding mask [N, S]) (reference tower + embed_audio)."""
+        """[N, F, 128] log-mels, mask [N, F] True = valid -> (audio soft tokens [N, S, H], padded [N, S]).
+
+        The reference audio tower (its local attention on the op table's ``chunked_local_attention``, see
+        ``_route_audio_attention``) + embed_audio; the merge pads each clip to 188 tokens."""
         tower = getattr(self.model, "audio_tower", None)
         if tower is None:
             raise ValueError("input_features given, but this model has no audio tower "
                              "(text-only checkpoint, or gemma3n_fast.reference.audio_tower is unavailable)")
         if input_features_mask is None:
             input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool)
-        feats, pad_mask = tower(input_features.to(self.device, self.dtype), input_features_mask.to(self.device))
-        return self.model.embed_audio.embed_soft(feats), pad_mask
+        valid = input_features_mask.to(self.device).bool()
+        encodings, padded = tower(input_features.to(self.device, self.dtype), ~valid)  # the tower's mask: True = padded
+        return self.model.embed_audio.embed_soft(encodings), padded
+
+    def _route_audio_attention(self) -> None:
+        """Make the audio tower's attention call the op table (the chunked-attention kernel) instead of the
+        reference op. The reference AudioAttention has no op hook, so its bound ``forward`` is replaced on each
+        instance (same math, same weights; the module objects stay as loaded)."""
+        tower = getattr(self.model, "audio_tower", None)
+        if tower is None:
+            return
+        import types
+
+        op = self.backend.chunked_local_attention
+
+        def forward(attn, x, padded):  # mirrors reference AudioAttention.forward, with ``op``
+            heads = (*x.shape[:-1], attn.num_heads, attn.head_dim)
+            q, k, v = (F.linear(x, w).reshape(heads) for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
+            q_scale = (attn.head_dim ** -0.5 / math.log(2.0)) * F.softplus(attn.per_dim_scale)
+            pos_emb = attn.relative_position_embedding(q.dtype)
+            return op(q, k, v, pos_emb, ~padded, q_scale=q_scale, chunk_size=attn.chunk_size, max_past=attn.max_past,
+                      max_future=attn.max_future, logit_cap=attn.logit_cap)
+
+        for m in tower.modules():
+            if type(m).__name__ == "AudioAttention":
+                m.forward = types.MethodType(forward, m)
 
     # ---- the decoder -----------------------------------------------------------------------------
     def _rope(self, positions, layer_type):
@@ -435,7 +463,7 @@ class Gemma3nFast(nn.Module):
     # ---- public forward ----------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, input_features=None,
-                input_features_mask=None) -> ModelOutput:
+                input_features_mask=None, token_type_ids=None) -> ModelOutput:
         """Full-sequence logits [B, T, V] (no cache), like HF's forward. Left or right padding via attention_mask."""
         input_ids = self._check_ids(input_ids)
         positions = positions_from_mask(input_ids, attention_mask)
