@@ -358,3 +358,13 @@ def test_multimodal_logits_and_greedy_32_equal_hf(mm, kind):
     if kind == "audio":  # the media really reaches the logits (the image tower is too slow to run again)
         other = dict(inputs, **{media: inputs[media].flip(-1)})
         assert (fast(**other).logits - logits).abs().max() > 1e-2
+
+
+def test_cli_generate_prints_text_and_one_stats_line(folder, capsys):
+    from gemma3n_fast.__main__ import main
+
+    assert main(["generate", "--model", str(folder), "--prompt", "hello world", "--max-new-tokens", "5",
+                 "--kernels", "reference", "--stream"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("[stats] prompt tokens: ") and "time to first token" in out[-1]
+    assert "decode:" in out[-1] and "peak memory" in out[-1] and len(out[-2].split()) == 5  # 5 words streamed
