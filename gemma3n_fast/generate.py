@@ -158,11 +158,12 @@ def _generate_steps(model, input_ids, attention_mask=None, pixel_values=None, in
     max_length = min(-(-(T + N) // CACHE_ROUND) * CACHE_ROUND, c.max_position_embeddings)
 
     # decode state: reuse the captured graph for the same configuration
-    use_graph = model.device.type == "cuda" and model.use_cuda_graph
-    key = (B, max_length, N, tuple(eos), pad, sampler.key())
+    # (N == 1 needs no decode step: no capture, and the captured graph of a longer run is kept for the next call)
+    use_graph = model.device.type == "cuda" and model.use_cuda_graph and N > 1
+    key = (B, max_length, tuple(eos), pad, sampler.key())
     st = model._graphs.get(key) if use_graph else None
     if st is None:
-        st = _DecodeState(model, B, max_length, N, eos, pad)
+        st = _DecodeState(model, B, max_length, max_length, eos, pad)  # output buffer sized for any N that fits
         if use_graph:
             try:
                 _capture(model, st, sampler)
@@ -213,7 +214,7 @@ def _generate_steps(model, input_ids, attention_mask=None, pixel_values=None, in
             break
 
     # trim to where the last row finished (HF stops when every row is done)
-    out = st.out.clone()
+    out = st.out[:, :N].clone()
     is_eos = torch.isin(out, st.eos)
     first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], N, dtype=torch.long))
     n = int(first_eos.max())

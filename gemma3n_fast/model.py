@@ -166,7 +166,7 @@ class _KV:
             self.k_pos["full_attention"] = cache.pos["full_attention"][:, :col0 + T]
             ring = cache.pos["sliding_attention"]
             self.k_pos["sliding_attention"] = torch.cat([ring.clone(), positions], dim=1)
-            self._ring_cols = self._ring_columns(cache.window, col0, T)
+            self._ring_cols = tuple(t.to(positions.device) for t in self._ring_columns(cache.window, col0, T))
             ring[:, self._ring_cols[1]] = positions[:, self._ring_cols[0]]
         else:  # decode: write this column's position into both tables (one slot each)
             self.slot = {"full_attention": col, "sliding_attention": torch.remainder(col, cache.window)}
@@ -196,8 +196,8 @@ class _KV:
             else:
                 K, V = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
                 src, dst = self._ring_cols
-                ck[:, :, dst.to(k.device)] = k[:, :, src.to(k.device)]
-                cv[:, :, dst.to(k.device)] = v[:, :, src.to(k.device)]
+                ck[:, :, dst] = k[:, :, src]
+                cv[:, :, dst] = v[:, :, src]
         else:
             ck, cv = c.k[layer.index], c.v[layer.index]
             ck.index_copy_(2, self.slot[t], k)
