@@ -265,11 +265,15 @@ class Gemma3nFast(nn.Module):
         emb_v, emb_a = getattr(inner, "embed_vision", None), getattr(inner, "embed_audio", None)
         if decode:
             audio_start = emb_a.vocab_offset if emb_a is not None else c.vocab_size
-            for emb, lo, hi in ((emb_v, emb_v and emb_v.vocab_offset, audio_start), (emb_a, audio_start, c.vocab_size)):
-                if emb is not None:
-                    mask = (input_ids >= lo) & (input_ids < hi)
-                    safe = torch.where(mask, input_ids, emb.vocab_offset)
-                    x = torch.where(mask[..., None], emb.embed_hard(safe).to(x.dtype), x)
+            ranges = []  # (embedder, first id, end id): vision ids end where audio ids start (HF's split)
+            if emb_v is not None:
+                ranges.append((emb_v, emb_v.vocab_offset, audio_start))
+            if emb_a is not None:
+                ranges.append((emb_a, audio_start, c.vocab_size))
+            for emb, lo, hi in ranges:
+                mask = (input_ids >= lo) & (input_ids < hi)  # [B, T]
+                safe = torch.where(mask, input_ids, emb.vocab_offset)
+                x = torch.where(mask[..., None], emb.embed_hard(safe).to(x.dtype), x)
         elif emb_v is not None or emb_a is not None or pixel_values is not None or input_features is not None:
             x = self._merge_multimodal(input_ids, x, pixel_values, input_features, input_features_mask)
         ple_ids = torch.where((input_ids >= 0) & (input_ids < c.vocab_size_per_layer_input), input_ids, 0)

@@ -368,3 +368,14 @@ def test_cli_generate_prints_text_and_one_stats_line(folder, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("[stats] prompt tokens: ") and "time to first token" in out[-1]
     assert "decode:" in out[-1] and "peak memory" in out[-1] and len(out[-2].split()) == 5  # 5 words streamed
+
+
+def test_decode_step_embeds_multimodal_ids_like_prefill(mm):
+    """The graph-safe decode embedding (every row through the embedders, then where) equals the prefill merge."""
+    fast, _ = mm
+    v, a, c = fast.model.embed_vision, fast.model.embed_audio, fast.text_config
+    ids = torch.tensor([[5, v.vocab_offset, v.vocab_offset + 3, a.vocab_offset + 1, c.vocab_size - 1, 17]])
+    x_prefill, ple_prefill = fast._embed(ids)
+    x_decode, ple_decode = fast._embed(ids, decode=True)
+    # fp32; the two paths batch the embedder matmuls differently (rounding only)
+    assert _rel_err(x_decode, x_prefill) <= 1e-5 and _rel_err(ple_decode, ple_prefill) <= 1e-5
