@@ -1,77 +1,188 @@
-"""Command line: ``python -m gemma3n_fast <subcommand>``.
+"""Command line: ``python -m gemma3n_fast {generate,demo,env}``.
 
-    python -m gemma3n_fast demo                 # tiny random checkpoint, reference model, greedy text
-    python -m gemma3n_fast demo --checkpoint google/gemma-3n-E2B-it --prompt "Hello"
+    python -m gemma3n_fast generate --model google/gemma-3n-E2B-it --prompt "Why is the sky blue?" --stream
+    python -m gemma3n_fast generate --prompt "hello"        # the embedded tiny checkpoint (random weights)
+    python -m gemma3n_fast demo                             # the fast model on the tiny checkpoint
+    python -m gemma3n_fast env                              # versions, device, triton mode
+
+``generate`` prints the reply, then one stats line: prompt tokens, time to first token, decode tok/s, peak memory.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
-TINY_CACHE_NAME = "tiny-v1"  # bump when the tiny writer's output changes
+TINY_SEED = 0
 
 
-def tiny_checkpoint_folder() -> tuple[Path, str]:
-    """The embedded tiny checkpoint (written from seed 0 on first use) and a note on where it came from."""
-    from gemma3n_fast.reference.tiny import write_tiny_checkpoint
-
+def tiny_checkpoint() -> Path:
+    """The tiny random checkpoint, written once from a seed into a cache dir (multimodal when available)."""
     root = Path(os.environ.get("GEMMA3N_FAST_CACHE", Path.home() / ".cache" / "gemma3n_fast"))
-    folder = root / TINY_CACHE_NAME
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder, f"tiny random checkpoint (seed 0), cached at {folder}"
-    tmp = root / (TINY_CACHE_NAME + f".tmp{os.getpid()}")
-    write_tiny_checkpoint(tmp, seed=0, multimodal=True)
-    tmp.rename(folder)  # atomic: a half-written folder is never mistaken for a checkpoint
-    return folder, f"tiny random checkpoint (seed 0), written now to {folder}"
+    try:
+        from gemma3n_fast.reference.tiny import write_tiny_checkpoint
+    except ImportError:
+        write_tiny_checkpoint = None
+    folder = root / (f"tiny-mm-seed{TINY_SEED}" if write_tiny_checkpoint else f"tiny-text-seed{TINY_SEED}")
+    if not (folder / "config.json").is_file():
+        if write_tiny_checkpoint is not None:
+            write_tiny_checkpoint(folder, seed=TINY_SEED)
+        else:
+            from gemma3n_fast.tiny import write_tiny_text_checkpoint
+
+            write_tiny_text_checkpoint(folder, seed=TINY_SEED)
+    return folder
 
 
-def cmd_demo(args) -> None:
+def _peak_memory(device) -> str:
     import torch
-    from tokenizers import Tokenizer
 
-    from gemma3n_fast.reference.model import load
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
+    import resource
 
-    if args.checkpoint:
-        folder, where = args.checkpoint, f"checkpoint {args.checkpoint}"
-    else:
-        folder, where = tiny_checkpoint_folder()
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+
+
+def stats_line(model) -> str:
+    s = model.last_stats
+    tps = f"{s['decode_tok_s']:.1f} tok/s" if s["decode_tok_s"] else "n/a"
+    return (f"[stats] prompt tokens: {s['prompt_tokens']} | new tokens: {s['new_tokens']} | time to first token: "
+            f"{s['ttft_s'] * 1e3:.1f} ms | decode: {tps} | peak memory: {_peak_memory(model.device)} | "
+            f"{model.device.type}, {str(model.dtype).replace('torch.', '')}, kernels={model.backend.mode}")
+
+
+class _PrintStreamer:
+    """HF streamer protocol; prints text as it is decoded (batch 1)."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import decoders
+
+        self.tokenizer, self.ds, self.prompt_seen = tokenizer, decoders.DecodeStream(skip_special_tokens=True), False
+
+    def put(self, tokens):
+        if not self.prompt_seen:  # the first put is the prompt
+            self.prompt_seen = True
+            return
+        text = self.ds.step(self.tokenizer, int(tokens.reshape(-1)[0]))
+        if text:
+            print(text, end="", flush=True)
+
+    def end(self):
+        print(flush=True)
+
+
+def run_prompt(model, prompt: str, images=(), audio=None, max_new_tokens=64, temperature=0.0, stream=False,
+               seed=None) -> str:
+    from gemma3n_fast.generate import _tokenizer
+
+    content = [{"type": "image", "image": str(p)} for p in images]
+    if audio:
+        content.append({"type": "audio", "audio": str(audio)})
+    content.append({"type": "text", "text": prompt})
+    inputs = model.chat_inputs([{"role": "user", "content": content}])
+    tok = _tokenizer(model)
+    sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, seed=seed)
+    streamer = _PrintStreamer(tok) if stream else None
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+    text = tok.decode(out[0, inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
+    if not stream:
+        print(text)
+    print(stats_line(model))
+    return text
+
+
+def cmd_generate(args) -> int:
+    import gemma3n_fast
+
+    path = args.model
+    if path is None:
+        path = tiny_checkpoint()
+        print(f"(no --model: using the embedded tiny checkpoint with random weights at {path}; output is gibberish)")
+    model = gemma3n_fast.load(path, device=args.device, dtype=args.dtype, kernels=args.kernels)
+    print(f"(loaded in {model.load_time_s:.2f} s; {model.backend.describe()})", file=sys.stderr)
+    run_prompt(model, args.prompt, args.image or (), args.audio, args.max_new_tokens, args.temperature, args.stream,
+               args.seed)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The FAST model on the tiny checkpoint: one text prompt, then one image prompt (when the checkpoint has one)."""
+    import gemma3n_fast
+
+    path = tiny_checkpoint()
+    print(f"demo: gemma3n_fast on the tiny random checkpoint at {path} (random weights: the text is gibberish)")
+    model = gemma3n_fast.load(path, kernels=args.kernels)
+    print(f"demo: loaded in {model.load_time_s:.2f} s; {model.backend.describe()}")
+    print("demo: text prompt ->")
+    run_prompt(model, "what is in this picture", max_new_tokens=24, stream=True)
+    if getattr(model.model, "vision_tower", None) is None or model.processor is None:
+        print("demo: image prompt skipped: this checkpoint has no vision tower/processor "
+              "(needs gemma3n_fast.reference.tiny + reference.vision + reference.processor)")
+        return 0
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as d:
+        img = Path(d) / "demo.png"
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(img)
+        print("demo: image prompt ->")
+        run_prompt(model, "what is in this picture", images=[img], max_new_tokens=24, stream=True)
+    return 0
+
+
+def cmd_env(args) -> int:
+    import platform
+
+    import torch
+
+    import gemma3n_fast
+    from gemma3n_fast.backend import default_mode
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "not installed"
+    print(f"gemma3n_fast {gemma3n_fast.__version__} | python {platform.python_version()} | torch {torch.__version__} "
+          f"| triton {tv}")
+    print(f"device: {torch.cuda.get_device_name(0) if dev.type == 'cuda' else 'cpu'} | default kernels mode: "
+          f"{default_mode(dev)} | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gemma3n_fast", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a reply to one prompt")
+    g.add_argument("--model", help="local checkpoint folder or hub id (default: the embedded tiny checkpoint)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--image", action="append", help="image file (repeatable)")
+    g.add_argument("--audio", help="audio file")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--device")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"])
+    g.add_argument("--kernels", choices=["triton", "interpret", "reference"])
+    d = sub.add_parser("demo", help="the fast model on the tiny checkpoint (text + image prompt)")
+    d.add_argument("--kernels", choices=["triton", "interpret", "reference"])
+    sub.add_parser("env", help="versions, device, triton mode")
+    args = p.parse_args(argv)
     t0 = time.perf_counter()
-    model = load(folder, dtype=getattr(torch, args.dtype))
-    load_s = time.perf_counter() - t0
-    tok = Tokenizer.from_file(str(Path(model.source) / "tokenizer.json"))
-    bos = model.generation_config.get("bos_token_id", 2)
-    ids = torch.tensor([[bos] + tok.encode(args.prompt, add_special_tokens=False).ids])
-    t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    gen_s = time.perf_counter() - t0
-    new = out[0, ids.shape[1]:].tolist()
-    print(f"checkpoint: {where}")
-    print(f"model: reference (plain PyTorch), {args.dtype}, loaded in {load_s:.2f} s")
-    print(f"prompt: {args.prompt!r}")
-    print(f"text: {tok.decode(new, skip_special_tokens=True)!r}")
-    print(f"{len(new)} tokens in {gen_s:.2f} s = {len(new) / gen_s:.1f} tokens/s (incl. prefill)")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gemma3n_fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate text with the reference model (tiny checkpoint by default)")
-    demo.add_argument("--checkpoint", default=None, help="folder or hub id (default: the tiny checkpoint)")
-    demo.add_argument("--prompt", default="the quick brown fox said hello to the")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    demo.add_argument("--top-k", type=int, default=None)
-    demo.add_argument("--top-p", type=float, default=None)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    demo.set_defaults(func=cmd_demo)
-    args = parser.parse_args(argv)
-    args.func(args)
+    rc = {"generate": cmd_generate, "demo": cmd_demo, "env": cmd_env}[args.command](args)
+    if args.command == "demo":
+        print(f"demo: done in {time.perf_counter() - t0:.1f} s")
+    return rc
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
