@@ -1,0 +1,454 @@
+"""End-to-end generation benchmark: gemma3n_fast vs the reference vs HF transformers, same GPU, same weights.
+
+    python -m bench.e2e [--smoke] [--out DIR] [--models e2b,e4b] [--systems gemma3n_fast,hf,reference,hf-compile]
+                        [--budget-s N] [--cell-budget-s N] [--new-tokens N] [--slow-new-tokens N]
+                        [--kernels-json PATH]
+
+Models are the real E2B/E4B shapes (bench/configs.py) with random weights built directly on the device
+(no checkpoint files). Cells run in order of importance (E2B batch 1 prompt 128 first, then batch 8/32,
+long prompts, E4B, multimodal); a cell that does not fit the total budget is recorded as
+"skipped: time budget", a failure (OOM, compile error, timeout) as its error text: no row is dropped.
+Results are rewritten after every cell (e2e.json, e2e.md, e2e.png), so a run cut short keeps what it did.
+What is measured and how: BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # CPU: the fast model's kernels run through the Triton interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import configs, report  # noqa: E402
+from bench.common import device_bandwidth, device_name  # noqa: E402
+from bench.systems import SLOW_SYSTEMS, SYSTEMS, build_hf, make_system  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str  # "text" | "image" | "audio"
+    batch: int
+    prompt: int  # text tokens around the soft tokens (image/audio), or the whole prompt (text)
+
+
+# Order = importance (the GPU session has minutes, not hours).
+TEXT_WORKLOADS = [Workload("text", 1, 128), Workload("text", 8, 128), Workload("text", 32, 128),
+                  Workload("text", 1, 2048), Workload("text", 1, 8192), Workload("text", 8, 2048)]
+MM_WORKLOADS = [Workload("image", 1, 32), Workload("audio", 1, 32)]
+SMOKE_WORKLOADS = [Workload("text", 1, 16), Workload("text", 3, 16), Workload("text", 1, 40), Workload("image", 1, 8), Workload("audio", 1, 8)]
+
+
+def plan(models: list[str], smoke: bool) -> list[tuple[str, Workload]]:
+    """(model, workload) cells in run order: all text cells model by model, multimodal last (on the last model)."""
+    if smoke:
+        return [("smoke", w) for w in SMOKE_WORKLOADS]
+    cells = [(m, w) for m in models for w in TEXT_WORKLOADS]
+    return cells + [(models[-1], w) for w in MM_WORKLOADS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+def make_inputs(w: Workload, cfg: dict, device: str, dtype: torch.dtype, seed: int, smoke: bool) -> dict:
+    """Random prompt ids (ordinary text ids only: below every special/multimodal id) and, for the
+    multimodal workloads, random pixels or a noise clip through HF's feature extractor."""
+    gen = torch.Generator().manual_seed(seed)
+    text_hi = min(cfg["boi_token_id"], cfg["boa_token_id"])  # all special and multimodal ids are >= this
+
+    def text(n):
+        return torch.randint(3, text_hi, (w.batch, n), generator=gen)
+
+    bos = torch.full((w.batch, 1), 2)
+    out = {}
+    if w.kind == "text":
+        ids = torch.cat([bos, text(w.prompt - 1)], 1)
+    elif w.kind == "image":
+        n_soft = cfg["vision_soft_tokens_per_image"]
+        soft = torch.tensor([cfg["boi_token_id"]] + [cfg["image_token_id"]] * n_soft + [cfg["eoi_token_id"]])
+        half = w.prompt // 2
+        ids = torch.cat([bos, text(half), soft.expand(w.batch, -1), text(w.prompt - half - 1)], 1)
+        side = 256 if smoke else 768  # the processor resizes to 768x768 (spec §3.1); 256 also gives 16x16
+        out["pixel_values"] = torch.rand(w.batch, 3, side, side, generator=gen).to(device, dtype)
+    elif w.kind == "audio":
+        import numpy as np
+        from transformers import Gemma3nAudioFeatureExtractor
+
+        n_soft = cfg["audio_soft_tokens_per_image"]
+        soft = torch.tensor([cfg["boa_token_id"]] + [cfg["audio_token_id"]] * n_soft + [cfg["eoa_token_id"]])
+        half = w.prompt // 2
+        ids = torch.cat([bos, text(half), soft.expand(w.batch, -1), text(w.prompt - half - 1)], 1)
+        seconds = 2 if smoke else 30
+        rng = np.random.default_rng(seed)
+        clips = [(0.1 * rng.standard_normal(16_000 * seconds)).astype(np.float32) for _ in range(w.batch)]
+        feats = Gemma3nAudioFeatureExtractor()(clips, sampling_rate=16_000, return_tensors="pt")
+        out["input_features"] = feats["input_features"].to(device, dtype)
+        out["input_features_mask"] = feats["input_features_mask"].to(device)
+    else:
+        raise ValueError(f"unknown workload kind {w.kind!r}")
+    out["input_ids"] = ids.to(device)
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline: bytes one decode step must read
+# ---------------------------------------------------------------------------------------------
+def weight_bytes_per_step(hf_model, batch: int) -> float:
+    """Text-decoder weights read once per decode step: every decoder layer, the AltUp and PLE
+    projections, and the tied lm_head (the full 262400 x 2048 table). The PLE token table is a gather
+    (batch rows of L*D), the towers and multimodal embedders are not needed for text decode."""
+    total, ple_row = 0, 0
+    for name, p in hf_model.named_parameters():
+        if not name.startswith("model.language_model."):
+            continue
+        if "embed_tokens_per_layer" in name:
+            ple_row = p.shape[1] * p.element_size()
+            continue
+        total += p.numel() * p.element_size()  # embed_tokens counted once = the lm_head read
+    return float(total + batch * ple_row)
+
+
+def kv_bytes_per_step(text_cfg: dict, batch: int, context: int, elem: int) -> float:
+    """K+V bytes read by all attention layers at ``context`` tokens: sliding layers see at most the
+    window, full layers everything; KV-shared layers read their producer's cache again."""
+    from gemma3n_fast.reference.config import TextConfig
+
+    tc = TextConfig.from_dict(text_cfg)
+    per_token = 2 * tc.num_key_value_heads * tc.head_dim * elem  # K and V, one layer
+    tokens = sum(min(context, tc.sliding_window) if tc.is_sliding(i) else context for i in range(tc.num_hidden_layers))
+    return float(batch * tokens * per_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells
+# ---------------------------------------------------------------------------------------------
+class CellTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise CellTimeout in the main thread after ``seconds`` (SIGALRM; Python code only: a running
+    CUDA kernel finishes first). No-op where signals are unavailable."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CellTimeout(f"over the per-cell budget of {seconds:.3g} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _error_text(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def base_row(model: str, system: str, w: Workload, prompt_len: int, new_tokens: int) -> dict:
+    return dict(model=model, system=system, workload=w.kind, batch=w.batch, prompt_tokens=prompt_len,
+                new_tokens=new_tokens, status="ok", error=None, ttft_s=None, prefill_tok_s=None,
+                decode_step_s=None, decode_tok_s=None, peak_mem_gib=None, bytes_per_step=None,
+                roofline_fraction=None, reps=0, cell_s=None, note=None)
+
+
+def run_cell(system, w: Workload, inputs: dict, n: int, cell_budget: float, kv_args: tuple, weights_b: float,
+             bandwidth: float, row: dict) -> dict:
+    """Warm up, then median time to first token and per-step decode time over up to 3 repeats."""
+    t_cell = time.monotonic()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    # Warm-up: compiled/graph systems need the full length (compile, capture); eager ones only the kernels.
+    system.generate(inputs, n if row["system"] not in SLOW_SYSTEMS else min(n, 2))
+    ttfts, steps, new = [], [], n
+    for _ in range(3):
+        ttft, step, new = system.generate(inputs, n)
+        ttfts.append(ttft)
+        if step is not None:
+            steps.append(step)
+        if time.monotonic() - t_cell > 0.5 * cell_budget:
+            break
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+    row.update(reps=len(ttfts), ttft_s=med(ttfts), decode_step_s=med(steps))
+    if new < n:
+        row["note"] = f"stopped after {new} of {n} new tokens"
+    prompt_tokens = row["prompt_tokens"] * w.batch
+    row["prefill_tok_s"] = prompt_tokens / row["ttft_s"] if row["ttft_s"] else None
+    if row["decode_step_s"]:
+        row["decode_tok_s"] = w.batch / row["decode_step_s"]  # aggregate over the batch
+        text_cfg, context, elem = kv_args
+        row["bytes_per_step"] = weights_b + kv_bytes_per_step(text_cfg, w.batch, context, elem)
+        row["roofline_fraction"] = row["bytes_per_step"] / row["decode_step_s"] / bandwidth
+    if torch.cuda.is_available():
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(args) -> dict:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    systems = [s for s in SYSTEMS if s in args.systems]
+    t_start = time.monotonic()
+    deadline = t_start + args.budget_s
+    bandwidth = device_bandwidth()
+    meta = dict(device=device_name(), dtype=str(dtype).replace("torch.", ""), bandwidth_GBs=bandwidth / 1e9,
+                versions=_versions(), command=" ".join([Path(sys.executable).name, "-m", "bench.e2e", *sys.argv[1:]]),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                budget_s=args.budget_s, cell_budget_s=args.cell_budget_s, new_tokens=args.new_tokens,
+                slow_new_tokens=args.slow_new_tokens, slow_systems=sorted(SLOW_SYSTEMS), smoke=args.smoke)
+    result = dict(meta=meta, rows=[], kernels=report.collect_kernels(args.kernels_json) if args.kernels_json else [])
+    out = Path(args.out)
+    print(f"device {meta['device']}, {meta['dtype']}, copy bandwidth {meta['bandwidth_GBs']:.0f} GB/s", flush=True)
+
+    cells = plan(args.models, args.smoke)
+    for model_name in dict.fromkeys(m for m, _ in cells):
+        my_cells = [w for m, w in cells if m == model_name]
+        cfg = configs.model_dict(model_name)
+        # An unlikely eos id (the last audio id) so that no system stops early; HF also gets min_new_tokens.
+        eos_id = cfg["text_config"].get("vocab_size", 262_400) - 1
+        hf_model, built, build_error = None, {}, None
+        if time.monotonic() < deadline - 5:
+            try:
+                t0 = time.monotonic()
+                hf_cfg = configs.hf_config(model_name)
+                hf_model = build_hf(hf_cfg, device, dtype, args.seed)
+                config_dict = hf_cfg.to_dict()
+                weights_b_1 = weight_bytes_per_step(hf_model, 0)
+                ple_row = weight_bytes_per_step(hf_model, 1) - weights_b_1
+                print(f"[{model_name}] random weights on {device} in {time.monotonic() - t0:.1f} s "
+                      f"({sum(p.numel() for p in hf_model.parameters()) / 1e9:.2f} B params)", flush=True)
+            except Exception as e:  # noqa: BLE001 - recorded in the report
+                build_error = "build HF model: " + _error_text(e)
+        for w in my_cells:
+            inputs = None
+            for system in systems:
+                n = args.slow_new_tokens if system in SLOW_SYSTEMS else args.new_tokens
+                prompt_len = _prompt_len(w, cfg)
+                row = base_row(model_name, system, w, prompt_len, n)
+                remaining = deadline - time.monotonic()
+                if remaining < 5:
+                    row["status"] = "skipped: time budget"
+                elif build_error:
+                    row.update(status="error", error=build_error)
+                else:
+                    row = _one_cell(system, w, n, row, built, hf_model, config_dict, device, dtype, eos_id, cfg,
+                                    min(args.cell_budget_s, remaining), weights_b_1, ple_row, bandwidth, inputs, args)
+                    inputs = row.pop("_inputs", inputs)
+                result["rows"].append(row)
+                _print_row(row)
+                report.write_all(result, out)
+        del hf_model, built
+        _free()
+    if args.smoke:
+        _smoke_probes(result, out)
+    meta["wall_s"] = time.monotonic() - t_start
+    report.write_all(result, out)
+    return result
+
+
+def _prompt_len(w: Workload, cfg: dict) -> int:
+    if w.kind == "image":
+        return w.prompt + cfg["vision_soft_tokens_per_image"] + 2
+    if w.kind == "audio":
+        return w.prompt + cfg["audio_soft_tokens_per_image"] + 2
+    return w.prompt
+
+
+def _one_cell(system, w, n, row, built, hf_model, config_dict, device, dtype, eos_id, cfg, budget, weights_b_1,
+              ple_row, bandwidth, inputs, args):
+    t0 = time.monotonic()
+    try:
+        with time_limit(budget):
+            if system not in built:
+                try:
+                    built[system] = make_system(system, hf_model, config_dict, device, dtype, eos_id)
+                except Exception as e:  # noqa: BLE001
+                    built[system] = RuntimeError("build: " + _error_text(e))
+            sysobj = built[system]
+            if isinstance(sysobj, Exception):
+                raise sysobj
+            row["note"] = ", ".join(f"{k}={v}" for k, v in sysobj.info.items()) or None
+            if inputs is None:
+                inputs = make_inputs(w, cfg, device, dtype, args.seed, args.smoke)
+            row["_inputs"] = inputs
+            context = row["prompt_tokens"] + n // 2  # mean context over the decode
+            elem = torch.finfo(dtype).bits // 8
+            run_cell(sysobj, w, inputs, n, budget, (cfg["text_config"], context, elem),
+                     weights_b_1 + w.batch * ple_row, bandwidth, row)
+    except CellTimeout as e:
+        row.update(status="timeout", error=str(e))
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status="oom", error=_error_text(e))
+    except Exception as e:  # noqa: BLE001 - recorded, never dropped
+        row.update(status="error", error=_error_text(e))
+    row["cell_s"] = time.monotonic() - t0
+    if row["status"] != "ok":
+        _free()
+    return row
+
+
+def _print_row(r: dict):
+    if r["status"] != "ok":
+        print(f"  {r['model']:5} {r['workload']:5} b{r['batch']:<3} p{r['prompt_tokens']:<5} {r['system']:12} "
+              f"{r['status']}: {r['error'] or ''}", flush=True)
+        return
+    dec = f"{r['decode_tok_s']:9.1f} tok/s" if r["decode_tok_s"] else "    n/a"
+    print(f"  {r['model']:5} {r['workload']:5} b{r['batch']:<3} p{r['prompt_tokens']:<5} {r['system']:12} "
+          f"ttft {r['ttft_s'] * 1e3:8.1f} ms  decode {dec}  ({r['cell_s']:.1f} s)", flush=True)
+
+
+def _versions() -> dict:
+    import triton
+
+    v = dict(python=sys.version.split()[0], torch=torch.__version__, triton=triton.__version__)
+    try:
+        import transformers
+
+        v["transformers"] = transformers.__version__
+    except ImportError:
+        v["transformers"] = None
+    try:
+        v["gemma3n_fast_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                                                  capture_output=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        v["gemma3n_fast_commit"] = None
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke: the paths a healthy tiny run does not take, then a check of the written outputs
+# ---------------------------------------------------------------------------------------------
+def _smoke_probes(result: dict, out: Path):
+    """Exercise the timeout and budget-skip paths through the real cell code (rows marked as probes)."""
+    w = Workload("text", 1, 8)
+    row = base_row("smoke", "probe", w, w.prompt, 2)
+
+    class Sleeper:
+        info = {}
+
+        def generate(self, inputs, n):
+            time.sleep(1.0)  # longer than the probe's budget
+            return 0.0, None, n
+
+    built = {"probe": Sleeper()}
+    row = _one_cell("probe", w, 2, row, built, None, None, "cpu", torch.float32, 0,
+                    configs.model_dict("smoke"), 0.05, 0.0, 0.0, 1.0, {"input_ids": torch.ones(1, 8)}, None)
+    row.pop("_inputs", None)
+    row["note"] = "smoke probe: timeout path"
+    skipped = base_row("smoke", "probe", w, w.prompt, 2)
+    skipped.update(status="skipped: time budget", note="smoke probe: budget path")
+    result["rows"] += [row, skipped]
+    # A small pytest-benchmark JSON, so the kernel-table path runs too.
+    if not result["kernels"]:
+        fake = out / "kernels-smoke.json"
+        fake.write_text(json.dumps(report.fake_kernel_json()))
+        result["kernels"] = report.collect_kernels(fake)
+
+
+def check_outputs(out: Path, expect_rows: int):
+    """Exit non-zero unless e2e.json/md/png exist and are well-formed (the CI smoke relies on it)."""
+    from PIL import Image
+
+    problems = []
+    try:
+        data = json.loads((out / "e2e.json").read_text())
+        for key in ("device", "versions", "command", "date"):
+            if key not in data["meta"]:
+                problems.append(f"e2e.json: meta has no {key!r}")
+        if len(data["rows"]) != expect_rows:
+            problems.append(f"e2e.json: {len(data['rows'])} rows, expected {expect_rows}")
+        statuses = {r["status"] for r in data["rows"]}
+        if not any(r["status"] == "ok" and r["decode_tok_s"] for r in data["rows"]):
+            problems.append("e2e.json: no row measured decode tok/s")
+        for want in ("timeout", "skipped: time budget"):
+            if want not in statuses:
+                problems.append(f"e2e.json: no {want!r} row (the smoke probes did not run)")
+        if not data["kernels"]:
+            problems.append("e2e.json: empty kernel table")
+        md = (out / "e2e.md").read_text()
+        for want in ("| system", "Kernel microbenchmarks", "skipped: time budget"):
+            if want not in md:
+                problems.append(f"e2e.md: missing {want!r}")
+        with Image.open(out / "e2e.png") as im:
+            im.verify()
+            if im.size[0] < 400 or im.size[1] < 200:
+                problems.append(f"e2e.png: unexpected size {im.size}")
+    except (OSError, ValueError, KeyError) as e:
+        problems.append(f"{type(e).__name__}: {e}")
+    if problems:
+        print("SMOKE FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
+        raise SystemExit(1)
+    print(f"smoke outputs OK: {out}/e2e.json, e2e.md, e2e.png")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, every code path, output checks")
+    p.add_argument("--out", default=".benchmarks/e2e", help="folder for e2e.json, e2e.md, e2e.png")
+    p.add_argument("--models", default="e2b,e4b", help="comma list from e2b,e4b (ignored with --smoke)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list from {','.join(SYSTEMS)}")
+    p.add_argument("--budget-s", type=float, default=None, help="total seconds for all cells (default 380; smoke 60)")
+    p.add_argument("--cell-budget-s", type=float, default=None, help="seconds per system and cell (default 90)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per generate (default 128; smoke 4)")
+    p.add_argument("--slow-new-tokens", type=int, default=None,
+                   help=f"new tokens for the slow systems {sorted(SLOW_SYSTEMS)} (default 32; smoke 3)")
+    p.add_argument("--kernels-json", default=None, help="pytest-benchmark JSON of the kernel microbenchmarks")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    for s in args.systems:
+        if s not in SYSTEMS:
+            p.error(f"--systems: unknown system {s!r}; choose from {','.join(SYSTEMS)}")
+    for m in args.models:
+        if m not in ("e2b", "e4b"):
+            p.error(f"--models: unknown model {m!r}; choose from e2b,e4b")
+    if not args.smoke and not torch.cuda.is_available():
+        print("note: no CUDA device: full-size models on the CPU will be very slow; use --smoke for the CI path")
+    d = dict(budget_s=(60, 380), cell_budget_s=(20, 90), new_tokens=(4, 128), slow_new_tokens=(3, 32))
+    for k, (smoke_v, full_v) in d.items():
+        if getattr(args, k) is None:
+            setattr(args, k, smoke_v if args.smoke else full_v)
+    if args.new_tokens < 2 or args.slow_new_tokens < 2:
+        p.error("--new-tokens and --slow-new-tokens must be >= 2 (decode time needs two steps)")
+    if args.kernels_json and not Path(args.kernels_json).is_file():
+        p.error(f"--kernels-json: no such file {args.kernels_json}")
+    torch.manual_seed(args.seed)
+    result = run(args)
+    if args.smoke:
+        # every (cell, system) pair gives a row, plus the two probe rows
+        check_outputs(Path(args.out), expect_rows=len(plan(args.models, True)) * len(args.systems) + 2)
+    else:
+        print(f"wrote {args.out}/e2e.json, e2e.md, e2e.png ({result['meta']['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
