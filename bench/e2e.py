@@ -137,8 +137,8 @@ def kv_bytes_per_step(text_cfg: dict, batch: int, context: int, elem: int) -> fl
 # ---------------------------------------------------------------------------------------------
 # Cells
 # ---------------------------------------------------------------------------------------------
-class CellTimeout(Exception):
-    pass
+class CellTimeout(BaseException):
+    """Not an Exception: library code that catches ``Exception`` (HF, dynamo) must not swallow it."""
 
 
 @contextlib.contextmanager
@@ -194,7 +194,7 @@ def run_cell(system, w: Workload, inputs: dict, n: int, cell_budget: float, kv_a
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
     row.update(reps=len(ttfts), ttft_s=med(ttfts), decode_step_s=med(steps))
     if new < n:
-        row["note"] = f"stopped after {new} of {n} new tokens"
+        row["note"] = ", ".join(filter(None, [row["note"], f"stopped after {new} of {n} new tokens"]))
     prompt_tokens = row["prompt_tokens"] * w.batch
     row["prefill_tok_s"] = prompt_tokens / row["ttft_s"] if row["ttft_s"] else None
     if row["decode_step_s"]:
