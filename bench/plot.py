@@ -79,26 +79,28 @@ def chart(draw: ImageDraw.ImageDraw, box, title: str, xlabel: str, ylabel: str, 
 
 
 def draw(result: dict, path: Path):
-    rows = [r for r in result["rows"] if r["status"] == "ok" and r["workload"] == "text"]
-    img = Image.new("RGB", (W, H), "white")
+    """One row of two charts per model that has measured text rows (E2B, then E4B)."""
+    ok = [r for r in result["rows"] if r["status"] == "ok" and r["workload"] == "text"]
+    models = list(dict.fromkeys(r["model"] for r in ok)) or ["?"]
+    img = Image.new("RGB", (W, H * len(models)), "white")
     d = ImageDraw.Draw(img)
-    model = rows[0]["model"] if rows else "?"
-    rows = [r for r in rows if r["model"] == model]
-    systems = list(dict.fromkeys(r["system"] for r in rows))
-    # Decode tok/s by batch, each batch at its shortest prompt.
-    batches = sorted({r["batch"] for r in rows})
-    short = {b: min(r["prompt_tokens"] for r in rows if r["batch"] == b) for b in batches}
-    dec = {s: [next((r["decode_tok_s"] for r in rows if r["system"] == s and r["batch"] == b
-                     and r["prompt_tokens"] == short[b]), None) for b in batches] for s in systems}
-    short = min(short.values(), default=0)
-    chart(d, (0, 10, W // 2, H), f"{model.upper()} decode throughput (prompt {short})", "batch size",
-          "tok/s", [str(b) for b in batches], dec)
-    # Prefill time (TTFT) by prompt length at batch 1.
-    prompts = sorted({r["prompt_tokens"] for r in rows if r["batch"] == 1})
-    pre = {s: [next((r["ttft_s"] * 1e3 for r in rows if r["system"] == s and r["batch"] == 1
-                     and r["prompt_tokens"] == p and r["ttft_s"]), None) for p in prompts] for s in systems}
-    chart(d, (W // 2, 10, W, H), f"{model.upper()} time to first token (batch 1)", "prompt tokens", "ms",
-          [str(p) for p in prompts], pre)
-    d.text((W - 8, H - 4), f"{result['meta']['device']}, {result['meta']['dtype']}", fill="gray",
+    for k, model in enumerate(models):
+        rows = [r for r in ok if r["model"] == model]
+        systems = list(dict.fromkeys(r["system"] for r in rows))
+        top = k * H + 10
+        # Decode tok/s by batch, each batch at its shortest prompt.
+        batches = sorted({r["batch"] for r in rows})
+        short = {b: min(r["prompt_tokens"] for r in rows if r["batch"] == b) for b in batches}
+        dec = {s: [next((r["decode_tok_s"] for r in rows if r["system"] == s and r["batch"] == b
+                         and r["prompt_tokens"] == short[b]), None) for b in batches] for s in systems}
+        chart(d, (0, top, W // 2, top + H - 10), f"{model.upper()} decode throughput (prompt {min(short.values(), default=0)})",
+              "batch size", "tok/s", [str(b) for b in batches], dec)
+        # Prefill time (TTFT) by prompt length at batch 1.
+        prompts = sorted({r["prompt_tokens"] for r in rows if r["batch"] == 1})
+        pre = {s: [next((r["ttft_s"] * 1e3 for r in rows if r["system"] == s and r["batch"] == 1
+                         and r["prompt_tokens"] == p and r["ttft_s"]), None) for p in prompts] for s in systems}
+        chart(d, (W // 2, top, W, top + H - 10), f"{model.upper()} time to first token (batch 1)", "prompt tokens",
+              "ms", [str(p) for p in prompts], pre)
+    d.text((W - 8, img.height - 4), f"{result['meta']['device']}, {result['meta']['dtype']}", fill="gray",
            font=_font(11), anchor="rd")
     img.save(path)
