@@ -53,12 +53,13 @@ MM_WORKLOADS = [Workload("image", 1, 32), Workload("audio", 1, 32)]
 SMOKE_WORKLOADS = [Workload("text", 1, 16), Workload("text", 3, 16), Workload("text", 1, 40), Workload("image", 1, 8), Workload("audio", 1, 8)]
 
 
-def plan(models: list[str], smoke: bool) -> list[tuple[str, Workload]]:
+def plan(models: list[str], smoke: bool, kinds=("text", "image", "audio")) -> list[tuple[str, Workload]]:
     """(model, workload) cells in run order: all text cells model by model, multimodal last (on the last model)."""
     if smoke:
-        return [("smoke", w) for w in SMOKE_WORKLOADS]
-    cells = [(m, w) for m in models for w in TEXT_WORKLOADS]
-    return cells + [(models[-1], w) for w in MM_WORKLOADS]
+        cells = [("smoke", w) for w in SMOKE_WORKLOADS]
+    else:
+        cells = [(m, w) for m in models for w in TEXT_WORKLOADS] + [(models[-1], w) for w in MM_WORKLOADS]
+    return [(m, w) for m, w in cells if w.kind in kinds]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,14 +225,14 @@ def run(args) -> dict:
     meta = dict(device=device_name(), dtype=str(dtype).replace("torch.", ""), bandwidth_GBs=bandwidth / 1e9,
                 versions=_versions(), command=" ".join([Path(sys.executable).name, "-m", "bench.e2e", *sys.argv[1:]]),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                budget_s=args.budget_s, cell_budget_s=args.cell_budget_s,
+                workloads=args.workloads, budget_s=args.budget_s, cell_budget_s=args.cell_budget_s,
                 first_cell_budget_s=args.first_cell_budget_s, new_tokens=args.new_tokens,
                 slow_new_tokens=args.slow_new_tokens, slow_systems=sorted(SLOW_SYSTEMS), smoke=args.smoke)
     result = dict(meta=meta, rows=[], kernels=report.collect_kernels(args.kernels_json) if args.kernels_json else [])
     out = Path(args.out)
     print(f"device {meta['device']}, {meta['dtype']}, copy bandwidth {meta['bandwidth_GBs']:.0f} GB/s", flush=True)
 
-    cells = plan(args.models, args.smoke)
+    cells = plan(args.models, args.smoke, args.workloads)
     for model_name in dict.fromkeys(m for m, _ in cells):
         my_cells = [w for m, w in cells if m == model_name]
         cfg = configs.model_dict(model_name)
@@ -435,6 +436,7 @@ def main(argv=None):
     p.add_argument("--out", default=".benchmarks/e2e", help="folder for e2e.json, e2e.md, e2e.png")
     p.add_argument("--models", default="e2b,e4b", help="comma list from e2b,e4b (ignored with --smoke)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list from {','.join(SYSTEMS)}")
+    p.add_argument("--workloads", default="text,image,audio", help="comma list of workload kinds to run")
     p.add_argument("--budget-s", type=float, default=None, help="total seconds for all cells (default 380; smoke 60)")
     p.add_argument("--cell-budget-s", type=float, default=None, help="seconds per system and cell (default 60)")
     p.add_argument("--first-cell-budget-s", type=float, default=None,
@@ -448,6 +450,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.workloads = [k.strip() for k in args.workloads.split(",") if k.strip()]
+    for k in args.workloads:
+        if k not in ("text", "image", "audio"):
+            p.error(f"--workloads: unknown kind {k!r}; choose from text,image,audio")
     for s in args.systems:
         if s not in SYSTEMS:
             p.error(f"--systems: unknown system {s!r}; choose from {','.join(SYSTEMS)}")
@@ -469,7 +475,7 @@ def main(argv=None):
     result = run(args)
     if args.smoke:
         # every (cell, system) pair gives a row, plus the two probe rows
-        check_outputs(Path(args.out), expect_rows=len(plan(args.models, True)) * len(args.systems) + 2)
+        check_outputs(Path(args.out), expect_rows=len(plan(args.models, True, args.workloads)) * len(args.systems) + 2)
     else:
         print(f"wrote {args.out}/e2e.json, e2e.md, e2e.png ({result['meta']['wall_s']:.0f} s)")
     print("headline (E2B batch 1 prompt 128): " + json.dumps(result["headline"]))
