@@ -65,7 +65,7 @@ def plan(models: list[str], smoke: bool, kinds=("text", "image", "audio")) -> li
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
-def make_inputs(w: Workload, cfg: dict, device: str, dtype: torch.dtype, seed: int, smoke: bool) -> dict:
+def make_inputs(w: Workload, cfg: dict, device: str, seed: int, smoke: bool) -> dict:
     """Random prompt ids (ordinary text ids only: below every special/multimodal id) and, for the
     multimodal workloads, random pixels or a noise clip through HF's feature extractor."""
     gen = torch.Generator().manual_seed(seed)
@@ -84,7 +84,8 @@ def make_inputs(w: Workload, cfg: dict, device: str, dtype: torch.dtype, seed: i
         half = w.prompt // 2
         ids = torch.cat([bos, text(half), soft.expand(w.batch, -1), text(w.prompt - half - 1)], 1)
         side = 256 if smoke else 768  # the processor resizes to 768x768 (spec §3.1); 256 also gives 16x16
-        out["pixel_values"] = torch.rand(w.batch, 3, side, side, generator=gen).to(device, dtype)
+        # float32 in [0, 1], as the image processor returns it; each model casts to its own dtype
+        out["pixel_values"] = torch.rand(w.batch, 3, side, side, generator=gen).to(device)
     elif w.kind == "audio":
         import numpy as np
         from transformers import Gemma3nAudioFeatureExtractor
@@ -97,7 +98,7 @@ def make_inputs(w: Workload, cfg: dict, device: str, dtype: torch.dtype, seed: i
         rng = np.random.default_rng(seed)
         clips = [(0.1 * rng.standard_normal(16_000 * seconds)).astype(np.float32) for _ in range(w.batch)]
         feats = Gemma3nAudioFeatureExtractor()(clips, sampling_rate=16_000, return_tensors="pt")
-        out["input_features"] = feats["input_features"].to(device, dtype)
+        out["input_features"] = feats["input_features"].to(device)  # float32, as the extractor returns it
         out["input_features_mask"] = feats["input_features_mask"].to(device)
     else:
         raise ValueError(f"unknown workload kind {w.kind!r}")
@@ -309,7 +310,7 @@ def _one_cell(system, w, n, row, built, hf_model, config_dict, device, dtype, eo
                 raise sysobj
             row["note"] = ", ".join(f"{k}={v}" for k, v in sysobj.info.items()) or None
             if inputs is None:
-                inputs = make_inputs(w, cfg, device, dtype, args.seed, args.smoke)
+                inputs = make_inputs(w, cfg, device, args.seed, args.smoke)
             row["_inputs"] = inputs
             context = row["prompt_tokens"] + n // 2  # mean context over the decode
             elem = torch.finfo(dtype).bits // 8
