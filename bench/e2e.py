@@ -272,7 +272,9 @@ def run(args) -> dict:
                     row = _one_cell(system, w, n, row, built, hf_model, config_dict, device, dtype, eos_id, cfg,
                                     min(budget, remaining), weights_b_1, ple_row, bandwidth, inputs, args)
                     inputs = row.pop("_inputs", inputs)
-                    if row["status"] == "timeout":
+                    if row["status"] == "timeout" and remaining < budget:  # cut by the total, not the cell budget
+                        row.update(status="skipped: time budget", note="cut short by the total budget")
+                    elif row["status"] == "timeout":
                         timed_out.add(system)
                 result["rows"].append(row)
                 _print_row(row)
