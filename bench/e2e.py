@@ -1,8 +1,8 @@
 """End-to-end generation benchmark: gemma3n_fast vs the reference vs HF transformers, same GPU, same weights.
 
     python -m bench.e2e [--smoke] [--out DIR] [--models e2b,e4b] [--systems gemma3n_fast,hf,reference,hf-compile]
-                        [--budget-s N] [--cell-budget-s N] [--new-tokens N] [--slow-new-tokens N]
-                        [--kernels-json PATH]
+                        [--workloads text,image,audio] [--budget-s N] [--cell-budget-s N] [--first-cell-budget-s N]
+                        [--new-tokens N] [--slow-new-tokens N] [--reps N] [--kernels-json PATH]
 
 Models are the real E2B/E4B shapes (bench/configs.py) with random weights built directly on the device
 (no checkpoint files). Cells run in order of importance (E2B batch 1 prompt 128 first, then batch 8/32,
@@ -20,11 +20,12 @@ import gc
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,7 +51,8 @@ class Workload:
 TEXT_WORKLOADS = [Workload("text", 1, 128), Workload("text", 8, 128), Workload("text", 32, 128),
                   Workload("text", 1, 2048), Workload("text", 1, 8192), Workload("text", 8, 2048)]
 MM_WORKLOADS = [Workload("image", 1, 32), Workload("audio", 1, 32)]
-SMOKE_WORKLOADS = [Workload("text", 1, 16), Workload("text", 3, 16), Workload("text", 1, 40), Workload("image", 1, 8), Workload("audio", 1, 8)]
+SMOKE_WORKLOADS = [Workload("text", 1, 16), Workload("text", 3, 16), Workload("text", 1, 40),
+                   Workload("image", 1, 8), Workload("audio", 1, 8)]
 
 
 def plan(models: list[str], smoke: bool, kinds=("text", "image", "audio")) -> list[tuple[str, Workload]]:
@@ -193,8 +195,8 @@ def run_cell(system, w: Workload, inputs: dict, n: int, cell_budget: float, kv_a
             steps.append(step)
         if time.monotonic() - t_cell > 0.5 * cell_budget:
             break
-    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
-    row.update(reps=len(ttfts), ttft_s=med(ttfts), decode_step_s=med(steps))
+    row.update(reps=len(ttfts), ttft_s=statistics.median(ttfts),
+               decode_step_s=statistics.median(steps) if steps else None)
     if new < n:
         row["note"] = ", ".join(filter(None, [row["note"], f"stopped after {new} of {n} new tokens"]))
     prompt_tokens = row["prompt_tokens"] * w.batch
@@ -213,6 +215,73 @@ def _free():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class ModelBench:
+    """One model size: the HF model with random weights, the systems built from it (lazily, on their
+    first cell), and the per-step byte counts for the roofline."""
+
+    def __init__(self, name: str, device: str, dtype: torch.dtype, bandwidth: float, args):
+        self.name, self.device, self.dtype, self.bandwidth, self.args = name, device, dtype, bandwidth, args
+        self.cfg = configs.model_dict(name)
+        # An unlikely eos id (the last audio id) so that no system stops early; HF also gets min_new_tokens.
+        self.eos_id = self.cfg["text_config"].get("vocab_size", 262_400) - 1
+        self.systems: dict = {}  # name -> system, or the Exception its build raised
+        self.timed_out: set[str] = set()
+        self.inputs: dict = {}  # workload -> inputs, shared by the systems
+        t0 = time.monotonic()
+        hf_cfg = configs.hf_config(name)
+        self.hf_model = build_hf(hf_cfg, device, dtype, args.seed)
+        self.config_dict = hf_cfg.to_dict()
+        self.weight_bytes = weight_bytes_per_step(self.hf_model, 0)
+        self.ple_row_bytes = weight_bytes_per_step(self.hf_model, 1) - self.weight_bytes
+        n_params = sum(p.numel() for p in self.hf_model.parameters())
+        print(f"[{name}] random weights on {device} in {time.monotonic() - t0:.1f} s ({n_params / 1e9:.2f} B params)",
+              flush=True)
+
+    def system(self, name: str):
+        if name not in self.systems:
+            try:
+                self.systems[name] = make_system(name, self.hf_model, self.config_dict, self.device, self.dtype,
+                                                 self.eos_id)
+            except Exception as e:  # noqa: BLE001 - every later cell of this system reports it
+                self.systems[name] = RuntimeError("build: " + _error_text(e))
+        if isinstance(self.systems[name], Exception):
+            raise self.systems[name]
+        return self.systems[name]
+
+    def cell(self, system: str, w: Workload, row: dict, budget: float) -> dict:
+        """Measure one system on one workload within ``budget`` seconds; failures become the row's status."""
+        t0 = time.monotonic()
+        n = row["new_tokens"]
+        try:
+            with time_limit(budget):
+                sysobj = self.system(system)
+                row["note"] = ", ".join(f"{k}={v}" for k, v in sysobj.info.items()) or None
+                if w not in self.inputs:
+                    self.inputs[w] = make_inputs(w, self.cfg, self.device, self.args.seed, self.args.smoke)
+                context = row["prompt_tokens"] + n // 2  # mean context over the decode
+                kv_args = (self.cfg["text_config"], context, torch.finfo(self.dtype).bits // 8)
+                weights = self.weight_bytes + w.batch * self.ple_row_bytes
+                run_cell(sysobj, w, self.inputs[w], n, budget, kv_args, weights, self.bandwidth, row,
+                         reps=self.args.reps, warmup=not self.args.smoke)  # smoke: numbers mean nothing
+        except CellTimeout as e:
+            row.update(status="timeout", error=str(e))
+        except torch.cuda.OutOfMemoryError as e:
+            row.update(status="oom", error=_error_text(e))
+        except Exception as e:  # noqa: BLE001 - recorded, never dropped
+            row.update(status="error", error=_error_text(e))
+        row["cell_s"] = time.monotonic() - t0
+        if row["status"] != "ok":
+            _free()
+        return row
+
+    def close(self):
+        self.systems.clear()
+        self.inputs.clear()
+        del self.hf_model
+        torch._dynamo.reset()  # compiled graphs hold the model (and CUDA-graph pools) alive
+        _free()
 
 
 def run(args) -> dict:
@@ -235,55 +304,41 @@ def run(args) -> dict:
 
     cells = plan(args.models, args.smoke, args.workloads)
     for model_name in dict.fromkeys(m for m, _ in cells):
-        my_cells = [w for m, w in cells if m == model_name]
-        cfg = configs.model_dict(model_name)
-        # An unlikely eos id (the last audio id) so that no system stops early; HF also gets min_new_tokens.
-        eos_id = cfg["text_config"].get("vocab_size", 262_400) - 1
-        hf_model, built, build_error, timed_out = None, {}, None, set()
+        bench, build_error = None, None
         if time.monotonic() < deadline - 5:
             try:
-                t0 = time.monotonic()
-                hf_cfg = configs.hf_config(model_name)
-                hf_model = build_hf(hf_cfg, device, dtype, args.seed)
-                config_dict = hf_cfg.to_dict()
-                weights_b_1 = weight_bytes_per_step(hf_model, 0)
-                ple_row = weight_bytes_per_step(hf_model, 1) - weights_b_1
-                print(f"[{model_name}] random weights on {device} in {time.monotonic() - t0:.1f} s "
-                      f"({sum(p.numel() for p in hf_model.parameters()) / 1e9:.2f} B params)", flush=True)
+                bench = ModelBench(model_name, device, dtype, bandwidth, args)
             except Exception as e:  # noqa: BLE001 - recorded in the report
                 build_error = "build HF model: " + _error_text(e)
-        for w in my_cells:
-            inputs = None
+                _free()
+        for w in [w for m, w in cells if m == model_name]:
             for system in systems:
                 n = args.slow_new_tokens if system in SLOW_SYSTEMS else args.new_tokens
-                prompt_len = _prompt_len(w, cfg)
-                row = base_row(model_name, system, w, prompt_len, n)
+                row = base_row(model_name, system, w, _prompt_len(w, configs.model_dict(model_name)), n)
                 remaining = deadline - time.monotonic()
-                if remaining < 5:
+                if remaining < 5 or bench is None and not build_error:
                     row["status"] = "skipped: time budget"
                 elif build_error:
                     row.update(status="error", error=build_error)
-                elif system in timed_out:
+                elif system in bench.timed_out:
                     row["status"] = "skipped: timed out in an earlier cell"
                 else:
                     # The first cell of a system also pays for its build, Triton JIT, CUDA-graph capture or
                     # torch.compile: it gets the larger allowance.
-                    budget = args.cell_budget_s if system in built else max(args.cell_budget_s, args.first_cell_budget_s)
-                    row = _one_cell(system, w, n, row, built, hf_model, config_dict, device, dtype, eos_id, cfg,
-                                    min(budget, remaining), weights_b_1, ple_row, bandwidth, inputs, args)
-                    inputs = row.pop("_inputs", inputs)
+                    first = system not in bench.systems
+                    budget = max(args.cell_budget_s, args.first_cell_budget_s) if first else args.cell_budget_s
+                    row = bench.cell(system, w, row, min(budget, remaining))
                     if row["status"] == "timeout" and remaining < budget:  # cut by the total, not the cell budget
                         row.update(status="skipped: time budget", note="cut short by the total budget")
                     elif row["status"] == "timeout":
-                        timed_out.add(system)
+                        bench.timed_out.add(system)
                 result["rows"].append(row)
                 _print_row(row)
                 report.write_all(result, out)
-        del hf_model, built
-        torch._dynamo.reset()  # compiled graphs hold the model (and CUDA-graph pools) alive
-        _free()
+        if bench is not None:
+            bench.close()
     if args.smoke:
-        _smoke_probes(result, out)
+        _smoke_probes(result, out, args)
     meta["wall_s"] = time.monotonic() - t_start
     report.write_all(result, out)
     return result
@@ -295,40 +350,6 @@ def _prompt_len(w: Workload, cfg: dict) -> int:
     if w.kind == "audio":
         return w.prompt + cfg["audio_soft_tokens_per_image"] + 2
     return w.prompt
-
-
-def _one_cell(system, w, n, row, built, hf_model, config_dict, device, dtype, eos_id, cfg, budget, weights_b_1,
-              ple_row, bandwidth, inputs, args):
-    t0 = time.monotonic()
-    try:
-        with time_limit(budget):
-            if system not in built:
-                try:
-                    built[system] = make_system(system, hf_model, config_dict, device, dtype, eos_id)
-                except Exception as e:  # noqa: BLE001
-                    built[system] = RuntimeError("build: " + _error_text(e))
-            sysobj = built[system]
-            if isinstance(sysobj, Exception):
-                raise sysobj
-            row["note"] = ", ".join(f"{k}={v}" for k, v in sysobj.info.items()) or None
-            if inputs is None:
-                inputs = make_inputs(w, cfg, device, args.seed, args.smoke)
-            row["_inputs"] = inputs
-            context = row["prompt_tokens"] + n // 2  # mean context over the decode
-            elem = torch.finfo(dtype).bits // 8
-            run_cell(sysobj, w, inputs, n, budget, (cfg["text_config"], context, elem),
-                     weights_b_1 + w.batch * ple_row, bandwidth, row, reps=args.reps if args else 1,
-                     warmup=not (args and args.smoke))  # smoke: numbers mean nothing, time matters
-    except CellTimeout as e:
-        row.update(status="timeout", error=str(e))
-    except torch.cuda.OutOfMemoryError as e:
-        row.update(status="oom", error=_error_text(e))
-    except Exception as e:  # noqa: BLE001 - recorded, never dropped
-        row.update(status="error", error=_error_text(e))
-    row["cell_s"] = time.monotonic() - t0
-    if row["status"] != "ok":
-        _free()
-    return row
 
 
 def _print_row(r: dict):
@@ -362,10 +383,8 @@ def _versions() -> dict:
 # ---------------------------------------------------------------------------------------------
 # Smoke: the paths a healthy tiny run does not take, then a check of the written outputs
 # ---------------------------------------------------------------------------------------------
-def _smoke_probes(result: dict, out: Path):
+def _smoke_probes(result: dict, out: Path, args):
     """Exercise the timeout and budget-skip paths through the real cell code (rows marked as probes)."""
-    w = Workload("text", 1, 8)
-    row = base_row("smoke", "probe", w, w.prompt, 2)
 
     class Sleeper:
         info = {}
@@ -374,10 +393,11 @@ def _smoke_probes(result: dict, out: Path):
             time.sleep(1.0)  # longer than the probe's budget
             return 0.0, None, n
 
-    built = {"probe": Sleeper()}
-    row = _one_cell("probe", w, 2, row, built, None, None, "cpu", torch.float32, 0,
-                    configs.model_dict("smoke"), 0.05, 0.0, 0.0, 1.0, {"input_ids": torch.ones(1, 8)}, None)
-    row.pop("_inputs", None)
+    w = Workload("text", 1, 8)
+    bench = ModelBench.__new__(ModelBench)  # no model: the probe system never touches one
+    bench.systems, bench.inputs, bench.args, bench.dtype = {"probe": Sleeper()}, {w: {}}, args, torch.float32
+    bench.cfg, bench.weight_bytes, bench.ple_row_bytes, bench.bandwidth = configs.model_dict("smoke"), 0.0, 0.0, 1.0
+    row = bench.cell("probe", w, base_row("smoke", "probe", w, w.prompt, 2), budget=0.05)
     row["note"] = "smoke probe: timeout path"
     skipped = base_row("smoke", "probe", w, w.prompt, 2)
     skipped.update(status="skipped: time budget", note="smoke probe: budget path")
@@ -448,7 +468,7 @@ def main(argv=None):
     p.add_argument("--slow-new-tokens", type=int, default=None,
                    help=f"new tokens for the slow systems {sorted(SLOW_SYSTEMS)} (default 32; smoke 3)")
     p.add_argument("--kernels-json", default=None, help="pytest-benchmark JSON of the kernel microbenchmarks")
-    p.add_argument("--reps", type=int, default=None, help="timed repeats per cell, median reported (default 3; smoke 1)")
+    p.add_argument("--reps", type=int, default=None, help="timed repeats per cell, median kept (default 3; smoke 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

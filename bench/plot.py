@@ -93,8 +93,8 @@ def draw(result: dict, path: Path):
         short = {b: min(r["prompt_tokens"] for r in rows if r["batch"] == b) for b in batches}
         dec = {s: [next((r["decode_tok_s"] for r in rows if r["system"] == s and r["batch"] == b
                          and r["prompt_tokens"] == short[b]), None) for b in batches] for s in systems}
-        chart(d, (0, top, W // 2, top + H - 10), f"{model.upper()} decode throughput (prompt {min(short.values(), default=0)})",
-              "batch size", "tok/s", [str(b) for b in batches], dec)
+        title = f"{model.upper()} decode throughput (prompt {min(short.values(), default=0)})"
+        chart(d, (0, top, W // 2, top + H - 10), title, "batch size", "tok/s", [str(b) for b in batches], dec)
         # Prefill time (TTFT) by prompt length at batch 1.
         prompts = sorted({r["prompt_tokens"] for r in rows if r["batch"] == 1})
         pre = {s: [next((r["ttft_s"] * 1e3 for r in rows if r["system"] == s and r["batch"] == 1

@@ -76,7 +76,8 @@ class HFSystem:
         self.info = {"attn_implementation": getattr(model.config, "_attn_implementation", None)}
         if static_compile:
             # HF compiles the decode forward itself when the cache is static and the device is CUDA.
-            self.info["compile"] = "auto (static cache)" if torch.cuda.is_available() else "none (CPU: static cache only)"
+            on_gpu = torch.cuda.is_available()
+            self.info["compile"] = "auto (static cache)" if on_gpu else "none (CPU: static cache only)"
 
     def generate(self, inputs: dict, n: int):
         kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=self.eos_id)
