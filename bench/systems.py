@@ -48,8 +48,10 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
 
 def build_hf(cfg, device: str, dtype: torch.dtype, seed: int):
     """``Gemma3nForConditionalGeneration`` from a config, built directly on ``device`` in ``dtype``."""
+    import transformers
     from transformers import Gemma3nForConditionalGeneration
 
+    transformers.logging.set_verbosity_error()  # no per-call generation warnings in the benchmark log
     with torch.device(device):
         model = Gemma3nForConditionalGeneration._from_config(cfg, dtype=dtype)
     model.eval().requires_grad_(False)
