@@ -28,9 +28,10 @@ SMOKE = dict(
     boa_token_id=251, eoa_token_id=384, audio_token_id=385,
     text_config=dict(
         vocab_size=512, vocab_size_per_layer_input=256, hidden_size=64, hidden_size_per_layer_input=8,
-        intermediate_size=128, num_hidden_layers=10, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, laurel_rank=4, sliding_window=8, num_kv_shared_layers=5,
-        activation_sparsity_pattern=[0.95] * 3 + [0.0] * 7, max_position_embeddings=1024,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+        head_dim=16, laurel_rank=4, sliding_window=4, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
+        max_position_embeddings=1024,
     ),
     audio_config=dict(
         hidden_size=32, conf_num_hidden_layers=2, conf_num_attention_heads=4,
