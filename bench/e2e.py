@@ -508,7 +508,7 @@ def main(argv=None):
         check_outputs(Path(args.out), expect_rows=len(plan(args.models, True, args.workloads)) * len(args.systems) + 2)
     else:
         print(f"wrote {args.out}/e2e.json, e2e.md, e2e.png ({result['meta']['wall_s']:.0f} s)")
-    print("headline (E2B batch 1 prompt 128): " + json.dumps(result["headline"]))
+    print("headline (gemma3n_fast, E2B batch 1 prompt 128): " + json.dumps(result["headline"]))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def headline(rows: list[dict]) -> dict:
         return None
 
     ours, hf = pick(OURS), pick("hf")
-    h = dict(decode_tok_s=ours and ours["decode_tok_s"], roofline_fraction=ours and ours["roofline_fraction"],
+    h = dict(model=ours and ours["model"], prompt_tokens=ours and ours["prompt_tokens"], decode_tok_s=ours and ours["decode_tok_s"], roofline_fraction=ours and ours["roofline_fraction"],
              speedup_over_hf_eager=(ours["decode_tok_s"] / hf["decode_tok_s"]) if ours and hf else None)
     comp = pick("hf-compile")
     h["speedup_over_hf_compile"] = (ours["decode_tok_s"] / comp["decode_tok_s"]) if ours and comp else None
@@ -50,10 +50,10 @@ def markdown(result: dict) -> str:
         if h["roofline_fraction"]:
             parts.append(f"**{h['roofline_fraction']:.0%}** of the bandwidth roofline")
         if h["speedup_over_hf_eager"]:
-            parts.append(f"**{h['speedup_over_hf_eager']:.1f}x** HF eager")
+            parts.append(f"**{h['speedup_over_hf_eager']:.2f}x** HF eager")
         if h["speedup_over_hf_compile"]:
-            parts.append(f"{h['speedup_over_hf_compile']:.1f}x HF static cache + torch.compile")
-        lines.append("- headline (E2B, batch 1, prompt 128): " + ", ".join(parts))
+            parts.append(f"{h['speedup_over_hf_compile']:.2f}x HF static cache + torch.compile")
+        lines.append(f"- headline ({h['model'].upper()}, batch 1, prompt {h['prompt_tokens']}): " + ", ".join(parts))
     lines += ["", "## Generation", "",
               "| model | workload | batch | prompt | system | new tok | TTFT ms | prefill tok/s | decode tok/s | "
               "ms/step | peak GiB | roofline | status |",
