@@ -115,33 +115,54 @@ def _role(provider: str) -> str:
     return "other"
 
 
+# extra_info keys that are results or bookkeeping, not part of the case description
+_NOT_CASE = {"provider", "device", "median_s", "p20_s", "p80_s", "GB/s", "TFLOP/s", "fraction_of_bandwidth",
+             "fraction_of_peak", "fraction_of_ceiling", "note", "smoke"}
+
+
+def _describe(extra_info: dict, params: dict) -> str:
+    """A compact case description: the shape(s), then the other case fields (variant, window, dtype, ...)."""
+    parts = []
+    for k in ("shape", "shapes"):
+        if k in extra_info:
+            v = extra_info[k]
+            parts.append(v if isinstance(v, str) else json.dumps(v, separators=(",", ":")))
+    for k, v in extra_info.items():
+        if k in _NOT_CASE or k in ("shape", "shapes") or isinstance(v, float):
+            continue
+        elif k == "dtype":
+            parts.append(str(v).replace("torch.", ""))
+        else:
+            parts.append(f"{k}={v}")
+    return " ".join(parts) or ", ".join(f"{k}={v}" for k, v in params.items()) or "?"
+
+
 def collect_kernels(path) -> list[dict]:
-    """One row per benchmark: kernel (group), shape, provider, median, GB/s, TFLOP/s, fraction of the
-    ceiling, and speed-ups over the eager and torch.compile runs of the reference op at the same shape."""
+    """One row per benchmark: kernel (group), case, provider, median, GB/s, TFLOP/s, fraction of the ceiling,
+    and speed-ups over the eager and torch.compile runs of the reference op in the same case (same pytest
+    parameters apart from the provider)."""
     data = json.loads(Path(path).read_text())
     rows = []
     for b in data.get("benchmarks", []):
         ei, params = b.get("extra_info") or {}, dict(b.get("params") or {})
-        provider = str(ei.get("provider") or params.pop("provider", None) or "?")
+        provider = str(ei.get("provider") or params.get("provider") or "?")
         params.pop("provider", None)
-        shape = ei.get("shapes", ei.get("shape"))
-        if shape is None:
-            shape = ", ".join(f"{k}={v}" for k, v in params.items()) or b.get("name", "?")
-        elif not isinstance(shape, str):
-            shape = json.dumps(shape, separators=(",", ":"))
+        kernel = b.get("group") or b.get("name", "?").split("[")[0]
+        case = (kernel, json.dumps(params, sort_keys=True, default=str)) if params else (kernel, _describe(ei, {}))
         frac = ei.get("fraction_of_bandwidth", ei.get("fraction_of_peak", ei.get("fraction_of_ceiling")))
-        rows.append(dict(kernel=b.get("group") or b.get("name", "?").split("[")[0], shape=shape, provider=provider,
-                         median_s=ei.get("median_s", (b.get("stats") or {}).get("median")), **{
-                             "GB/s": ei.get("GB/s"), "TFLOP/s": ei.get("TFLOP/s")}, fraction=frac))
+        rows.append(dict(kernel=kernel, shape=_describe(ei, params), provider=provider, _case=case,
+                         median_s=ei.get("median_s", (b.get("stats") or {}).get("median")),
+                         **{"GB/s": ei.get("GB/s"), "TFLOP/s": ei.get("TFLOP/s")}, fraction=frac))
     base = {}
     for r in rows:
         role = _role(r["provider"])
         if role != "other" and r["median_s"]:
-            base[(r["kernel"], r["shape"], role)] = r["median_s"]
+            base[(r["_case"], role)] = r["median_s"]
     for r in rows:
         for role in ("eager", "compile"):
-            t = base.get((r["kernel"], r["shape"], role))
+            t = base.get((r["_case"], role))
             r[f"speedup_{role}"] = t / r["median_s"] if t and r["median_s"] else None
+        del r["_case"]
     return rows
 
 
