@@ -507,7 +507,12 @@ def main(argv=None):
         # every (cell, system) pair gives a row, plus the two probe rows
         check_outputs(Path(args.out), expect_rows=len(plan(args.models, True, args.workloads)) * len(args.systems) + 2)
     else:
-        print(f"wrote {args.out}/e2e.json, e2e.md, e2e.png ({result['meta']['wall_s']:.0f} s)")
+        meta = result["meta"]
+        slug = "".join(c if c.isalnum() else "-" for c in meta["device"].lower()).strip("-")
+        while "--" in slug:
+            slug = slug.replace("--", "-")
+        print(f"wrote {args.out}/e2e.json, e2e.md, e2e.png ({meta['wall_s']:.0f} s); to publish: copy them to "
+              f"bench/results/{meta['date'][:10]}-{slug}/")
     print("headline (gemma3n_fast, E2B batch 1 prompt 128): " + json.dumps(result["headline"]))
 
 
