@@ -4,7 +4,7 @@ Every system is built from the SAME random weights: the HF model is built on the
 randomised (``randomize_``); its ``state_dict`` (HF key names) is then handed to the reference and the
 fast model, which share the tensors where they keep the layout (no second copy on the device).
 
-A system offers ``generate(inputs, n) -> (ttft_s, decode_step_s | None, out_len)``:
+A system offers ``generate(inputs, n) -> (ttft_s, decode_step_s | None, new_tokens, total_s)``:
 - HF (eager, and static cache + torch.compile): one ``generate`` call with a timing streamer; HF calls
   ``streamer.put`` after every step (it syncs on the tokens anyway), so time to first token and the
   per-step decode time both come from one run.
@@ -12,7 +12,8 @@ A system offers ``generate(inputs, n) -> (ttft_s, decode_step_s | None, out_len)
   checked every few steps) runs as users run it. A model that times its own calls (``last_stats`` with
   ``ttft_s`` and per-row ``decode_tok_s``, stamped when the first token reaches the host: the same
   definition as the HF streamer) is read from one call; otherwise two calls, ``max_new_tokens=1`` (time to
-  first token) and ``n``, decode step = (t_n - t_1) / (n - 1). One call matters for the fast model: it keeps
+  first token) and ``n`` (step None here: the caller takes (median t_n - median t_1) / (n - 1) over its
+  repeats, which is steadier than per-repeat differences). One call matters for the fast model: it keeps
   one captured decode graph per (batch, cache length, n), so alternating n would re-capture every call.
 """
 from __future__ import annotations
@@ -103,7 +104,7 @@ class HFSystem:
             step = (clock.times[-1] - clock.times[1]) / (new - 1)
         else:  # streamer not called as expected: whole-call time only
             ttft, step = t_end - t0, None
-        return ttft, step, new
+        return ttft, step, new, t_end - t0
 
 
 class OursSystem:
@@ -129,10 +130,9 @@ class OursSystem:
         if stats.get("ttft_s") is not None:
             self.info["timing"] = "model's last_stats"
             rate = stats.get("decode_tok_s")
-            return stats["ttft_s"], (1.0 / rate if rate else None), new
+            return stats["ttft_s"], (1.0 / rate if rate else None), new, tn
         t1, _ = self._call(inputs, 1)
-        step = (tn - t1) / (new - 1) if new >= 2 else None
-        return t1, step, new
+        return t1, None, new, tn
 
 
 _MODULES = {"gemma3n_fast": "gemma3n_fast.model", "reference": "gemma3n_fast.reference.model"}
