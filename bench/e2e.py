@@ -237,7 +237,7 @@ class ModelBench:
     def __init__(self, name: str, device: str, dtype: torch.dtype, bandwidth: float, args):
         self.name, self.device, self.dtype, self.bandwidth, self.args = name, device, dtype, bandwidth, args
         self.cfg = configs.model_dict(name)
-        # An unlikely eos id (the last audio id) so that no system stops early; HF also gets min_new_tokens.
+        # An eos id the random model practically never emits (the last audio id), so no system stops early.
         self.eos_id = self.cfg["text_config"].get("vocab_size", 262_400) - 1
         self.systems: dict = {}  # name -> system, or the Exception its build raised
         self.timed_out: set[str] = set()

@@ -87,7 +87,9 @@ class HFSystem:
             self.info["compile"] = "auto (static cache)" if on_gpu else "none (CPU: static cache only)"
 
     def generate(self, inputs: dict, n: int):
-        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=self.eos_id)
+        # No min_new_tokens: its logits processor would add work per step; the eos id is one the random
+        # model practically never emits (a note flags a row that stopped early).
+        kw = dict(max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=self.eos_id)
         if self.static_compile:
             kw["cache_implementation"] = "static"
         else:
