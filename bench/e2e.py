@@ -371,8 +371,9 @@ def _prompt_len(w: Workload, cfg: dict) -> int:
 
 def _print_row(r: dict):
     if r["status"] != "ok":
+        detail = f": {r['error']}" if r["error"] else (f" ({r['note']})" if r["note"] else "")
         print(f"  {r['model']:5} {r['workload']:5} b{r['batch']:<3} p{r['prompt_tokens']:<5} {r['system']:12} "
-              f"{r['status']}: {r['error'] or ''}", flush=True)
+              f"{r['status']}{detail}", flush=True)
         return
     dec = f"{r['decode_tok_s']:9.1f} tok/s" if r["decode_tok_s"] else "    n/a"
     print(f"  {r['model']:5} {r['workload']:5} b{r['batch']:<3} p{r['prompt_tokens']:<5} {r['system']:12} "
