@@ -17,19 +17,20 @@ def _fmt(x, spec: str, scale: float = 1.0) -> str:
 def headline(rows: list[dict]) -> dict:
     """The three numbers that matter most: E2B batch-1 prompt-128 decode tok/s of gemma3n_fast, its
     roofline fraction, and its decode speed-up over HF transformers eager."""
-    def pick(system):
+    def pick(system, like=None):
         for r in rows:
             if (r["system"] == system and r["workload"] == "text" and r["batch"] == 1 and r["status"] == "ok"
-                    and r["decode_tok_s"] and r["model"] in ("e2b", "smoke") and r["prompt_tokens"] <= 128):
+                    and r["decode_tok_s"] and r["model"] in ("e2b", "smoke") and r["prompt_tokens"] <= 128
+                    and (like is None or (r["model"], r["prompt_tokens"]) == (like["model"], like["prompt_tokens"]))):
                 return r
         return None
 
-    ours, hf = pick(OURS), pick("hf")
-    h = dict(model=ours and ours["model"], prompt_tokens=ours and ours["prompt_tokens"], decode_tok_s=ours and ours["decode_tok_s"], roofline_fraction=ours and ours["roofline_fraction"],
-             speedup_over_hf_eager=(ours["decode_tok_s"] / hf["decode_tok_s"]) if ours and hf else None)
-    comp = pick("hf-compile")
-    h["speedup_over_hf_compile"] = (ours["decode_tok_s"] / comp["decode_tok_s"]) if ours and comp else None
-    return h
+    ours = pick(OURS)
+    hf, comp = (pick("hf", ours), pick("hf-compile", ours)) if ours else (None, None)
+    return dict(model=ours and ours["model"], prompt_tokens=ours and ours["prompt_tokens"],
+                decode_tok_s=ours and ours["decode_tok_s"], roofline_fraction=ours and ours["roofline_fraction"],
+                speedup_over_hf_eager=ours["decode_tok_s"] / hf["decode_tok_s"] if hf else None,
+                speedup_over_hf_compile=ours["decode_tok_s"] / comp["decode_tok_s"] if comp else None)
 
 
 def markdown(result: dict) -> str:
