@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 # The parity suite with every Triton kernel run through the interpreter, then the benchmark smoke.
 test: setup
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -m "not gpu" tests
+	$(MAKE) bench-smoke
 
 # On a machine with a CUDA device: compiled kernels, bf16, CUDA graphs.
 test-gpu: setup

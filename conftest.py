@@ -11,6 +11,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # On 2 shared cores, intra-op threads fight each other (conv towers and oracle tests ran ~10x
+    # slower with 2 threads under load): one thread keeps the suite's time predictable.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

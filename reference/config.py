@@ -204,7 +204,8 @@ class TextConfig:
             return None
         import torch
 
-        return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float32)))
+        with torch.device("cpu"):  # also when a model is being built under `with torch.device("meta")`
+            return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float32)))
 
     @property
     def rope_base(self) -> dict[str, float]:

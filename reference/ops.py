@@ -178,4 +178,4 @@ def chunked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
     out = torch.einsum("bnuwc,bucnh->buwnh", probs, vb).reshape(B, U * W, N, Dh)[:, :T]
     any_visible = visible.any(-1).permute(0, 2, 3, 1).reshape(B, U * W, 1)[:, :T]  # [B, T, 1]
-    return out * any_visible[..., None].to(out.dtype)
+    return torch.where(any_visible[..., None], out, out.new_zeros(()))
