@@ -118,14 +118,15 @@ class RelativePositionEmbedding(nn.Module):
         self.max_past = max(0, cfg.conf_attention_context_left - 1)
         self.max_future = cfg.conf_attention_context_right
         self.pos_proj = nn.Linear(H, H, bias=False)
-        n_scales = H // 2
-        inv = torch.exp(torch.arange(n_scales) * -(math.log(1.0e4) / max(n_scales - 1, 1)))
-        self.register_buffer("inv_timescales", inv.float(), persistent=False)
+        self.n_scales = H // 2
 
     def forward(self, dtype: torch.dtype) -> torch.Tensor:
         """-> pos_emb [max_past + max_future + 1, N, Dh]; row f is distance ``max_past - f`` (HF's order)."""
-        dist = torch.arange(self.max_past, -self.max_future - 1, -1, device=self.inv_timescales.device)
-        angle = dist.float()[:, None] * self.inv_timescales[None, :]  # [F, H/2]
+        # Computed here, not kept as a buffer: the module may be built on the meta device and assigned weights.
+        dev = self.pos_proj.weight.device
+        inv = torch.exp(torch.arange(self.n_scales, device=dev) * -(math.log(1.0e4) / max(self.n_scales - 1, 1)))
+        dist = torch.arange(self.max_past, -self.max_future - 1, -1, device=dev)
+        angle = dist.float()[:, None] * inv.float()[None, :]  # [F, H/2]
         signal = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).to(dtype)
         return self.pos_proj(signal).reshape(-1, self.num_heads, self.head_dim)
 

@@ -1,4 +1,4 @@
-"""``Gemma3nForConditionalGeneration`` equivalent: the text decoder plus (later) the vision/audio towers.
+"""``Gemma3nForConditionalGeneration`` equivalent: the text decoder plus the vision and audio towers.
 
 State dict keys equal the checkpoint's after stripping ``model.`` (``language_model.*``, ``vision_tower.*``, ...).
 """
@@ -13,33 +13,71 @@ import torch
 from torch import nn
 
 from gemma3n_fast.reference.config import Gemma3nConfig, load_config
+from gemma3n_fast.reference.embedder import MultimodalEmbedder
 from gemma3n_fast.reference.loader import assign_state_dict, read_state_dict, resolve_checkpoint
 from gemma3n_fast.reference.text import Gemma3nTextModel, KVCache, TextOutput
 
-_TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+_VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")
 
 
 class Gemma3nReference(nn.Module):
-    def __init__(self, config: Gemma3nConfig):
+    def __init__(self, config: Gemma3nConfig, with_vision: bool = True):
         super().__init__()
         self.config = config
         self.language_model = Gemma3nTextModel(config.text)
-        # Filled by the multimodal reference (another module); None = text only.
-        self.vision_tower = None
-        self.audio_tower = None
-        self.embed_vision = None
-        self.embed_audio = None
+        # Towers and embedders exist for a multimodal checkpoint; None for a text-only one.
+        self.vision_tower = self.audio_tower = self.embed_vision = self.embed_audio = None
+        t = config.text
+        if config.vision is not None and with_vision:
+            from gemma3n_fast.reference.vision import VisionTower
+
+            v = config.vision
+            self.vision_tower = VisionTower(v, device=torch.get_default_device())
+            self.embed_vision = MultimodalEmbedder(v.hidden_size, t.hidden_size, v.vocab_size, v.vocab_offset,
+                                                   v.rms_norm_eps)
+        if config.audio is not None:
+            from gemma3n_fast.reference.audio_tower import AudioTower
+
+            a = config.audio
+            self.audio_tower = AudioTower(a)
+            self.embed_audio = MultimodalEmbedder(a.hidden_size, t.hidden_size, a.vocab_size, a.vocab_offset,
+                                                  a.rms_norm_eps)
         self.generation_config: dict = {}
         self.source: str = ""
 
     def embed_inputs(self, input_ids, pixel_values=None, input_features=None, input_features_mask=None):
-        """-> (inputs_embeds [B, T, H], per_layer_token_inputs [B, T, L, D]). Text only for now."""
+        """-> (inputs_embeds [B, T, H], per_layer_token_inputs [B, T, L, D]) with the multimodal merge (spec §4.2).
+
+        Multimodal hard tokens take their embedder's vectors, image / audio soft tokens are scattered into the
+        placeholder positions in order, and the per-layer token part uses the original ids (multimodal -> row 0).
+        """
+        from gemma3n_fast.reference.multimodal import merge_multimodal
+
+        cfg, lm = self.config, self.language_model
         if pixel_values is not None and self.vision_tower is None:
-            raise NotImplementedError("pixel_values given but this reference model has no vision tower yet")
+            raise ValueError("pixel_values given, but this model has no vision tower (text-only checkpoint)")
         if input_features is not None and self.audio_tower is None:
-            raise NotImplementedError("input_features given but this reference model has no audio tower yet")
-        lm = self.language_model
-        return lm.embed(input_ids), lm.per_layer_token_inputs(input_ids)
+            raise ValueError("input_features given, but this model has no audio tower (text-only checkpoint)")
+        x = lm.embed(input_ids)
+        if self.embed_vision is None and self.embed_audio is None:
+            return x, lm.per_layer_token_inputs(input_ids)
+        image_features = audio_features = audio_padded = None
+        if pixel_values is not None:
+            from gemma3n_fast.reference.vision import get_image_features
+
+            image_features = get_image_features(self.vision_tower, self.embed_vision, pixel_values.to(x.dtype),
+                                                cfg.vision_soft_tokens_per_image)
+        if input_features is not None:
+            if input_features_mask is None:
+                input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool, device=x.device)
+            encodings, audio_padded = self.audio_tower(input_features.to(x.dtype), ~input_features_mask.bool())
+            audio_features = self.embed_audio.embed_soft(encodings)
+        x = merge_multimodal(input_ids, x, embed_vision=self.embed_vision, embed_audio=self.embed_audio,
+                             image_features=image_features, audio_features=audio_features,
+                             audio_padding_mask=audio_padded, image_token_id=cfg.image_token_id,
+                             audio_token_id=cfg.audio_token_id, audio_pad_token_id=cfg.text.vocab_size - 1,
+                             audio_tokens_per_clip=cfg.audio_soft_tokens_per_image)
+        return x, lm.per_layer_token_inputs(input_ids)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, input_features=None,
                 input_features_mask=None, *, cache: KVCache | None = None, logits_to_keep: int = 0) -> TextOutput:
@@ -82,7 +120,8 @@ class Gemma3nReference(nn.Module):
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
-            logits = self.language_model(nxt[:, None], attention_mask, cache=cache).logits[:, -1]
+            # forward (not the bare language model): a sampled multimodal id takes its embedder's hard vector
+            logits = self.forward(nxt[:, None], attention_mask, cache=cache).logits[:, -1]
         return tokens
 
 
@@ -108,7 +147,8 @@ def _consumer_kv_key(cfg) -> re.Pattern:
     return first, re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.weight$")
 
 
-def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config: bool = True) -> Gemma3nReference:
+def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config: bool = True,
+         with_vision: bool = True) -> Gemma3nReference:
     """Checkpoint folder or hub id -> reference model (weights in ``dtype``, default fp32, on ``device``)."""
     t0 = time.perf_counter()
     dtype = dtype or torch.float32
@@ -118,8 +158,7 @@ def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config:
     first_shared, kv_pattern = _consumer_kv_key(config)
 
     def keep(name: str) -> bool:
-        # TODO(multimodal): keep tower keys once vision_tower/audio_tower/embed_* exist.
-        if name.startswith(_TOWER_PREFIXES) or name == "lm_head.weight":
+        if name == "lm_head.weight" or (not with_vision and name.startswith(_VISION_PREFIXES)):
             return False
         m = kv_pattern.search(name)
         if m and int(m.group(1)) >= first_shared:  # Hub files carry unused K/V for KV-shared layers
@@ -127,9 +166,10 @@ def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config:
         return True
 
     raw = read_state_dict(folder, dtype=dtype, device=device, keep=keep)
-    state = {("language_model." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in raw.items()}
+    state = {("language_model." + k[len(prefix):] if k.startswith(prefix) else k[len("model."):]): v
+             for k, v in raw.items()}
     with torch.device("meta"):
-        model = Gemma3nReference(config)
+        model = Gemma3nReference(config, with_vision=with_vision)
     assign_state_dict(model, state, what=f"checkpoint {folder}")
     model.eval()
     gc_file = folder / "generation_config.json"
