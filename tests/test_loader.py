@@ -214,11 +214,3 @@ def test_tiny_writer_is_deterministic(tmp_path):
     sd = load_file(a / "model.safetensors")
     assert not torch.all(sd["model.norm.weight"] == 1)
     assert not torch.all(sd["model.layers.0.altup.correct_output_scale"] == 0)
-
-
-def test_demo_prints_text_speed_and_source(tiny_text, capsys):
-    from gemma3n_fast.__main__ import main
-
-    main(["demo", "--checkpoint", str(tiny_text), "--max-new-tokens", "3", "--prompt", "the dog"])
-    out = capsys.readouterr().out
-    assert f"checkpoint: checkpoint {tiny_text}" in out and "text: " in out and "tokens/s" in out
