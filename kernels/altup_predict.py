@@ -21,18 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from gemma3n_fast.kernels.rms_norm import _round_to  # fp32 -> dtype with round-to-nearest-even
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 -> dtype, round-to-nearest-even. Spelled out for bf16 because the interpreter's cast truncates;
-    the same few integer ops on GPU are free in a memory-bound kernel."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # add half an ulp (ties to even), drop 16 bits
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
