@@ -332,27 +332,15 @@ class Gemma3nFast(nn.Module):
         return self.model.embed_audio.embed_soft(encodings), padded
 
     def _route_audio_attention(self) -> None:
-        """Make the audio tower's attention call the op table (the chunked-attention kernel) instead of the
-        reference op. The reference AudioAttention has no op hook, so its bound ``forward`` is replaced on each
-        instance (same math, same weights; the module objects stay as loaded)."""
+        """Point the audio tower's attention core at the op table (the chunked-attention kernel on CUDA)."""
         tower = getattr(self.model, "audio_tower", None)
         if tower is None:
             return
-        import types
-
-        op = self.backend.chunked_local_attention
-
-        def forward(attn, x, padded):  # mirrors reference AudioAttention.forward, with ``op``
-            heads = (*x.shape[:-1], attn.num_heads, attn.head_dim)
-            q, k, v = (F.linear(x, w).reshape(heads) for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
-            q_scale = (attn.head_dim ** -0.5 / math.log(2.0)) * F.softplus(attn.per_dim_scale)
-            pos_emb = attn.relative_position_embedding(q.dtype)
-            return op(q, k, v, pos_emb, ~padded, q_scale=q_scale, chunk_size=attn.chunk_size, max_past=attn.max_past,
-                      max_future=attn.max_future, logit_cap=attn.logit_cap)
+        from gemma3n_fast.reference.audio_tower import AudioAttention
 
         for m in tower.modules():
-            if type(m).__name__ == "AudioAttention":
-                m.forward = types.MethodType(forward, m)
+            if isinstance(m, AudioAttention):
+                m.attention_op = self.backend.chunked_local_attention
 
     # ---- the decoder -----------------------------------------------------------------------------
     def _rope(self, positions, layer_type):

@@ -147,6 +147,8 @@ class AudioAttention(nn.Module):
         self.q_proj = nn.Linear(H, H, bias=False)
         self.k_proj = nn.Linear(H, H, bias=False)
         self.v_proj = nn.Linear(H, H, bias=False)
+        # The attention core, swappable by signature (the fast model sets the Triton kernel here).
+        self.attention_op = ops.chunked_local_attention
 
     def forward(self, x: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:  # [B, T2, H] -> [B, T2, N, Dh]
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
@@ -154,9 +156,8 @@ class AudioAttention(nn.Module):
         # Dh^-1/2 / softplus(0) makes the scale exactly Dh^-1/2 at init (per_dim_scale = 0).
         q_scale = (self.head_dim ** -0.5 / math.log(2.0)) * F.softplus(self.per_dim_scale)
         pos_emb = self.relative_position_embedding(q.dtype)
-        return ops.chunked_local_attention(q, k, v, pos_emb, ~padded, q_scale=q_scale, chunk_size=self.chunk_size,
-                                           max_past=self.max_past, max_future=self.max_future,
-                                           logit_cap=self.logit_cap)
+        return self.attention_op(q, k, v, pos_emb, ~padded, q_scale=q_scale, chunk_size=self.chunk_size,
+                                 max_past=self.max_past, max_future=self.max_future, logit_cap=self.logit_cap)
 
 
 class ConformerAttention(nn.Module):

@@ -379,3 +379,16 @@ def test_decode_step_embeds_multimodal_ids_like_prefill(mm):
     x_decode, ple_decode = fast._embed(ids, decode=True)
     # fp32; the two paths batch the embedder matmuls differently (rounding only)
     assert _rel_err(x_decode, x_prefill) <= 1e-5 and _rel_err(ple_decode, ple_prefill) <= 1e-5
+
+
+def test_audio_tower_attention_runs_on_the_kernel(tmp_path):
+    """With kernels on, the conformer's attention core is the Triton chunked-attention launcher (not the op)."""
+    import gemma3n_fast
+    from gemma3n_fast.kernels.chunked_local_attention import chunked_local_attention as kernel
+    from gemma3n_fast.reference.audio_tower import AudioAttention
+    from gemma3n_fast.reference.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "mm", seed=3)
+    model = gemma3n_fast.load(folder, kernels="interpret")
+    attns = [m for m in model.model.audio_tower.modules() if isinstance(m, AudioAttention)]
+    assert attns and all(m.attention_op is kernel for m in attns)
