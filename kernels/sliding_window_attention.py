@@ -36,6 +36,24 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window,
+                        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Raw q.k [M, N] -> logits in log2 units (for exp2), softcapped if asked, -inf where the key is not visible.
+
+    Visible: ``0 <= k_pos <= q_pos`` and, with a window, ``q_pos - k_pos < window`` (the reference's boundary)."""
+    if HAS_SOFTCAP:
+        # softcap * tanh(s * scaling / softcap); qk_scale_log2 carries scaling * log2(e); tanh via sigmoid
+        x = s * (qk_scale_log2 / 1.4426950408889634) / softcap
+        s = softcap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * 1.4426950408889634
+    else:
+        s = s * qk_scale_log2
+    visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        visible = visible & ((q_pos[:, None] - k_pos[None, :]) < window)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
 def _swa_prefill_kernel(
     q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, out_ptr,
     stride_qb, stride_qh, stride_qt,
@@ -94,17 +112,7 @@ def _swa_prefill_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
-        if HAS_SOFTCAP:
-            # softcap * tanh(s * scaling / softcap); qk_scale_log2 carries scaling * log2(e)
-            x = s * (qk_scale_log2 / 1.4426950408889634) / softcap
-            s = softcap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * 1.4426950408889634
-        else:
-            s = s * qk_scale_log2
-
-        visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & ((q_pos[:, None] - k_pos[None, :]) < window)
-        s = tl.where(visible, s, float("-inf"))
+        s = _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows that have seen no visible key yet keep m = -inf; subtract 0 instead to avoid inf - inf.

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from gemma3n_fast.kernels.sliding_window_attention import (
-    LOG2E, _check_attention_inputs, _check_out, _last_dim_contiguous)
+    LOG2E, _check_attention_inputs, _check_out, _last_dim_contiguous, _masked_logits_log2)
 
 
 @triton.jit
@@ -84,15 +84,7 @@ def _swa_decode_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        if HAS_SOFTCAP:
-            x = s * (qk_scale_log2 / 1.4426950408889634) / softcap
-            s = softcap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * 1.4426950408889634  # tanh via sigmoid
-        else:
-            s = s * qk_scale_log2
-        visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & ((q_pos[:, None] - k_pos[None, :]) < window)
-        s = tl.where(visible, s, float("-inf"))
+        s = _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: avoid inf - inf
         p = tl.exp2(s - m_safe[:, None])
