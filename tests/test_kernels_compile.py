@@ -1,14 +1,14 @@
-"""The attention kernels compile for an H100 (sm_90) without a GPU.
+"""Every Triton kernel compiles for an H100 (sm_90) without a GPU.
 
 The interpreter accepts code the compiler rejects (plain Python globals, loop-carried type changes, shared memory
 over budget shows only at compile time), so each attention kernel is compiled here for sm_90 in bf16 at the real
-Gemma 3n shapes' block sizes (head_dim 256; conformer Dh 192 -> 256), every feature switch on, in a fresh
-process without TRITON_INTERPRET. The row-wise kernels have the same check in test_kernels_rowwise.py."""
+Gemma 3n shapes' block sizes (head_dim 256; conformer Dh 192 -> 256; row-wise kernels at their largest blocks),
+every feature switch on, in a fresh process without TRITON_INTERPRET."""
 import os
 import subprocess
 import sys
 
-_COMPILE_SCRIPT = r'''
+_ATTENTION_SCRIPT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -56,11 +56,53 @@ for fn, signature, constexprs, warps in cases:
 '''
 
 
-def test_attention_kernels_compile_for_sm90():
+_ROWWISE_SCRIPT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gemma3n_fast.kernels import altup_correct as C, altup_predict as P, gaussian_topk as G, rms_norm as R
+
+def sig(names, types):
+    return dict(zip(names.split(), types.split()))
+
+bf = "*bf16"
+cases = [
+    (R._rms_norm_kernel, sig("x_ptr w_ptr res_ptr out_ptr H x_row_stride res_row_stride out_row_stride eps",
+                             f"{bf} {bf} {bf} {bf} i32 i32 i32 i32 fp32"),
+     dict(HAS_WEIGHT=True, HAS_RESIDUAL=True, SINGLE_BLOCK=False, BLOCK=1024)),
+    (G._gaussian_topk_gelu_mul_kernel, sig("gate_ptr up_ptr out_ptr count_ptr I gate_row_stride up_row_stride "
+                                           "out_row_stride z", f"{bf} {bf} {bf} *i32 i32 i32 i32 i32 fp32"),
+     dict(SPARSE=True, WRITE_COUNT=True, BLOCK=4096)),
+    (P._altup_predict_kernel, sig("s_ptr norm_w_ptr router_w_ptr coef_ptr out_ptr H s_stream_stride s_token_stride "
+                                  "out_stream_stride out_token_stride router_row_stride coef_row_stride "
+                                  "coef_col_stride eps active", f"{bf} {bf} {bf} {bf} {bf} " + "i32 " * 8 + "fp32 i32"),
+     dict(A=4, BLOCK=512)),
+    (C._altup_correct_kernel, sig("p_ptr o_ptr norm_w_ptr router_w_ptr coef_ptr scale_ptr out_ptr scaled_ptr H "
+                                  "p_stream_stride p_token_stride o_token_stride out_stream_stride out_token_stride "
+                                  "scaled_token_stride router_row_stride coef_row_stride coef_col_stride eps active",
+                                  f"{bf} {bf} {bf} {bf} {bf} *fp32 {bf} {bf} " + "i32 " * 10 + "fp32 i32"),
+     dict(A=4, HAS_SCALE=True, BLOCK=512)),
+]
+for fn, signature, constexprs in cases:
+    signature.update({k: "constexpr" for k in constexprs})
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    print("compiled", fn.__name__)
+'''
+
+
+def _compile_in_fresh_process(script: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 4, proc.stdout
+    return proc.stdout
+
+
+def test_attention_kernels_compile_for_sm90():
+    assert _compile_in_fresh_process(_ATTENTION_SCRIPT).count("compiled") == 4
+
+
+def test_rowwise_kernels_compile_for_sm90():
+    assert _compile_in_fresh_process(_ROWWISE_SCRIPT).count("compiled") == 4
