@@ -54,6 +54,35 @@ def _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window,
 
 
 @triton.jit
+def _attend_tile(q, q_pos, k_base, v_base, kpos_row, cols, n_mask, offs_d, d_mask, stride_kt, stride_vt,
+                 m_i, l_i, acc, qk_scale_log2, softcap, window,
+                 HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """One key tile of flash attention: load K/V rows ``cols``, masked base-2 logits, online-softmax update.
+
+    Returns the new (running max m, running sum l, unnormalised accumulator acc), all fp32."""
+    k_pos = tl.load(kpos_row + cols, mask=n_mask, other=-1).to(tl.int64)
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+    v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    if IEEE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
+    s = _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Rows that have seen no visible key yet keep m = -inf; subtract 0 instead to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])  # masked entries -> 0
+    alpha = tl.exp2(m_i - m_safe)  # rescale of the old accumulator (0 when m_i = -inf)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _swa_prefill_kernel(
     q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, out_ptr,
     stride_qb, stride_qh, stride_qt,
@@ -103,29 +132,9 @@ def _swa_prefill_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < Tk
-        k_pos = tl.load(kpos_ptr + b * stride_kpb + cols, mask=n_mask, other=-1).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
-        s = _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows that have seen no visible key yet keep m = -inf; subtract 0 instead to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])  # masked entries -> 0
-        alpha = tl.exp2(m_i - m_safe)  # rescale of the old accumulator (0 when m_i = -inf)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, q_pos, k_base, v_base, kpos_ptr + b * stride_kpb, cols, n_mask, offs_d, d_mask,
+                                     stride_kt, stride_vt, m_i, l_i, acc, qk_scale_log2, softcap, window,
+                                     HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
 
     # No visible key: l = 0 and acc = 0 -> output 0.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

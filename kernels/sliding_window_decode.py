@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from gemma3n_fast.kernels.sliding_window_attention import (
-    LOG2E, _check_attention_inputs, _check_out, _last_dim_contiguous, _masked_logits_log2)
+    LOG2E, _check_attention_inputs, _check_out, _attend_tile, _last_dim_contiguous)
 
 
 @triton.jit
@@ -76,26 +76,9 @@ def _swa_decode_kernel(
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < stop
-        k_pos = tl.load(kpos_ptr + b * stride_kpb + cols, mask=n_mask, other=-1).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: avoid inf - inf
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, q_pos, k_base, v_base, kpos_ptr + b * stride_kpb, cols, n_mask, offs_d, d_mask,
+                                     stride_kt, stride_vt, m_i, l_i, acc, qk_scale_log2, softcap, window,
+                                     HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
 
     if SPLIT:
         # Partial record per row: [acc (D values), m, l], unnormalised, fp32.
