@@ -18,14 +18,11 @@ A system offers ``generate(inputs, n) -> (ttft_s, decode_step_s | None, new_toke
 """
 from __future__ import annotations
 
-import importlib
-import json
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+
+from gemma3n_fast.reference.tiny import randomize_
 
 SYSTEMS = ("gemma3n_fast", "hf", "reference", "hf-compile")  # run order inside a cell group
 SLOW_SYSTEMS = {"reference", "hf"}  # fewer new tokens: per-step decode time is still comparable
@@ -34,21 +31,6 @@ SLOW_SYSTEMS = {"reference", "hf"}  # fewer new tokens: per-step decode time is 
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Non-degenerate random weights in place: matrices/tables ~ N(0, 0.02); norm weights and scales
-    ~ 1 + N(0, 0.05) (HF's init leaves norms at exactly one and correct_output_scale at zero); biases
-    ~ N(0, 0.02). The activations then have realistic spread, so the Gaussian top-k cut keeps ~5 %."""
-    dev = next(model.parameters()).device
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    for name, p in model.named_parameters():
-        scale_like = p.ndim == 1 and any(w in name for w in ("norm", "scale", "gamma"))
-        if scale_like:
-            p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=gen, device=dev, dtype=torch.float32))
-        else:
-            p.normal_(0.0, 0.02, generator=gen)
 
 
 def build_hf(cfg, device: str, dtype: torch.dtype, seed: int):
@@ -60,7 +42,9 @@ def build_hf(cfg, device: str, dtype: torch.dtype, seed: int):
     with torch.device(device):
         model = Gemma3nForConditionalGeneration._from_config(cfg, dtype=dtype)
     model.eval().requires_grad_(False)
-    randomize_(model, seed)
+    # matrices ~ N(0, 1/fan_in) (about 0.02 at 2048), embeddings N(0, 0.02), norms 1 + N(0, 0.05): realistic
+    # activation spread, so the Gaussian top-k keeps about 5 % of the channels as in a trained model
+    randomize_(model, seed, embed_std=0.02, norm_std=0.05)
     return model
 
 
@@ -137,47 +121,18 @@ class OursSystem:
         return t1, None, new, tn
 
 
-_MODULES = {"gemma3n_fast": "gemma3n_fast.model", "reference": "gemma3n_fast.reference.model"}
+_MODULES = ("gemma3n_fast", "reference")
 
 
 def build_ours(system: str, hf_model, config_dict: dict, device: str, dtype: torch.dtype):
-    """Load our model with the HF model's random weights, without writing weights to disk.
+    """Our model on the HF model's random weights, without writing them to disk: the reference's ``build`` takes
+    the HF-named tensors (shared, not copied, when device and dtype already match); the fast model wraps it."""
+    from gemma3n_fast.model import from_reference
+    from gemma3n_fast.reference.config import Gemma3nConfig
+    from gemma3n_fast.reference.model import build
 
-    Preferred entry (if the module has it): ``from_state_dict(config, state_dict, device=, dtype=)``.
-    Otherwise the public ``load(folder, device=, dtype=)`` is called on a folder holding only
-    ``config.json``, with the loader's ``read_state_dict`` answered from memory for the call.
-    """
-    mod = importlib.import_module(_MODULES[system])
-    state = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}  # tied to embed_tokens
-    if hasattr(mod, "from_state_dict"):
-        from gemma3n_fast.reference.config import Gemma3nConfig
-
-        return mod.from_state_dict(Gemma3nConfig.from_dict(config_dict), state, device=device, dtype=dtype)
-
-    loader = importlib.import_module("gemma3n_fast.reference.loader")
-    real = loader.read_state_dict
-
-    def from_memory(folder, *, dtype=None, device="cpu", keep=None, **_):
-        out = {}
-        for k, v in state.items():
-            if keep is not None and not keep(k):
-                continue
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            out[k] = v.to(device)
-        return out
-
-    patched = [m for m in list(sys.modules.values())
-               if getattr(m, "__name__", "").startswith("gemma3n_fast") and getattr(m, "read_state_dict", None) is real]
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "config.json").write_text(json.dumps(config_dict))
-        for m in patched:
-            m.read_state_dict = from_memory
-        try:
-            return mod.load(folder, device=device, dtype=dtype)
-        finally:
-            for m in patched:
-                m.read_state_dict = real
+    reference = build(Gemma3nConfig.from_dict(config_dict), hf_model.state_dict(), device=device, dtype=dtype)
+    return reference if system == "reference" else from_reference(reference)
 
 
 def make_system(system: str, hf_model, config_dict: dict, device: str, dtype: torch.dtype, eos_id: int):

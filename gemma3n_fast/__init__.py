@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 __all__ = ["load", "__version__"]
 
 
-def load(*args, **kwargs):
-    """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model. See ``gemma3n_fast.model``."""
+def load(path_or_hub_id, device=None, dtype=None, kernels=None, revision=None):
+    """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model; see ``gemma3n_fast.model.load``."""
     from gemma3n_fast.model import load as _load
 
-    return _load(*args, **kwargs)
+    return _load(path_or_hub_id, device=device, dtype=dtype, kernels=kernels, revision=revision)

@@ -19,20 +19,13 @@ TINY_SEED = 0
 
 
 def tiny_checkpoint() -> Path:
-    """The tiny random checkpoint, written once from a seed into a cache dir (multimodal when available)."""
-    root = Path(os.environ.get("GEMMA3N_FAST_CACHE", Path.home() / ".cache" / "gemma3n_fast"))
-    try:
-        from gemma3n_fast.reference.tiny import write_tiny_checkpoint
-    except ImportError:
-        write_tiny_checkpoint = None
-    folder = root / (f"tiny-mm-seed{TINY_SEED}" if write_tiny_checkpoint else f"tiny-text-seed{TINY_SEED}")
-    if not (folder / "config.json").is_file():
-        if write_tiny_checkpoint is not None:
-            write_tiny_checkpoint(folder, seed=TINY_SEED)
-        else:
-            from gemma3n_fast.tiny import write_tiny_text_checkpoint
+    """The tiny random multimodal checkpoint, written once from a seed into a cache dir."""
+    from gemma3n_fast.reference.tiny import write_tiny_checkpoint
 
-            write_tiny_text_checkpoint(folder, seed=TINY_SEED)
+    root = Path(os.environ.get("GEMMA3N_FAST_CACHE", Path.home() / ".cache" / "gemma3n_fast"))
+    folder = root / f"tiny-mm-seed{TINY_SEED}"
+    if not (folder / "config.json").is_file():
+        write_tiny_checkpoint(folder, seed=TINY_SEED)
     return folder
 
 
@@ -76,14 +69,12 @@ class _PrintStreamer:
 
 def run_prompt(model, prompt: str, images=(), audio=None, max_new_tokens=64, temperature=0.0, stream=False,
                seed=None) -> str:
-    from gemma3n_fast.generate import _tokenizer
-
     content = [{"type": "image", "image": str(p)} for p in images]
     if audio:
         content.append({"type": "audio", "audio": str(audio)})
     content.append({"type": "text", "text": prompt})
     inputs = model.chat_inputs([{"role": "user", "content": content}])
-    tok = _tokenizer(model)
+    tok = model._text_tokenizer()
     sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, seed=seed)
     streamer = _PrintStreamer(tok) if stream else None
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
@@ -142,7 +133,7 @@ def cmd_env(args) -> int:
     import torch
 
     import gemma3n_fast
-    from gemma3n_fast.backend import default_mode
+    from gemma3n_fast.backend import pick_mode
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -154,7 +145,7 @@ def cmd_env(args) -> int:
     print(f"gemma3n_fast {gemma3n_fast.__version__} | python {platform.python_version()} | torch {torch.__version__} "
           f"| triton {tv}")
     print(f"device: {torch.cuda.get_device_name(0) if dev.type == 'cuda' else 'cpu'} | default kernels mode: "
-          f"{default_mode(dev)} | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
+          f"{pick_mode(None, dev)} | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
     return 0
 
 

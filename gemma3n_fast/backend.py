@@ -1,22 +1,20 @@
-"""The op table: which implementation of each hot op the fast model calls.
+"""The op table: which implementation of each hot op the fast model calls, chosen once, at load, and said so.
 
-Modes (``kernels=`` argument of ``load``/``Backend``):
+Modes (``kernels=`` of ``load``):
   "triton"     the Triton kernels, compiled (needs CUDA);
-  "interpret"  the same kernels through the Triton interpreter (CPU; slow but exact; the tests use it);
-  "reference"  the plain-PyTorch ops of ``gemma3n_fast.reference.ops``;
-  None         pick: CUDA -> "triton"; CPU with TRITON_INTERPRET=1 -> "interpret"; else "reference"
-               with a one-line notice (the interpreter is far too slow for real use).
+  "interpret"  the same kernels through the Triton interpreter (CPU; exact but slow: the tests use it);
+  "reference"  the plain-PyTorch ops of ``gemma3n_fast.reference.ops`` (what the kernels are checked against);
+  None         CUDA -> "triton"; CPU -> "reference" (the interpreter is far too slow for real use), logged.
 
-Every kernel module is imported lazily and on its own: one op that fails to import falls back to its
-reference op (named in ``Backend.describe()`` and warned once), never taking the others down. The
-interpreter mode must be chosen before triton is imported (TRITON_INTERPRET is read at import time).
+In "triton" and "interpret" every op runs on its kernel or the load fails naming the op: there is no silent
+per-op fallback (on CUDA one would also break graph capture). ``sources`` says where each op comes from.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
-import warnings
+import sys
 
 import torch
 
@@ -24,7 +22,7 @@ from gemma3n_fast.reference import ops as reference_ops
 
 log = logging.getLogger("gemma3n_fast")
 
-# op name -> module under gemma3n_fast.kernels holding a launcher of the same name (fixed contract)
+# op name -> module under gemma3n_fast.kernels holding a launcher of the same name
 KERNEL_MODULES = {
     "rms_norm": "rms_norm",
     "altup_predict": "altup_predict",
@@ -37,54 +35,61 @@ KERNEL_MODULES = {
 MODES = ("triton", "interpret", "reference")
 
 
-def default_mode(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "triton"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "interpret"
-    return "reference"
+class KernelUnavailableError(RuntimeError):
+    """A kernel mode was asked for and some op has no working kernel."""
+
+
+def pick_mode(mode: str | None, device: torch.device) -> str:
+    """Validate ``mode`` against the device; None picks the default for it."""
+    if mode is None:
+        return "triton" if device.type == "cuda" else "reference"
+    if mode not in MODES:
+        raise ValueError(f"kernels: expected one of {MODES} or None, got {mode!r}")
+    if mode == "triton" and device.type != "cuda":
+        raise ValueError("kernels='triton' needs a CUDA device; on CPU use kernels='interpret' (the Triton "
+                         "interpreter: exact, slow) or 'reference' (plain PyTorch)")
+    if mode == "interpret" and device.type != "cpu":
+        raise ValueError("kernels='interpret' runs the Triton interpreter on CPU tensors; use device='cpu'")
+    return mode
+
+
+def enable_interpreter() -> None:
+    """Make the next kernel imports interpreted. Triton reads TRITON_INTERPRET when a kernel is decorated, i.e.
+    when its module is imported, so this works after ``import triton`` but not after the kernels were imported."""
+    loaded = [m for m in KERNEL_MODULES.values() if f"gemma3n_fast.kernels.{m}" in sys.modules]
+    if loaded and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KernelUnavailableError(
+            f"kernels='interpret': the kernel modules {loaded} were already imported in compiled mode; start the "
+            "process with TRITON_INTERPRET=1 (e.g. `TRITON_INTERPRET=1 python ...`) to use the interpreter")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 class Backend:
-    """Callable ops by name: ``backend.rms_norm(...)`` etc. ``sources[name]`` says "kernel" or "reference"."""
+    """Callable ops by name (``backend.rms_norm(...)``); ``sources[name]`` is "kernel" or "reference"."""
 
-    def __init__(self, mode: str | None, device: torch.device):
+    def __init__(self, mode: str | None, device):
         device = torch.device(device)
-        if mode is None:
-            mode = default_mode(device)
-            if mode == "reference":
-                print("gemma3n_fast: no CUDA device; running the reference ops "
-                      "(set TRITON_INTERPRET=1 or kernels='interpret' to run the Triton kernels on CPU)")
-        if mode not in MODES:
-            raise ValueError(f"kernels: expected one of {MODES} or None, got {mode!r}")
-        if mode == "triton" and device.type != "cuda":
-            raise ValueError("kernels='triton' needs a CUDA device; use kernels='interpret' or 'reference' on CPU")
-        if mode == "interpret":
-            if device.type != "cpu":
-                raise ValueError("kernels='interpret' runs on CPU tensors only")
-            if "triton" not in __import__("sys").modules:
-                os.environ["TRITON_INTERPRET"] = "1"
-            elif os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("kernels='interpret': triton was already imported without TRITON_INTERPRET=1; "
-                                   "set TRITON_INTERPRET=1 before importing anything that imports triton")
-        self.mode = mode
+        asked = mode
+        self.mode = pick_mode(mode, device)
+        if self.mode == "interpret":
+            enable_interpreter()
         self.sources: dict[str, str] = {}
-        failed = []
         for name, module in KERNEL_MODULES.items():
-            fn = getattr(reference_ops, name)
-            source = "reference"
-            if mode != "reference":
+            if self.mode == "reference":
+                fn, source = getattr(reference_ops, name), "reference"
+            else:
                 try:
-                    fn = getattr(importlib.import_module(f"gemma3n_fast.kernels.{module}"), name)
-                    source = "kernel"
-                except (ImportError, AttributeError) as e:
-                    failed.append(f"{name} ({type(e).__name__}: {e})")
+                    fn, source = getattr(importlib.import_module(f"gemma3n_fast.kernels.{module}"), name), "kernel"
+                except Exception as e:  # any failure to load a kernel is fatal in a kernel mode
+                    raise KernelUnavailableError(
+                        f"kernels={self.mode!r}: the kernel for op {name!r} (gemma3n_fast.kernels.{module}) cannot "
+                        f"be loaded: {type(e).__name__}: {e}") from e
             setattr(self, name, fn)
             self.sources[name] = source
-        if failed:
-            msg = "gemma3n_fast: no kernel for " + "; ".join(failed) + " -> using the reference op"
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
+        if asked is None and self.mode == "reference":
+            log.warning("gemma3n_fast: no CUDA device, running the plain-PyTorch reference ops "
+                        "(kernels='interpret' runs the Triton kernels through the interpreter)")
+        log.info("gemma3n_fast: %s", self.describe())
 
     def describe(self) -> str:
         kern = [n for n, s in self.sources.items() if s == "kernel"]

@@ -18,17 +18,14 @@ layers of one type (they are written together):
 Absolute positions start at 0 at each row's first real token, so a left-padded row's positions are
 ``column - n_pad``; the attention kernels mask by position (``0 <= k_pos <= q_pos``, ``q_pos - k_pos < window``),
 so ring order does not matter. The ring keeps exactly the last ``window`` columns: the current token
-plus the 511 previous ones that the sliding window can see (spec §7.1).
+plus the W - 1 previous ones that a sliding window of W keys can see.
 """
 from __future__ import annotations
 
 import torch
 
 from gemma3n_fast.reference.config import TextConfig
-
-
-class CacheLengthError(ValueError):
-    """Prompt + max_new_tokens does not fit the cache or the model."""
+from gemma3n_fast.reference.generation import CacheLengthError
 
 
 class StaticKVCache:
@@ -51,13 +48,3 @@ class StaticKVCache:
             "sliding_attention": torch.full((batch, self.window), -1, dtype=torch.int32, device=device),
             "full_attention": torch.full((batch, max_length), -1, dtype=torch.int32, device=device),
         }
-
-    def slots(self, layer_type: str) -> int:
-        return self.window if layer_type == "sliding_attention" else self.max_length
-
-    def check_fits(self, columns: int) -> None:
-        if columns > self.max_length:
-            raise CacheLengthError(f"{columns} tokens do not fit a cache of max_length={self.max_length}")
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)

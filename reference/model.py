@@ -1,6 +1,7 @@
-"""``Gemma3nForConditionalGeneration`` equivalent: the text decoder plus the vision and audio towers.
+"""``Gemma3nForConditionalGeneration`` equivalent: the text decoder plus the vision and audio towers, and THE loader.
 
 State dict keys equal the checkpoint's after stripping ``model.`` (``language_model.*``, ``vision_tower.*``, ...).
+``load``/``build`` are the one way a checkpoint becomes modules: the fast model wraps the module tree they return.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import nn
 
 from gemma3n_fast.reference.config import Gemma3nConfig, load_config
 from gemma3n_fast.reference.embedder import MultimodalEmbedder
-from gemma3n_fast.reference.loader import assign_state_dict, read_state_dict, resolve_checkpoint
+from gemma3n_fast.reference.generation import Sampler, check_prompt, eos_and_pad
+from gemma3n_fast.reference.loader import CheckpointError, assign_state_dict, read_state_dict, resolve_checkpoint
 from gemma3n_fast.reference.text import Gemma3nTextModel, KVCache, TextOutput
 
 _VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")
@@ -29,24 +31,22 @@ class Gemma3nReference(nn.Module):
         self.vision_tower = self.audio_tower = self.embed_vision = self.embed_audio = None
         t = config.text
         if config.vision is not None and with_vision:
-            from gemma3n_fast.reference.vision import VisionTower
-
             v = config.vision
-            self.vision_tower = VisionTower(v, device=torch.get_default_device())
+            self.vision_tower = _build_tower("vision", v)
             self.embed_vision = MultimodalEmbedder(v.hidden_size, t.hidden_size, v.vocab_size, v.vocab_offset,
                                                    v.rms_norm_eps)
         if config.audio is not None:
-            from gemma3n_fast.reference.audio_tower import AudioTower
-
             a = config.audio
-            self.audio_tower = AudioTower(a)
+            self.audio_tower = _build_tower("audio", a)
             self.embed_audio = MultimodalEmbedder(a.hidden_size, t.hidden_size, a.vocab_size, a.vocab_offset,
                                                   a.rms_norm_eps)
         self.generation_config: dict = {}
+        self.processor = None  # reference.processor.Processor for multimodal checkpoints with tokenizer files
+        self.tokenizer = None  # tokenizers.Tokenizer when tokenizer.json is present
         self.source: str = ""
 
     def embed_inputs(self, input_ids, pixel_values=None, input_features=None, input_features_mask=None):
-        """-> (inputs_embeds [B, T, H], per_layer_token_inputs [B, T, L, D]) with the multimodal merge (spec §4.2).
+        """-> (inputs_embeds [B, T, H], per_layer_token_inputs [B, T, L, D]) with the multimodal merge.
 
         Multimodal hard tokens take their embedder's vectors, image / audio soft tokens are scattered into the
         placeholder positions in order, and the per-layer token part uses the original ids (multimodal -> row 0).
@@ -65,12 +65,13 @@ class Gemma3nReference(nn.Module):
         if pixel_values is not None:
             from gemma3n_fast.reference.vision import get_image_features
 
-            image_features = get_image_features(self.vision_tower, self.embed_vision, pixel_values.to(x.dtype),
-                                                cfg.vision_soft_tokens_per_image)
+            image_features = get_image_features(self.vision_tower, self.embed_vision,
+                                                pixel_values.to(x.device, x.dtype), cfg.vision_soft_tokens_per_image)
         if input_features is not None:
             if input_features_mask is None:
-                input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool, device=x.device)
-            encodings, audio_padded = self.audio_tower(input_features.to(x.dtype), ~input_features_mask.bool())
+                input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool)
+            valid = input_features_mask.to(x.device).bool()
+            encodings, audio_padded = self.audio_tower(input_features.to(x.device, x.dtype), ~valid)
             audio_features = self.embed_audio.embed_soft(encodings)
         x = merge_multimodal(input_ids, x, embed_vision=self.embed_vision, embed_audio=self.embed_audio,
                              image_features=image_features, audio_features=audio_features,
@@ -89,32 +90,31 @@ class Gemma3nReference(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id=None, pad_token_id=None, seed: int | None = None, **mm_inputs) -> torch.Tensor:
-        """Prompt + new tokens [B, T + N], like HF. Greedy unless do_sample; each row stops at any eos id."""
-        gc = self.generation_config
-        do_sample = False if do_sample is None else do_sample
-        temperature = 1.0 if temperature is None else temperature
-        if eos_token_id is None:
-            eos_token_id = gc.get("eos_token_id", self.config.text.eos_token_id)
-        if pad_token_id is None:
-            pad_token_id = gc.get("pad_token_id", self.config.text.pad_token_id) or 0
-        eos = torch.tensor([] if eos_token_id is None else
-                           ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-                           dtype=torch.long, device=input_ids.device)
-        if do_sample and temperature == 0:
-            do_sample = False
-        gen = torch.Generator(device=input_ids.device)
-        if seed is not None:
-            gen.manual_seed(seed)
+        """Prompt + new tokens [B, T + N], like HF. Greedy unless do_sample; each row stops at any eos id.
+
+        Sampling uses the shared ``Sampler`` with one Exp(1) draw [B, V] per step from a generator seeded by
+        ``seed``, as the fast model does: the same seed gives the same tokens in both."""
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask, max_new_tokens,
+                                                 self.config.text.max_position_embeddings)
+        sampler = Sampler.from_args(bool(do_sample), temperature, top_k, top_p)
+        eos_ids, pad = eos_and_pad(self.generation_config, self.config.text, eos_token_id, pad_token_id)
+        dev = input_ids.device
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
+        gen = None
+        if not sampler.greedy:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
         B = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cache = KVCache()
         logits = self.forward(input_ids, attention_mask, cache=cache, logits_to_keep=1, **mm_inputs).logits[:, -1]
         tokens = input_ids
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
-            nxt = _sample(logits.float(), do_sample, temperature, top_k, top_p, gen)
-            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+            noise = None if gen is None else torch.empty(logits.shape, device=dev).exponential_(generator=gen)
+            nxt = sampler(logits, noise)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             finished |= torch.isin(nxt, eos)
             if bool(finished.all()) or step == max_new_tokens - 1:
@@ -125,56 +125,84 @@ class Gemma3nReference(nn.Module):
         return tokens
 
 
-def _sample(logits, do_sample, temperature, top_k, top_p, gen):
-    """logits [B, V] -> ids [B]. Greedy, or temperature / top-k / top-p sampling (HF's order)."""
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1)  # ascending, as HF's TopPLogitsWarper
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
-        drop[:, -1] = False  # keep at least one token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+def _build_tower(kind: str, cfg):
+    """The vision (timm MobileNetV5) or audio (USM conformer) tower; a tower that cannot be built is a load error."""
+    try:
+        if kind == "vision":
+            from gemma3n_fast.reference.vision import VisionTower
+
+            return VisionTower(cfg, device=torch.get_default_device())
+        from gemma3n_fast.reference.audio_tower import AudioTower
+
+        return AudioTower(cfg)
+    except ImportError as e:
+        raise CheckpointError(f"this checkpoint has a {kind} tower, which cannot be built here ({e}); install the "
+                              "missing package (the vision tower needs timm)") from e
 
 
-def _consumer_kv_key(cfg) -> re.Pattern:
-    first = cfg.text.first_kv_shared_layer
-    return first, re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.weight$")
+# ---- the loader ----------------------------------------------------------------------------------------
+_CONSUMER_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight$")
 
 
-def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config: bool = True,
-         with_vision: bool = True) -> Gemma3nReference:
-    """Checkpoint folder or hub id -> reference model (weights in ``dtype``, default fp32, on ``device``)."""
-    t0 = time.perf_counter()
-    dtype = dtype or torch.float32
-    folder = resolve_checkpoint(path_or_hub_id, revision)
-    config = load_config(folder, strict=strict_config)
+def _key_rules(config: Gemma3nConfig, with_vision: bool):
+    """(keep(file key) -> bool, module key(file key) -> str): which checkpoint tensors are read, and their names.
+
+    Dropped: the tied ``lm_head.weight`` (it is the embedding table), the vision tower when not wanted, and the
+    K/V weights Hub files carry for KV-shared layers (those layers reuse an earlier layer's K/V and have none)."""
     prefix = config.weight_prefix  # "model." (text-only file) or "model.language_model."
-    first_shared, kv_pattern = _consumer_kv_key(config)
+    first_shared = config.text.first_kv_shared_layer
 
     def keep(name: str) -> bool:
         if name == "lm_head.weight" or (not with_vision and name.startswith(_VISION_PREFIXES)):
             return False
-        m = kv_pattern.search(name)
-        if m and int(m.group(1)) >= first_shared:  # Hub files carry unused K/V for KV-shared layers
-            return False
-        return True
+        m = _CONSUMER_KV.search(name)
+        return not (m and name.startswith(prefix) and int(m.group(1)) >= first_shared)
 
-    raw = read_state_dict(folder, dtype=dtype, device=device, keep=keep)
-    state = {("language_model." + k[len(prefix):] if k.startswith(prefix) else k[len("model."):]): v
-             for k, v in raw.items()}
+    def rename(name: str) -> str:
+        return "language_model." + name[len(prefix):] if name.startswith(prefix) else name[len("model."):]
+
+    return keep, rename
+
+
+def build(config: Gemma3nConfig, state_dict: dict, *, device="cpu", dtype=None, with_vision: bool = True,
+          what: str = "state dict") -> Gemma3nReference:
+    """Checkpoint-named tensors (``model.language_model.*`` ...) -> the module tree, built on the meta device and
+    given the tensors (moved to ``device``/``dtype``) with ``assign=True``: no weight is ever initialised."""
+    keep, rename = _key_rules(config, with_vision)
+    state = {rename(k): (v.to(device=device, dtype=dtype) if dtype is not None and v.is_floating_point()
+                         else v.to(device)) for k, v in state_dict.items() if keep(k)}
     with torch.device("meta"):
         model = Gemma3nReference(config, with_vision=with_vision)
-    assign_state_dict(model, state, what=f"checkpoint {folder}")
-    model.eval()
-    gc_file = folder / "generation_config.json"
-    if gc_file.is_file():
-        model.generation_config = json.loads(gc_file.read_text())
+    assign_state_dict(model, state, what=what)
+    return model.eval().requires_grad_(False)
+
+
+def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config: bool = True,
+         with_vision: bool = True) -> Gemma3nReference:
+    """Checkpoint folder or hub id -> reference model (weights in ``dtype``, default fp32, on ``device``), with its
+    generation defaults (generation_config.json), tokenizer and, for multimodal checkpoints, processor."""
+    t0 = time.perf_counter()
+    dtype = dtype or torch.float32
+    folder = resolve_checkpoint(path_or_hub_id, revision)
+    config = load_config(folder, strict=strict_config)
+    keep, _ = _key_rules(config, with_vision)
+    raw = read_state_dict(folder, dtype=dtype, device=device, keep=keep)
+    model = build(config, raw, device=device, dtype=dtype, with_vision=with_vision, what=f"checkpoint {folder}")
+    _attach_files(model, folder)
     model.source = str(folder)
     model.load_seconds = time.perf_counter() - t0
     return model
+
+
+def _attach_files(model: Gemma3nReference, folder: Path) -> None:
+    gc_file = folder / "generation_config.json"
+    if gc_file.is_file():
+        model.generation_config = json.loads(gc_file.read_text())
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        model.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        if not model.config.text_only:  # the processor needs the multimodal special tokens
+            from gemma3n_fast.reference.processor import Processor
+
+            model.processor = Processor.from_pretrained(folder)

@@ -233,11 +233,15 @@ class Gemma3nTextModel(nn.Module):
         scale = torch.tensor(cfg.hidden_size_per_layer_input ** 0.5).to(rows.dtype)
         return (rows * scale).unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
 
-    def per_layer_inputs(self, inputs_embeds: torch.Tensor, token_part: torch.Tensor | None) -> torch.Tensor:
-        """Combine the projection of the (merged) embeddings with the token part -> [B, T, L, D]."""
+    def per_layer_inputs(self, inputs_embeds: torch.Tensor, token_part: torch.Tensor | None,
+                         rms_norm=ops.rms_norm) -> torch.Tensor:
+        """Combine the projection of the (merged) embeddings with the token part -> [B, T, L, D].
+
+        ``rms_norm``: the op to use (the fast model passes its op table's)."""
         cfg, dtype = self.config, inputs_embeds.dtype
         proj = self.per_layer_model_projection(inputs_embeds) * torch.tensor(cfg.hidden_size ** -0.5).to(dtype)
-        proj = self.per_layer_projection_norm(proj.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)))
+        proj = rms_norm(proj.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)),
+                        self.per_layer_projection_norm.weight, cfg.rms_norm_eps)
         if token_part is None:  # HF: projection alone, no 1/sqrt(2)
             return proj
         return (proj + token_part) * torch.tensor(2.0 ** -0.5).to(dtype)
@@ -245,8 +249,8 @@ class Gemma3nTextModel(nn.Module):
     # -- AltUp stream creation / collapse (spec §1.2, §1.9) --
     @staticmethod
     def _match_magnitude(y: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
-        eps = torch.tensor(1e-5, dtype=y.dtype, device=y.device)
-        return y * target_rms / torch.sqrt(torch.maximum(y.pow(2).mean(-1, keepdim=True), eps))
+        # clamp with a Python scalar: no device tensor is created, so a CUDA graph can capture it
+        return y * target_rms / torch.sqrt(y.pow(2).mean(-1, keepdim=True).clamp(min=1e-5))
 
     def make_streams(self, x0):  # [B, T, H] -> [A, B, T, H]
         target = x0.pow(2).mean(-1, keepdim=True) ** 0.5

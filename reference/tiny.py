@@ -296,3 +296,42 @@ def write_tiny_checkpoint(folder, seed: int = 0, *, multimodal: bool = True, tex
         "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>",
     }, indent=2))
     return folder
+
+
+# ---- random weights for a module (tests, benchmarks) ----------------------------------------------------
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int, *, embed_std: float = 0.5, norm_std: float = 0.25,
+               round_to: torch.dtype | None = None) -> torch.nn.Module:
+    """The project's one random initialiser, in place, on the module's device: norm weights and scales
+    1 + N(0, norm_std), embedding tables N(0, embed_std), matrices N(0, 1/fan_in) (``_fill``'s rules), so that every
+    parameter matters (HF's init leaves norms at one and ``correct_output_scale`` at zero).
+    ``round_to``: round the drawn values through this dtype, so models of two dtypes built from one seed hold the
+    same values (a bf16 model and its fp32 twin)."""
+    dev = next(module.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    for name, p in module.named_parameters():
+        shape = tuple(p.shape)
+        w = torch.randn(shape, generator=gen, device=dev)
+        if len(shape) == 1 or name.endswith("correct_output_scale"):
+            w = 1.0 + norm_std * w
+        elif "embed" in name and "projection" not in name:
+            w = embed_std * w
+        else:
+            w = w / math.sqrt(math.prod(shape[1:]))
+        if round_to is not None:
+            w = w.to(round_to)
+        p.copy_(w)
+    return module
+
+
+def random_model(config, *, device, dtype: torch.dtype, seed: int = 0, with_vision: bool = True, **randomize_kw):
+    """A reference ``Gemma3nReference`` of any size with random weights, built on the meta device and materialised
+    on ``device`` (no checkpoint, no CPU copy): the benchmarks' and GPU tests' models at E2B/E4B shapes."""
+    from gemma3n_fast.reference.model import Gemma3nReference
+
+    with torch.device("meta"):
+        model = Gemma3nReference(config, with_vision=with_vision)
+    model.to_empty(device=device)
+    model.to(dtype)
+    randomize_(model, seed, **randomize_kw)
+    return model.eval().requires_grad_(False)

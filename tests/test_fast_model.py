@@ -1,13 +1,13 @@
-"""The fast model (fp32, CPU) against HF transformers (the oracle).
+"""The fast model (fp32, CPU) against HF transformers (the oracle) and the reference model.
 
 Two instances of the same loaded model: ``fast`` runs the Triton kernels through the interpreter (the
-parity tests: logits, greedy 32 tokens, ragged batch), ``fast_ops`` runs the same model code on the
-reference ops (behaviour tests: chunked prefill, eos, sampling, streaming, chat, errors), because the
-interpreter costs ~1 s per decode step and the suite has a 120 s budget.
+parity tests: logits, greedy 32 tokens, ragged batch, chunked prefill), ``fast_ops`` runs the same model code on
+the reference ops (behaviour tests: eos, sampling, streaming, chat, errors), because the interpreter costs
+about a second per decode step.
 
 Oracle: a tiny randomly initialised HF ``Gemma3nForCausalLM`` saved with ``save_pretrained`` and loaded by
-``gemma3n_fast.load`` from that folder. The tiny config has a sliding window of 8 (prompts are longer),
-2 KV-shared layers, sparse MLPs in layers 0-1, and non-power-of-two sizes where the model allows.
+``gemma3n_fast.load`` from that folder. The tiny config has a sliding window of 6 (prompts are longer),
+2 KV-shared layers, sparse MLPs in layers 0-1, and sizes that are not powers of two.
 """
 import json
 
@@ -16,8 +16,10 @@ import torch
 
 import gemma3n_fast
 from gemma3n_fast import generate as gen_mod
-from gemma3n_fast.cache import CacheLengthError
-from gemma3n_fast.tiny import TINY_TEXT, build_word_tokenizer, init_random_
+from gemma3n_fast.reference.generation import CacheLengthError
+from gemma3n_fast.reference.tiny import TINY_TEXT_VOCAB, build_tiny_tokenizer, randomize_, tiny_text_config
+
+TINY_TEXT = {k: v for k, v in tiny_text_config(max_position_embeddings=512).items() if k != "model_type"}
 
 # fp32 end to end: the only differences are summation order (fused q|k|v, gate|up) -> ~1e-6 relative.
 LOGIT_REL_TOL = 1e-4
@@ -29,9 +31,9 @@ def folder(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny_hf")
     hf = Gemma3nForCausalLM(Gemma3nTextConfig(**TINY_TEXT)).eval()
-    init_random_(hf, seed=0)
+    randomize_(hf, seed=0)
     hf.save_pretrained(d)
-    build_word_tokenizer(TINY_TEXT["vocab_size"]).save(str(d / "tokenizer.json"))
+    build_tiny_tokenizer().save(str(d / "tokenizer.json"))
     return d
 
 
@@ -54,7 +56,7 @@ def fast_ops(folder):
 
 def _ids(*shape, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(6, TINY_TEXT["vocab_size"], shape, generator=g)  # no special tokens in prompts
+    return torch.randint(10, TINY_TEXT_VOCAB, shape, generator=g)  # ordinary text ids: no special tokens
 
 
 def _left_padded(lengths, seed=2):
@@ -71,9 +73,13 @@ def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_loads_with_interpreter_and_names_its_ops(fast):
+def test_every_op_runs_on_its_kernel(fast):
+    from gemma3n_fast.backend import KERNEL_MODULES
+
     assert fast.backend.mode == "interpret"
-    assert set(fast.backend.sources) >= {"rms_norm", "altup_predict", "sliding_window_attention_decode"}
+    assert fast.backend.sources == {name: "kernel" for name in KERNEL_MODULES}
+    for name, module in KERNEL_MODULES.items():
+        assert getattr(fast.backend, name).__module__ == f"gemma3n_fast.kernels.{module}"
     assert fast.load_time_s is not None and fast.load_time_s > 0
     assert fast.generation_config["eos_token_id"] == 1
 
@@ -119,8 +125,9 @@ def test_greedy_ragged_batch_of_3_32_tokens_on_reference_ops_equals_hf(fast_ops,
 
 
 def test_equals_the_reference_model(fast_ops, folder):
-    """Logits and greedy tokens against gemma3n_fast.reference (which lands separately; skipped until then)."""
-    reference = pytest.importorskip("gemma3n_fast.reference.model")
+    """Logits, greedy tokens and seeded sampling against gemma3n_fast.reference (same sampler, same noise)."""
+    from gemma3n_fast import reference
+
     ref = reference.load(folder, device="cpu", dtype=torch.float32)
     ids, mask = _left_padded([7, 13], seed=10)
     with torch.no_grad():
@@ -130,27 +137,70 @@ def test_equals_the_reference_model(fast_ops, folder):
     assert _rel_err(f[real], r[real]) <= LOGIT_REL_TOL
     kw = dict(attention_mask=mask, max_new_tokens=32, eos_token_id=[], pad_token_id=0)
     assert torch.equal(fast_ops.generate(ids, **kw), ref.generate(ids, **kw))
+    kw = dict(kw, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.9, seed=7)
+    assert torch.equal(fast_ops.generate(ids, **kw), ref.generate(ids, **kw))
 
 
-def test_chunked_prefill_equals_one_shot(fast_ops, hf, monkeypatch):
+def test_chunked_prefill_on_reference_ops_equals_hf(fast_ops, hf, monkeypatch):
     ids = _ids(2, 23, seed=5)
     ref = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-    monkeypatch.setattr(gen_mod, "PREFILL_CHUNK", 5)  # 5 chunks, each smaller than the window
-    assert torch.equal(fast_ops.generate(ids, max_new_tokens=8, eos_token_id=[]), ref)
-    monkeypatch.setattr(gen_mod, "PREFILL_CHUNK", 10)  # chunks larger than the window
-    assert torch.equal(fast_ops.generate(ids, max_new_tokens=8, eos_token_id=[]), ref)
+    for chunk in (5, 10):  # chunks smaller and larger than the window (6), neither a multiple of it
+        monkeypatch.setattr(gen_mod, "PREFILL_CHUNK", chunk)
+        assert torch.equal(fast_ops.generate(ids, max_new_tokens=8, eos_token_id=[]), ref)
+
+
+@pytest.fixture(scope="module")
+def wide_window_folder(tmp_path_factory):
+    """Window 66 (spans two 64-key tiles of the prefill kernel): for chunked prefill through the kernels."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    d = tmp_path_factory.mktemp("tiny_hf_w100")
+    hf = Gemma3nForCausalLM(Gemma3nTextConfig(**dict(TINY_TEXT, sliding_window=66))).eval()
+    randomize_(hf, seed=4)
+    hf.save_pretrained(d)
+    return d
+
+
+def test_chunked_prefill_through_the_kernels_equals_hf(wide_window_folder):
+    """Chunk 20 does not divide window 66; the prompt (100 tokens) is longer than chunk + window, so later chunks
+    attend over the ring (read in position order) plus themselves across two key tiles. (Batch 1: the interpreter
+    runs one program per row in the row-wise kernels, so this test's time grows with B * T.)"""
+    from transformers import Gemma3nForCausalLM
+
+    from gemma3n_fast.cache import StaticKVCache
+
+    hf = Gemma3nForCausalLM.from_pretrained(wide_window_folder, dtype=torch.float32).eval()
+    fast = gemma3n_fast.load(wide_window_folder, device="cpu", dtype=torch.float32, kernels="interpret")
+    ids, mask = _left_padded([100], seed=11)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref_logits = hf(ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+    full = fast(ids, attention_mask=mask).logits[:, -1]  # the whole prompt at once, no cache
+    assert _rel_err(full, ref_logits) <= LOGIT_REL_TOL
+    cache = StaticKVCache(fast.text_config, 1, 256, "cpu", torch.float32)
+    media = dict(pixel_values=None, input_features=None, input_features_mask=None)
+    chunked = fast.prefill(ids, mask, cache, media, chunk=20)
+    assert _rel_err(chunked, ref_logits) <= LOGIT_REL_TOL
+    # the cache the chunks left behind serves the decode step: the next token's logits equal HF's
+    nxt = ref_logits.argmax(-1, keepdim=True)
+    ids2, mask2 = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    with torch.no_grad():
+        ref2 = hf(ids2, attention_mask=mask2, position_ids=(mask2.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    step = fast.decode_step(nxt, pos[:, -1:].int() + 1, torch.tensor([ids.shape[1]]), cache)
+    assert _rel_err(step, ref2) <= LOGIT_REL_TOL
 
 
 def test_eos_stops_each_row_and_pads_like_hf(fast_ops, hf):
     ids, mask = _left_padded([6, 10], seed=6)
-    free = fast_ops.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
-    eos = int(free[0, 10 + 2])  # row 0's third new token becomes an eos id
+    free = fast_ops.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])[0, 10:].tolist()
+    j = max(i for i in range(4) if free[i] not in free[:i])  # a token that first appears at new index j
+    eos = free[j]  # row 0 stops there
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[eos, 1],
                       pad_token_id=0)
     out = fast_ops.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[eos, 1], pad_token_id=0)
     assert torch.equal(out, ref)
     row0 = out[0, 10:].tolist()
-    assert row0[2] == eos and all(t == 0 for t in row0[3:])
+    assert row0[j] == eos and all(t == 0 for t in row0[j + 1:])
 
 
 def test_all_rows_finished_trims_output(fast_ops):
@@ -199,7 +249,7 @@ def test_streaming_yields_exactly_the_generated_text(fast_ops):
 def test_chat_returns_the_decoded_reply(fast_ops):
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hello world"}]}]
     reply = fast_ops.chat(msgs, max_new_tokens=6, eos_token_id=[])
-    prompt = fast_ops.tokenizer.encode(gen_mod._gemma_prompt(msgs), add_special_tokens=False).ids
+    prompt = fast_ops.tokenizer.encode(gen_mod.gemma_prompt(msgs), add_special_tokens=False).ids
     assert prompt[:2] == [2, 4]  # <bos><start_of_turn>
     out = fast_ops.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_id=[])
     assert reply == fast_ops.tokenizer.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True) and reply
@@ -209,6 +259,9 @@ def test_generate_stats(fast_ops):
     fast_ops.generate(_ids(1, 6), max_new_tokens=4, eos_token_id=[])
     s = fast_ops.last_stats
     assert s["prompt_tokens"] == 6 and s["new_tokens"] == 4 and s["ttft_s"] > 0 and s["decode_tok_s"] > 0
+    text = "".join(fast_ops.stream(_ids(1, 5), max_new_tokens=3, eos_token_id=[]))
+    s = fast_ops.last_stats  # stream() sets the stats too
+    assert s["prompt_tokens"] == 5 and s["new_tokens"] == 3 and s["ttft_s"] > 0 and text
 
 
 # ---- error paths ---------------------------------------------------------------------------------
@@ -266,7 +319,9 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, folder):
     cfg["laurel_rank"] = 6
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
-    with pytest.raises(ValueError, match="laurel|size mismatch|does not match"):
+    from gemma3n_fast.reference.loader import CheckpointError
+
+    with pytest.raises(CheckpointError, match="laurel|size mismatch|does not (match|fit)"):
         gemma3n_fast.load(tmp_path, kernels="reference")
 
 
@@ -280,20 +335,55 @@ def test_backend_modes_are_checked():
     assert set(Backend("reference", torch.device("cpu")).sources.values()) == {"reference"}
 
 
+def test_a_kernel_that_cannot_load_is_an_error_naming_it(monkeypatch):
+    import importlib
+
+    from gemma3n_fast.backend import Backend, KernelUnavailableError
+
+    real = importlib.import_module
+
+    def broken(name, *a, **k):
+        if name == "gemma3n_fast.kernels.altup_correct":
+            raise ImportError("simulated")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(KernelUnavailableError, match="altup_correct.*simulated"):
+        Backend("interpret", torch.device("cpu"))
+
+
+def test_interpret_mode_needs_no_environment_variable(folder):
+    """load(kernels="interpret") in a fresh process without TRITON_INTERPRET: every op on its interpreted kernel."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, gemma3n_fast; torch.set_num_threads(1)\n"
+            f"m = gemma3n_fast.load({str(folder)!r}, kernels='interpret')\n"
+            "assert set(m.backend.sources.values()) == {'kernel'}\n"
+            "print(m.generate(torch.tensor([[11, 12, 13]]), max_new_tokens=2, eos_token_id=[]).tolist())")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().startswith("[[11, 12, 13, ")
+
+
 # ---- structure: what is done once at load, and the cache layout ----------------------------------
 
 
 def test_kv_shared_layers_have_no_kv_and_weights_are_fused_once(fast_ops):
+    from gemma3n_fast.reference.model import Gemma3nReference
+
     c = fast_ops.text_config
     D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-    for layer in fast_ops.model.language_model.layers:
-        owner = layer.index < c.first_kv_shared_layer
+    assert isinstance(fast_ops.model, Gemma3nReference)  # the fast model holds the reference's module tree
+    for i, layer in enumerate(fast_ops.model.language_model.layers):
+        owner = i < c.first_kv_shared_layer
         assert hasattr(layer.self_attn, "k_proj") == owner
         assert layer.qkv_weight.shape[0] == (Hq + 2 * Hkv * owner) * D
         # the HF-named weights are views of the fused matrices (no second copy)
         assert layer.self_attn.q_proj.weight.data_ptr() == layer.qkv_weight.data_ptr()
-        assert layer.mlp.up_proj.weight.data_ptr() == layer.gate_up_weight[c.intermediate_size[layer.index]:].data_ptr()
-        assert layer.altup.prediction_coefs.weight.abs().max() <= c.altup_coef_clip
+        assert layer.mlp.up_proj.weight.data_ptr() == layer.gate_up_weight[c.intermediate_size[i]:].data_ptr()
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in fast_ops.state_dict()
 
 
@@ -301,12 +391,13 @@ def test_static_cache_layout():
     from gemma3n_fast.cache import StaticKVCache
     from gemma3n_fast.reference.config import TextConfig
 
-    c = TextConfig(**TINY_TEXT)
+    c = TextConfig.from_dict(TINY_TEXT)
+    W, D, Hkv = c.sliding_window, c.head_dim, c.num_key_value_heads
     cache = StaticKVCache(c, batch=3, max_length=40, device="cpu", dtype=torch.float32)
     assert len(cache.k) == c.first_kv_shared_layer == 4  # owners only
     for i, k in enumerate(cache.k):
-        assert k.shape == (3, 2, 8 if c.is_sliding(i) else 40, 32)
-    assert cache.pos["sliding_attention"].shape == (3, 8) and cache.pos["full_attention"].shape == (3, 40)
+        assert k.shape == (3, Hkv, W if c.is_sliding(i) else 40, D)
+    assert cache.pos["sliding_attention"].shape == (3, W) and cache.pos["full_attention"].shape == (3, 40)
     assert (cache.pos["full_attention"] == -1).all() and cache.pos["full_attention"].dtype == torch.int32
     with pytest.raises(CacheLengthError, match="max_position_embeddings"):
         StaticKVCache(c, batch=1, max_length=513, device="cpu", dtype=torch.float32)
@@ -321,9 +412,9 @@ def mm(tmp_path_factory):
 
     Reference ops rather than the interpreter: an image prompt is ~270 tokens, far beyond the time budget
     under the interpreter; the kernels' own parity is covered above and in the kernel tests."""
-    tiny = pytest.importorskip("gemma3n_fast.reference.tiny")
-    pytest.importorskip("gemma3n_fast.reference.multimodal")
     from transformers import Gemma3nForConditionalGeneration
+
+    from gemma3n_fast.reference import tiny
 
     d = tiny.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_mm"), seed=0, multimodal=True, with_vision=True)
     fast = gemma3n_fast.load(d, device="cpu", dtype=torch.float32, kernels="reference")
@@ -376,7 +467,7 @@ def test_decode_step_embeds_multimodal_ids_like_prefill(mm):
     v, a, c = fast.model.embed_vision, fast.model.embed_audio, fast.text_config
     ids = torch.tensor([[5, v.vocab_offset, v.vocab_offset + 3, a.vocab_offset + 1, c.vocab_size - 1, 17]])
     x_prefill, ple_prefill = fast._embed(ids)
-    x_decode, ple_decode = fast._embed(ids, decode=True)
+    x_decode, ple_decode = fast._embed_decode(ids)
     # fp32; the two paths batch the embedder matmuls differently (rounding only)
     assert _rel_err(x_decode, x_prefill) <= 1e-5 and _rel_err(ple_decode, ple_prefill) <= 1e-5
 

@@ -1,30 +1,34 @@
 """GPU: the fast model in bf16 with compiled Triton kernels and a CUDA-graph decode, at E2B shapes, random weights.
 
-The comparison model is the same weights in fp32 on the reference ops (eager, no graph) on the same GPU;
-its equality with HF is what tests/test_fast_model.py proves on CPU. Weights are bf16-representable in
-both (same seed), so the only differences are bf16 activations (spec §7.4: the sparse-gate threshold
-can flip channels, hence token agreement rather than logit bit-equality, and a loose logit tolerance).
+Yardstick: a random-weight network at Gemma 3n's depth is chaotic in bf16 (measured on CPU at the E2B depth and
+widths: HF's own bf16 logits are ~100 % of the largest logit away from its fp32 logits, and its argmax agrees on 5 of
+40 positions). So bf16 is judged by the 2x rule against an fp32 truth: the fast model's bf16 error must be at most
+twice the reference model's own bf16 error (the reference is bit-equal to HF in bf16 on CPU), measured in the same
+test on the same weights. Exact token equality is kept where it must hold: graph replay vs eager decode of the same
+kernels, and seeded sampling.
 """
 import pytest
 import torch
 
-from gemma3n_fast.reference.config import E2B_TEXT
-from gemma3n_fast.tiny import random_text_model
+from gemma3n_fast.model import from_reference
+from gemma3n_fast.reference.config import E2B_TEXT, Gemma3nConfig, TextConfig
+from gemma3n_fast.reference.tiny import random_model
 
 pytestmark = pytest.mark.gpu
 
-N_PROMPTS, PROMPT_LEN, NEW_TOKENS, MUST_AGREE = 4, 37, 24, 16
-# bf16 vs fp32: ~8e-2 relative logit error measured on the tiny model on CPU (bf16 has 8 mantissa bits).
-LOGIT_REL_TOL_BF16 = 0.15
+PROMPT_LEN = 37
 
 
 @pytest.fixture(scope="module")
 def models():
-    fast = random_text_model(E2B_TEXT, device="cuda", dtype=torch.bfloat16, seed=0, kernels="triton")
-    ref = random_text_model(E2B_TEXT, device="cuda", dtype=torch.float32, seed=0, kernels="reference")
-    ref.use_cuda_graph = False
-    yield fast, ref
-    del fast, ref
+    """(fast bf16 on the kernels, reference bf16 on the same tensors, reference fp32 on the same values)."""
+    config = Gemma3nConfig(text=TextConfig(**E2B_TEXT), audio=None, vision=None, text_only=True)
+    kw = dict(device="cuda", seed=0, embed_std=0.05, norm_std=0.3, round_to=torch.bfloat16)
+    ref16 = random_model(config, dtype=torch.bfloat16, **kw)
+    ref32 = random_model(config, dtype=torch.float32, **kw)
+    fast = from_reference(ref16, kernels="triton")  # wraps (and shares) ref16's tensors
+    yield fast, ref16, ref32
+    del fast, ref16, ref32
     torch.cuda.empty_cache()
 
 
@@ -33,36 +37,51 @@ def _prompt(seed, batch=1, length=PROMPT_LEN):
     return torch.randint(6, 262144, (batch, length), generator=g).cuda()
 
 
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
 def test_uses_kernels_and_a_cuda_graph(models):
-    fast, _ = models
+    fast, _, _ = models
     assert fast.backend.mode == "triton"
-    missing = [n for n, s in fast.backend.sources.items() if s != "kernel" and n != "chunked_local_attention"]
-    assert not missing, f"ops without a kernel: {missing}"
+    assert set(fast.backend.sources.values()) == {"kernel"}
     fast.generate(_prompt(0), max_new_tokens=4, eos_token_id=[])
     assert any(st.graph is not None for st in fast._graphs.values()), "decode step was not captured"
 
 
-def test_prefill_logits_close_to_fp32(models):
-    fast, ref = models
+def test_prefill_logits_by_the_2x_rule(models):
+    fast, ref16, ref32 = models
     ids = _prompt(1, batch=2)
-    a, b = fast(ids).logits.float(), ref(ids).logits
-    rel = ((a - b).abs().max() / b.abs().max()).item()
-    assert rel <= LOGIT_REL_TOL_BF16, rel
+    with torch.no_grad():
+        truth = ref32(ids).logits
+        yardstick = _rel(ref16(ids).logits, truth)
+    err = _rel(fast(ids).logits, truth)
+    assert err <= 2 * yardstick + 1e-2, f"fast bf16 err {err:.3g} vs reference bf16 err {yardstick:.3g}"
 
 
-@pytest.mark.parametrize("seed", range(N_PROMPTS))
-def test_greedy_tokens_agree_with_fp32_reference(models, seed):
-    fast, ref = models
-    ids = _prompt(100 + seed)
-    a = fast.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])[0, PROMPT_LEN:]
-    b = ref.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])[0, PROMPT_LEN:]
-    agree = int((a != b).int().argmax()) if bool((a != b).any()) else NEW_TOKENS
-    assert agree >= MUST_AGREE, f"first {agree} tokens agree: {a.tolist()} vs {b.tolist()}"
+def test_decode_logits_by_the_2x_rule(models):
+    """One cached decode step after a prefill, against the fp32 full forward of the prompt + that token."""
+    from gemma3n_fast.cache import StaticKVCache
+
+    fast, ref16, ref32 = models
+    ids = _prompt(2, batch=2)
+    nxt = _prompt(3, batch=2, length=1)
+    full = torch.cat([ids, nxt], 1)
+    with torch.no_grad():
+        truth = ref32(full).logits[:, -1]
+        yardstick = _rel(ref16(full).logits[:, -1], truth)
+    cache = StaticKVCache(fast.text_config, 2, 256, "cuda", torch.bfloat16)
+    media = dict(pixel_values=None, input_features=None, input_features_mask=None)
+    fast.prefill(ids, None, cache, media, chunk=1024)
+    pos = torch.full((2, 1), PROMPT_LEN, dtype=torch.int32, device="cuda")
+    step = fast.decode_step(nxt, pos, torch.tensor([PROMPT_LEN], device="cuda"), cache)
+    err = _rel(step, truth)
+    assert err <= 2 * yardstick + 1e-2, f"fast bf16 err {err:.3g} vs reference bf16 err {yardstick:.3g}"
 
 
 def test_ragged_batch_graph_replay_equals_eager(models):
     """Same kernels, same shapes: the captured graph must give exactly the eager step's tokens."""
-    fast, _ = models
+    fast, _, _ = models
     ids = _prompt(7, batch=3, length=20)
     mask = torch.ones_like(ids)
     mask[0, :5], mask[2, :11] = 0, 0
@@ -76,7 +95,7 @@ def test_ragged_batch_graph_replay_equals_eager(models):
 
 
 def test_sampling_in_graph_is_seeded(models):
-    fast, _ = models
+    fast, _, _ = models
     ids = _prompt(8, batch=2)
     kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=50, top_p=0.95, eos_token_id=[])
     assert torch.equal(fast.generate(ids, seed=3, **kw), fast.generate(ids, seed=3, **kw))

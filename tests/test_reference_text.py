@@ -155,15 +155,19 @@ def test_generate_stops_per_row_at_eos_and_pads(pair):
 
 
 def test_sampling_is_seeded():
-    from gemma3n_fast.reference.model import _sample
+    from gemma3n_fast.reference.generation import Sampler
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    a = _sample(logits, True, 0.8, 10, 0.9, torch.Generator().manual_seed(5))
-    b = _sample(logits, True, 0.8, 10, 0.9, torch.Generator().manual_seed(5))
+
+    def noise(seed):
+        return torch.empty(3, 50).exponential_(generator=torch.Generator().manual_seed(seed))
+
+    sampler = Sampler.from_args(True, 0.8, 10, 0.9)
+    a, b = sampler(logits, noise(5)), sampler(logits, noise(5))
     assert torch.equal(a, b)
     top10 = logits.topk(10).indices
     assert all(a[i] in top10[i] for i in range(3)), "top_k=10 sampled outside the top 10"
-    assert torch.equal(_sample(logits, False, 1.0, None, None, None), logits.argmax(-1))
+    assert torch.equal(Sampler.from_args(False)(logits, None), logits.argmax(-1))
 
 
 def test_bf16_logits_bit_equal_hf(pair):
