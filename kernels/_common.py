@@ -6,10 +6,17 @@ Kernel files import it relatively (``from ._common import ...``). Everything her
 - ``last_dim_contiguous(t)``: ``t`` itself when its last stride is 1, else a contiguous copy.
 - ``check_out(fn, out, shape, dtype, device, ...)``: validate a caller's ``out=`` (or allocate one when None).
 - ``LOG2E``: log2(e) as a ``tl.constexpr`` (kernels use it as is; host code reads ``LOG2E.value``).
+- ``INTERPRETING``: whether kernels run in the Triton interpreter (``TRITON_INTERPRET=1`` when the kernel
+  files are imported, the moment triton's own ``@triton.jit`` decides it), as a ``tl.constexpr``.
 - jit helpers: ``round_to(x, dtype)`` (fp32 -> dtype, round-to-nearest-even), ``tanh(x)``, ``dot(a, b, IEEE)``
   (fp32-accumulated tl.dot; ``IEEE`` = exact fp32 products for fp32 operands instead of TF32).
+The interpreter differs from the GPU in two places, both handled here so kernels need not know: its cast
+fp32 -> bf16 truncates (``round_to`` rounds by hand there), and its ``tl.dot`` multiplies the raw bits of bf16
+operands (``dot`` upcasts to fp32 there).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -17,6 +24,7 @@ import triton.language as tl
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): softmax in base 2 uses exp2(x * log2(e)) = exp(x)
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def check_dtype(fn: str, name: str, t) -> None:
@@ -64,9 +72,9 @@ def check_out(fn: str, out: torch.Tensor | None, shape, dtype: torch.dtype, devi
 
 @triton.jit
 def round_to(x, dtype: tl.constexpr):
-    """fp32 -> dtype, round-to-nearest-even. Spelled out for bf16 because the interpreter's cast truncates;
-    the same few integer ops on GPU are free in a memory-bound kernel."""
-    if dtype == tl.bfloat16:
+    """fp32 -> dtype, round-to-nearest-even: the GPU's own cast (cvt.rn); spelled out for bf16 in the
+    interpreter, whose cast truncates."""
+    if INTERPRETING and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # add half an ulp (ties to even), drop 16 bits
         x = bits.to(tl.float32, bitcast=True)
@@ -81,8 +89,14 @@ def tanh(x):
 
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
-    """a @ b accumulated in fp32; ``IEEE`` (for fp32 operands) keeps full fp32 products instead of TF32."""
-    if IEEE:
+    """a @ b accumulated in fp32; ``IEEE`` (for fp32 operands) keeps full fp32 products instead of TF32.
+
+    In the interpreter, 16-bit operands are upcast first: products of fp16 / bf16 values are exact in fp32, so
+    this is the GPU's math (fp32 accumulation) up to summation order. Operands must already be rounded to their
+    dtype where the GPU rounds them (use ``round_to`` for P, not ``.to``)."""
+    if INTERPRETING:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)

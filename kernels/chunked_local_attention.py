@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, dot, last_dim_contiguous, tanh
+from ._common import check_dtype, check_out, dot, last_dim_contiguous, round_to, tanh
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _chunked_local_attention_kernel(
     q = tl.load(q_ptr + b * stride_qb + q_frames[:, None] * stride_qt + n * stride_qn + offs_d[None, :],
                 mask=qf_mask[:, None] & d_mask[None, :], other=0.0)
     q_scale = tl.load(qscale_ptr + offs_d, mask=d_mask, other=0.0)
-    qs = (q.to(tl.float32) * q_scale.to(tl.float32)[None, :]).to(q.dtype)  # rounded like the reference
+    qs = round_to(q.to(tl.float32) * q_scale.to(tl.float32)[None, :], q.dtype)  # rounded like the reference
     kv_mask = kf_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + b * stride_kb + k_frames[:, None] * stride_kt + n * stride_kn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
@@ -86,9 +86,9 @@ def _chunked_local_attention_kernel(
     p = tl.exp(logits - row_max[:, None])
     denom = tl.sum(p, axis=1)
     p = p / tl.where(denom == 0.0, 1.0, denom)[:, None]  # no visible key -> p = 0 -> output 0
-    out = dot(p.to(v.dtype), v, IEEE_DOT)
+    out = dot(round_to(p, v.dtype), v, IEEE_DOT)
     tl.store(out_ptr + b * stride_ob + q_frames[:, None] * stride_ot + n * stride_on + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=qf_mask[:, None] & d_mask[None, :])
+             round_to(out, out_ptr.dtype.element_ty), mask=qf_mask[:, None] & d_mask[None, :])
 
 
 def chunked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_emb: torch.Tensor,

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, check_dtype, check_out, dot, last_dim_contiguous, tanh
+from ._common import LOG2E, check_dtype, check_out, dot, last_dim_contiguous, round_to, tanh
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _attend_tile(q, q_pos, k_base, v_base, kpos_row, cols, n_mask, offs_d, d_mas
     p = tl.exp2(s - m_safe[:, None])  # masked entries -> 0
     alpha = tl.exp2(m_i - m_safe)  # rescale of the old accumulator (0 when m_i = -inf)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    return m_new, l_i, acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
+    return m_new, l_i, acc * alpha[:, None] + dot(round_to(p, v.dtype), v, IEEE_DOT)
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def _swa_prefill_kernel(
     # No visible key: l = 0 and acc = 0 -> output 0.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_rows = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(o_rows, round_to(out, out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def _check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap):
