@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import os
 
+if __name__ != "gemma3n_fast.kernels._common":  # one import path per module (see kernels/__init__.py)
+    raise ImportError(f"the kernel modules are the package 'gemma3n_fast.kernels'; import them under that name, "
+                      f"not as {__name__.rpartition('.')[0]!r} (install the repository: pip install -e .)")
+
 import torch
 import triton
 import triton.language as tl
