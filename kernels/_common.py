@@ -6,8 +6,8 @@ Kernel files import it relatively (``from ._common import ...``). Everything her
 - ``last_dim_contiguous(t)``: ``t`` itself when its last stride is 1, else a contiguous copy.
 - ``check_out(fn, out, shape, dtype, device, ...)``: validate a caller's ``out=`` (or allocate one when None).
 - ``LOG2E``: log2(e) as a ``tl.constexpr`` (kernels use it as is; host code reads ``LOG2E.value``).
-- ``INTERPRETING``: whether kernels run in the Triton interpreter (``TRITON_INTERPRET=1`` when the kernel
-  files are imported, the moment triton's own ``@triton.jit`` decides it), as a ``tl.constexpr``.
+- ``INTERPRETING``: whether kernels run in the Triton interpreter (``TRITON_INTERPRET`` set when the kernel
+  files are imported, the moment each ``@triton.jit`` decides it too), as a ``tl.constexpr``.
 - jit helpers: ``round_to(x, dtype)`` (fp32 -> dtype, round-to-nearest-even), ``tanh(x)``, ``dot(a, b, IEEE)``
   (fp32-accumulated tl.dot; ``IEEE`` = exact fp32 products for fp32 operands instead of TF32).
 The interpreter differs from the GPU in two places, both handled here so kernels need not know: its cast
@@ -15,8 +15,6 @@ fp32 -> bf16 truncates (``round_to`` rounds by hand there), and its ``tl.dot`` m
 operands (``dot`` upcasts to fp32 there).
 """
 from __future__ import annotations
-
-import os
 
 if __name__ != "gemma3n_fast.kernels._common":  # one import path per module (see kernels/__init__.py)
     raise ImportError(f"the kernel modules are the package 'gemma3n_fast.kernels'; import them under that name, "
@@ -28,7 +26,7 @@ import triton.language as tl
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): softmax in base 2 uses exp2(x * log2(e)) = exp(x)
-INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+INTERPRETING = tl.constexpr(bool(triton.knobs.runtime.interpret))  # TRITON_INTERPRET, read as @triton.jit reads it
 
 
 def check_dtype(fn: str, name: str, t) -> None:
