@@ -1,12 +1,33 @@
-"""Pytest setup for tests/ and bench/: the Triton interpreter on CPU-only machines, and the ``gpu`` marker.
+"""Pytest setup for tests/ and bench/: this checkout's packages, the Triton interpreter on CPU-only machines, and
+the ``gpu`` marker.
 
-TRITON_INTERPRET must be set before triton is imported anywhere, so it is decided here, first.
+pytest puts the repository root first on sys.path, so ``gemma3n_fast`` is this checkout's; its subpackages
+``kernels`` and ``reference`` live at the top of the repository and are mapped by the installed package's
+editable finder, which may point at another checkout (a venv shared by several worktrees): bind them to this
+checkout's folders here, first.
+TRITON_INTERPRET must be set before triton is imported anywhere, so it is decided here too, before any kernel import.
 On a machine without CUDA every kernel runs through the interpreter (never a PyTorch fallback);
 tests marked ``gpu`` are deselected there (not skipped) and run on the device with ``-m gpu``.
 """
+import importlib.util
 import os
+import sys
 
 import torch
+
+import gemma3n_fast
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(os.path.abspath(gemma3n_fast.__file__)) != os.path.join(ROOT, "gemma3n_fast"):
+    raise ImportError(f"gemma3n_fast was imported from {gemma3n_fast.__file__}, not from this checkout {ROOT}: "
+                      "run pytest from the repository root with the default import mode")
+for _sub in ("kernels", "reference"):
+    _name, _folder = f"gemma3n_fast.{_sub}", os.path.join(ROOT, _sub)
+    _spec = importlib.util.spec_from_file_location(_name, os.path.join(_folder, "__init__.py"),
+                                                   submodule_search_locations=[_folder])
+    sys.modules[_name] = _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+    setattr(gemma3n_fast, _sub, _module)
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

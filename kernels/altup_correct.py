@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gemma3n_fast.kernels.altup_predict import _DTYPES, _altup_modalities, _check_router, _round_to
+from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows
+from .altup_predict import _altup_modalities, _check_router
 
 
 @triton.jit
@@ -45,8 +46,8 @@ def _altup_correct_kernel(
     # g_k = sum_a coefs[k, a] * r[a], rounded (F.linear), then + 1 rounded again.
     k_idx = tl.arange(0, A)
     coef_w = tl.load(coef_ptr + k_idx[:, None] * coef_row_stride + k_idx[None, :] * coef_col_stride).to(tl.float32)
-    gains = _round_to(tl.sum(coef_w * modal[None, :], axis=1), dtype).to(tl.float32)
-    gains = _round_to(gains + 1.0, dtype).to(tl.float32)  # [A]
+    gains = round_to(tl.sum(coef_w * modal[None, :], axis=1), dtype).to(tl.float32)
+    gains = round_to(gains + 1.0, dtype).to(tl.float32)  # [A]
     is_active = (k_idx == active)[:, None]  # [A, 1]: picks P_active out of the tile without a second load
 
     cols = tl.arange(0, BLOCK)
@@ -56,14 +57,14 @@ def _altup_correct_kernel(
         p = tl.load(p_tok + k_idx[:, None] * p_stream_stride + start + cols[None, :],
                     mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
         p_active = tl.sum(tl.where(is_active, p, 0.0), axis=0)  # exact: one non-zero term per column
-        innovation = _round_to(o - p_active, dtype).to(tl.float32)
-        update = _round_to(gains[:, None] * innovation[None, :], dtype).to(tl.float32)
-        corrected = _round_to(p + update, dtype)  # [A, BLOCK] in the activation dtype
+        innovation = round_to(o - p_active, dtype).to(tl.float32)
+        update = round_to(gains[:, None] * innovation[None, :], dtype).to(tl.float32)
+        corrected = round_to(p + update, dtype)  # [A, BLOCK] in the activation dtype
         tl.store(out_tok + k_idx[:, None] * out_stream_stride + start + cols[None, :], corrected, mask=mask[None, :])
         if HAS_SCALE:
             c_active = tl.sum(tl.where(is_active, corrected.to(tl.float32), 0.0), axis=0)
             scale = tl.load(scale_ptr + start + cols, mask=mask, other=0.0)
-            scaled = _round_to(_round_to(c_active * scale.to(tl.float32), scale.dtype).to(tl.float32), dtype)
+            scaled = round_to(round_to(c_active * scale.to(tl.float32), scale.dtype).to(tl.float32), dtype)
             tl.store(scaled_ptr + token * scaled_token_stride + start + cols, scaled, mask=mask)
 
 
@@ -75,10 +76,7 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
     """Triton version of ``reference.ops.altup_correct``; plus ``out=`` ([A, ..., H]) and ``scaled_out=`` ([..., H])."""
     fn = "altup_correct"
     for name, t in (("predictions", predictions), ("activated", activated)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{fn}: {name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
+        check_dtype(fn, name, t)
     if predictions.dim() < 2 or predictions.numel() == 0:
         raise ValueError(f"{fn}: predictions must be a non-empty [A, ..., H], got {tuple(predictions.shape)}")
     A, H = predictions.shape[0], predictions.shape[-1]
@@ -97,41 +95,27 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
     if not isinstance(correction_coefs, torch.Tensor) or correction_coefs.shape != (A, A):
         raise ValueError(f"{fn}: correction_coefs must be a ({A}, {A}) tensor, got "
                          f"{getattr(correction_coefs, 'shape', type(correction_coefs).__name__)}")
-    if correction_coefs.device != activated.device or correction_coefs.dtype not in _DTYPES:
+    if correction_coefs.device != activated.device or correction_coefs.dtype not in DTYPES:
         raise ValueError(f"{fn}: correction_coefs must be fp32/fp16/bf16 on {activated.device}")
     if correct_output_scale is not None:
-        if correct_output_scale.shape != (H,) or correct_output_scale.dtype not in _DTYPES \
+        if correct_output_scale.shape != (H,) or correct_output_scale.dtype not in DTYPES \
                 or correct_output_scale.device != activated.device:
             raise ValueError(f"{fn}: correct_output_scale must be a ({H},) fp32/fp16/bf16 tensor on "
                              f"{activated.device}, got {tuple(correct_output_scale.shape)} "
                              f"{correct_output_scale.dtype} on {correct_output_scale.device}")
 
-    def _view(t, name, shape, rows_shape):
-        if t is None:
-            return torch.empty(shape, dtype=activated.dtype, device=activated.device)
-        if t.shape != shape or t.dtype != activated.dtype or t.device != activated.device:
-            raise ValueError(f"{fn}: {name} must be {tuple(shape)} {activated.dtype} on {activated.device}, got "
-                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
-        try:
-            v = t.view(rows_shape)
-        except RuntimeError:
-            raise ValueError(f"{fn}: {name} must be viewable as {rows_shape} rows") from None
-        if v.stride(-1) != 1 and H != 1:
-            raise ValueError(f"{fn}: {name} must have a contiguous last dim")
-        return t
-
-    out = _view(out, "out", predictions.shape, (A, -1, H))
+    out = check_out(fn, out, predictions.shape, activated.dtype, activated.device, view_as=(A, -1, H))
+    out3 = out.view(A, -1, H)
     scaled = None
     if correct_output_scale is not None:
-        scaled = _view(scaled_out, "scaled_out", activated.shape, (-1, H))
-    out3 = out.view(A, -1, H)
+        scaled = check_out(fn, scaled_out, activated.shape, activated.dtype, activated.device, name="scaled_out",
+                           view_as=(-1, H))
     scaled2 = scaled.view(-1, H) if scaled is not None else out3[0]  # dummy pointer when unused
 
     p3 = predictions.reshape(A, -1, H)
     p3 = p3 if p3.stride(-1) == 1 or H == 1 else p3.contiguous()
-    o2 = activated.reshape(-1, H)
-    o2 = o2 if o2.stride(-1) == 1 or H == 1 else o2.contiguous()
-    router_w = router_weight if router_weight.stride(-1) == 1 else router_weight.contiguous()
+    o2 = rows(activated, H)
+    router_w = last_dim_contiguous(router_weight)
     scale = correct_output_scale.contiguous() if correct_output_scale is not None else o2
     block = min(triton.next_power_of_2(H), 1024)
     _altup_correct_kernel[(p3.shape[1],)](

@@ -21,15 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gemma3n_fast.kernels.rms_norm import _round_to  # fp32 -> dtype with round-to-nearest-even
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(x) = 2 sigmoid(2x) - 1 (tl.* only; libdevice paths move between triton versions)
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, tanh
 
 
 @triton.jit
@@ -48,13 +40,13 @@ def _altup_modalities(x_row, norm_w_ptr, router_w_ptr, H, router_row_stride, eps
         mask = start + cols < H
         x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(norm_w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-        normed = _round_to(x * inv_rms * w, dtype).to(tl.float32)  # rms_norm's output, in the activation dtype
-        scaled = _round_to(normed * (1.0 / H), dtype).to(tl.float32)  # router_input_scale = 1/H, rounded
+        normed = round_to(x * inv_rms * w, dtype).to(tl.float32)  # rms_norm's output, in the activation dtype
+        scaled = round_to(normed * (1.0 / H), dtype).to(tl.float32)  # router_input_scale = 1/H, rounded
         rw = tl.load(router_w_ptr + streams[:, None] * router_row_stride + start + cols[None, :],
                      mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
         routed += rw * scaled[None, :]
-    routed = _round_to(tl.sum(routed, axis=1), dtype).to(tl.float32)  # F.linear's output rounding, [A]
-    return _round_to(_tanh(routed), dtype).to(tl.float32)
+    routed = round_to(tl.sum(routed, axis=1), dtype).to(tl.float32)  # F.linear's output rounding, [A]
+    return round_to(tanh(routed), dtype).to(tl.float32)
 
 
 @triton.jit
@@ -75,7 +67,7 @@ def _altup_predict_kernel(
     k_idx = tl.arange(0, A)
     kj_rows = k_idx[:, None, None] * A + k_idx[None, :, None]  # [A(k), A(j), 1]
     coef_w = tl.load(coef_ptr + kj_rows * coef_row_stride + k_idx[None, None, :] * coef_col_stride).to(tl.float32)
-    mix_coefs = _round_to(tl.sum(coef_w * modal[None, None, :], axis=2), dtype).to(tl.float32)  # [A(k), A(j)]
+    mix_coefs = round_to(tl.sum(coef_w * modal[None, None, :], axis=2), dtype).to(tl.float32)  # [A(k), A(j)]
 
     cols = tl.arange(0, BLOCK)
     for start in range(0, H, BLOCK):
@@ -83,18 +75,15 @@ def _altup_predict_kernel(
         s = tl.load(s_tok + k_idx[:, None] * s_stream_stride + start + cols[None, :],
                     mask=mask[None, :], other=0.0).to(tl.float32)  # [A(j), BLOCK]
         mix = tl.sum(mix_coefs[:, :, None] * s[None, :, :], axis=1)  # [A(k), BLOCK], fp32 like the reference einsum
-        pred = _round_to(_round_to(mix, dtype).to(tl.float32) + s, dtype)  # round the mix, then the residual add
+        pred = round_to(round_to(mix, dtype).to(tl.float32) + s, dtype)  # round the mix, then the residual add
         tl.store(out_tok + k_idx[:, None] * out_stream_stride + start + cols[None, :], pred, mask=mask[None, :])
 
 
 def _check_router(fn, x_dtype, device, H, A, router_norm_weight, router_weight):
     for name, t in (("router_norm_weight", router_norm_weight), ("router_weight", router_weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dtype(fn, name, t)
         if t.device != device:
             raise ValueError(f"{fn}: {name} is on {t.device} but the activations are on {device}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{fn}: {name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
     if router_norm_weight.shape != (H,):
         raise ValueError(f"{fn}: router_norm_weight must be ({H},), got {tuple(router_norm_weight.shape)}")
     if router_weight.shape != (A, H):
@@ -108,10 +97,7 @@ def altup_predict(streams: torch.Tensor, router_norm_weight: torch.Tensor, route
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``reference.ops.altup_predict``; same signature plus ``out=`` ([A, ..., H] like streams)."""
     fn = "altup_predict"
-    if not isinstance(streams, torch.Tensor):
-        raise TypeError(f"{fn}: streams must be a torch.Tensor, got {type(streams).__name__}")
-    if streams.dtype not in _DTYPES:
-        raise TypeError(f"{fn}: streams dtype {streams.dtype} is not supported (fp32, fp16, bf16)")
+    check_dtype(fn, "streams", streams)
     if streams.dim() < 2 or streams.numel() == 0:
         raise ValueError(f"{fn}: streams must be a non-empty [A, ..., H], got {tuple(streams.shape)}")
     A, H = streams.shape[0], streams.shape[-1]
@@ -123,25 +109,16 @@ def altup_predict(streams: torch.Tensor, router_norm_weight: torch.Tensor, route
     if not isinstance(prediction_coefs, torch.Tensor) or prediction_coefs.shape != (A * A, A):
         raise ValueError(f"{fn}: prediction_coefs must be a ({A * A}, {A}) tensor, got "
                          f"{getattr(prediction_coefs, 'shape', type(prediction_coefs).__name__)}")
-    if prediction_coefs.device != streams.device or prediction_coefs.dtype not in _DTYPES:
+    if prediction_coefs.device != streams.device or prediction_coefs.dtype not in DTYPES:
         raise ValueError(f"{fn}: prediction_coefs must be fp32/fp16/bf16 on {streams.device}")
-    if out is None:
-        out = torch.empty(streams.shape, dtype=streams.dtype, device=streams.device)
-    elif out.shape != streams.shape or out.dtype != streams.dtype or out.device != streams.device:
-        raise ValueError(f"{fn}: out must be {tuple(streams.shape)} {streams.dtype} on {streams.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    try:
-        out3 = out.view(A, -1, H)
-    except RuntimeError:
-        raise ValueError(f"{fn}: out must be viewable as [A, tokens, H]") from None
-    if out3.stride(-1) != 1 and H != 1:
-        raise ValueError(f"{fn}: out must have a contiguous last dim")
+    out = check_out(fn, out, streams.shape, streams.dtype, streams.device, view_as=(A, -1, H))
+    out3 = out.view(A, -1, H)
 
     s3 = streams.reshape(A, -1, H)
     if s3.stride(-1) != 1 and H != 1:
         s3 = s3.contiguous()
     norm_w = router_norm_weight.contiguous()
-    router_w = router_weight if router_weight.stride(-1) == 1 else router_weight.contiguous()
+    router_w = last_dim_contiguous(router_weight)
     # The mix holds an [A, A, BLOCK] fp32 product per iteration: 512 keeps it at 64 registers a thread (4 warps).
     block = min(triton.next_power_of_2(H), 512)
     _altup_predict_kernel[(s3.shape[1],)](

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import check_dtype, check_out, dot, last_dim_contiguous, round_to, tanh
+
 
 @triton.jit
 def _chunked_local_attention_kernel(
@@ -59,7 +61,7 @@ def _chunked_local_attention_kernel(
     q = tl.load(q_ptr + b * stride_qb + q_frames[:, None] * stride_qt + n * stride_qn + offs_d[None, :],
                 mask=qf_mask[:, None] & d_mask[None, :], other=0.0)
     q_scale = tl.load(qscale_ptr + offs_d, mask=d_mask, other=0.0)
-    qs = (q.to(tl.float32) * q_scale.to(tl.float32)[None, :]).to(q.dtype)  # rounded like the reference
+    qs = round_to(q.to(tl.float32) * q_scale.to(tl.float32)[None, :], q.dtype)  # rounded like the reference
     kv_mask = kf_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + b * stride_kb + k_frames[:, None] * stride_kt + n * stride_kn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
@@ -67,10 +69,7 @@ def _chunked_local_attention_kernel(
                 mask=kv_mask, other=0.0)
     key_valid = tl.load(valid_ptr + b * stride_validb + k_frames, mask=kf_mask, other=0) != 0
 
-    if IEEE_DOT:
-        logits = tl.dot(qs, tl.trans(k), input_precision="ieee")  # [BM, BK] content term
-    else:
-        logits = tl.dot(qs, tl.trans(k))
+    logits = dot(qs, tl.trans(k), IEEE_DOT)  # [BM, BK] content term
     # Relative term: query i and key j are at pos_emb row f = j - i (distance max_past - f).
     rel = offs_j[None, :] - offs_i[:, None]  # [BM, BK]
     qs32 = qs.to(tl.float32)
@@ -78,8 +77,7 @@ def _chunked_local_attention_kernel(
         pe = tl.load(pe_ptr + f * stride_pf + n * stride_pn + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         qp = tl.sum(qs32 * pe[None, :], axis=1)  # [BM]
         logits += tl.where(rel == f, qp[:, None], 0.0)
-    # Cap before masking: cap * tanh(x / cap), tanh(y) = 2 sigmoid(2y) - 1.
-    logits = logit_cap * (2.0 * tl.sigmoid(2.0 * logits / logit_cap) - 1.0)
+    logits = logit_cap * tanh(logits / logit_cap)  # cap before masking
     visible = (rel >= 0) & (rel < num_rel) & key_valid[None, :]
     logits = tl.where(visible, logits, float("-inf"))
 
@@ -88,15 +86,9 @@ def _chunked_local_attention_kernel(
     p = tl.exp(logits - row_max[:, None])
     denom = tl.sum(p, axis=1)
     p = p / tl.where(denom == 0.0, 1.0, denom)[:, None]  # no visible key -> p = 0 -> output 0
-    if IEEE_DOT:
-        out = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        out = tl.dot(p.to(v.dtype), v)
+    out = dot(round_to(p, v.dtype), v, IEEE_DOT)
     tl.store(out_ptr + b * stride_ob + q_frames[:, None] * stride_ot + n * stride_on + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=qf_mask[:, None] & d_mask[None, :])
-
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+             round_to(out, out_ptr.dtype.element_ty), mask=qf_mask[:, None] & d_mask[None, :])
 
 
 def chunked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_emb: torch.Tensor,
@@ -104,47 +96,44 @@ def chunked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             max_past: int = 12, max_future: int = 0, logit_cap: float = 50.0,
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Banded relative-position attention; same contract as ``reference.ops.chunked_local_attention``."""
+    fn = "chunked_local_attention"
     tensors = (("q", q), ("k", k), ("v", v), ("pos_emb", pos_emb), ("valid", valid), ("q_scale", q_scale))
     for name, t in tensors:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype(fn, name, t)
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, T, N, Dh], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} has unsupported dtype {t.dtype}; expected float32, float16 or bfloat16")
+            raise ValueError(f"{fn}: {name} must be 4-D [B, T, N, Dh], got shape {tuple(t.shape)}")
         if t.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+            raise ValueError(f"{fn}: {name} is empty (shape {tuple(t.shape)})")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"{fn}: q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype == pos_emb.dtype):
-        raise TypeError(f"q, k, v, pos_emb must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {pos_emb.dtype}")
+        raise TypeError(f"{fn}: q, k, v, pos_emb must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {pos_emb.dtype}")
     devices = {t.device for _, t in tensors}
     if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{fn}: all inputs must be on one device, got {sorted(map(str, devices))}")
     for name, val in (("chunk_size", chunk_size), ("max_past", max_past), ("max_future", max_future)):
         if not isinstance(val, int) or val < (1 if name == "chunk_size" else 0):
-            raise ValueError(f"{name} must be a {'positive' if name == 'chunk_size' else 'non-negative'} int, "
+            raise ValueError(f"{fn}: {name} must be a {'positive' if name == 'chunk_size' else 'non-negative'} int, "
                              f"got {val!r}")
     if not logit_cap > 0:
-        raise ValueError(f"logit_cap must be positive, got {logit_cap!r}")
+        raise ValueError(f"{fn}: logit_cap must be positive, got {logit_cap!r}")
     B, T, N, Dh = q.shape
     num_rel = max_past + max_future + 1
     if tuple(pos_emb.shape) != (num_rel, N, Dh):
-        raise ValueError(f"pos_emb must have shape {(num_rel, N, Dh)} (max_past + max_future + 1, N, Dh), "
+        raise ValueError(f"{fn}: pos_emb must have shape {(num_rel, N, Dh)} (max_past + max_future + 1, N, Dh), "
                          f"got {tuple(pos_emb.shape)}")
     if valid.dtype != torch.bool or tuple(valid.shape) != (B, T):
-        raise ValueError(f"valid must be a bool tensor of shape {(B, T)}, got {valid.dtype} {tuple(valid.shape)}")
+        raise ValueError(f"{fn}: valid must be a bool tensor of shape {(B, T)}, got {valid.dtype} "
+                         f"{tuple(valid.shape)}")
     if tuple(q_scale.shape) != (Dh,) or not q_scale.dtype.is_floating_point:
-        raise ValueError(f"q_scale must be a float tensor of shape {(Dh,)}, got {q_scale.dtype} "
+        raise ValueError(f"{fn}: q_scale must be a float tensor of shape {(Dh,)}, got {q_scale.dtype} "
                          f"{tuple(q_scale.shape)}")
-    q, k, v, pos_emb = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, pos_emb))
+    q, k, v, pos_emb = (last_dim_contiguous(t) for t in (q, k, v, pos_emb))
     q_scale = q_scale.contiguous()
-    if out is None:
-        out = torch.empty((B, T, N, Dh), dtype=q.dtype, device=q.device)
-    elif tuple(out.shape) != (B, T, N, Dh) or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be {(B, T, N, Dh)} {q.dtype} on {q.device} with a contiguous last dim, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    out = check_out(fn, out, (B, T, N, Dh), q.dtype, q.device)
     valid_u8 = valid.view(torch.uint8)  # same bytes, a dtype every triton version loads
 
     BLOCK_M = 16 if max_past + max_future <= 16 else 32

@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gemma3n_fast.kernels.rms_norm import _round_to  # fp32 -> dtype with round-to-nearest-even
+from ._common import check_dtype, check_out, round_to, rows
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
 
 
@@ -54,20 +53,20 @@ def _gaussian_topk_gelu_mul_kernel(
             s2 += d * d
         mean_shifted = tl.sum(s1, axis=0) / I
         var = tl.maximum(tl.sum(s2, axis=0) / I - mean_shifted * mean_shifted, 0.0)
-        mean = _round_to(mean_shifted + shift, dtype).to(tl.float32)
-        std = _round_to(tl.sqrt(var), dtype).to(tl.float32)
-        cutoff = _round_to(mean + _round_to(std * z, dtype).to(tl.float32), dtype).to(tl.float32)
+        mean = round_to(mean_shifted + shift, dtype).to(tl.float32)
+        std = round_to(tl.sqrt(var), dtype).to(tl.float32)
+        cutoff = round_to(mean + round_to(std * z, dtype).to(tl.float32), dtype).to(tl.float32)
 
     count = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, I, BLOCK):
         mask = start + cols < I
         g = tl.load(gate_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         if SPARSE:
-            g = tl.maximum(_round_to(g - cutoff, dtype).to(tl.float32), 0.0)  # relu of the shifted gate
+            g = tl.maximum(round_to(g - cutoff, dtype).to(tl.float32), 0.0)  # relu of the shifted gate
         inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
-        act = _round_to(g * tl.sigmoid(2.0 * inner), dtype).to(tl.float32)  # 0.5 g (1 + tanh(inner))
+        act = round_to(g * tl.sigmoid(2.0 * inner), dtype).to(tl.float32)  # 0.5 g (1 + tanh(inner))
         u = tl.load(up_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_row + start + cols, _round_to(act * u, dtype), mask=mask)
+        tl.store(out_row + start + cols, round_to(act * u, dtype), mask=mask)
         if WRITE_COUNT:
             if SPARSE:
                 count += tl.where(mask & (g > 0.0), 1, 0)  # g' > 0 <=> gelu(g') != 0
@@ -77,21 +76,12 @@ def _gaussian_topk_gelu_mul_kernel(
         tl.store(count_ptr + row, tl.sum(count, axis=0))
 
 
-def _rows(t: torch.Tensor, I: int) -> torch.Tensor:
-    """[..., I] -> [rows, I] with a unit last-dim stride (a view when possible, else one copy)."""
-    t = t.reshape(-1, I)
-    return t if t.stride(-1) == 1 or I == 1 else t.contiguous()
-
-
 def gaussian_topk_gelu_mul(gate: torch.Tensor, up: torch.Tensor, std_multiplier: float | None, *,
                            out: torch.Tensor | None = None,
                            active_count: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``reference.ops.gaussian_topk_gelu_mul``; plus ``out=`` and ``active_count=`` (int32 [rows])."""
     for name, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"gaussian_topk_gelu_mul: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"gaussian_topk_gelu_mul: {name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
+        check_dtype("gaussian_topk_gelu_mul", name, t)
     if gate.dim() < 1 or gate.numel() == 0:
         raise ValueError(f"gaussian_topk_gelu_mul: gate must be a non-empty [..., I], got {tuple(gate.shape)}")
     if up.shape != gate.shape:
@@ -104,17 +94,8 @@ def gaussian_topk_gelu_mul(gate: torch.Tensor, up: torch.Tensor, std_multiplier:
         raise TypeError("gaussian_topk_gelu_mul: std_multiplier must be a Python float or None "
                         f"(a tensor would force a host sync), got {type(std_multiplier).__name__}")
     I = gate.shape[-1]
-    if out is None:
-        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    elif out.shape != gate.shape or out.dtype != gate.dtype or out.device != gate.device:
-        raise ValueError(f"gaussian_topk_gelu_mul: out must be {tuple(gate.shape)} {gate.dtype} on {gate.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    try:
-        out_rows = out.view(-1, I)
-    except RuntimeError:
-        raise ValueError("gaussian_topk_gelu_mul: out must be viewable as [rows, I] (contiguous rows)") from None
-    if out_rows.stride(-1) != 1 and I != 1:
-        raise ValueError("gaussian_topk_gelu_mul: out must have a contiguous last dim")
+    out = check_out("gaussian_topk_gelu_mul", out, gate.shape, gate.dtype, gate.device, view_as=(-1, I))
+    out_rows = out.view(-1, I)
     n_rows = out_rows.shape[0]
     if active_count is not None:
         if active_count.dtype != torch.int32 or active_count.numel() != n_rows or not active_count.is_contiguous():
@@ -125,7 +106,7 @@ def gaussian_topk_gelu_mul(gate: torch.Tensor, up: torch.Tensor, std_multiplier:
 
     # z rounded to the activation dtype exactly as the reference does (a CPU scalar op, no device sync).
     z = 0.0 if std_multiplier is None else float(torch.tensor(float(std_multiplier)).to(gate.dtype).float())
-    gate_rows, up_rows = _rows(gate, I), _rows(up, I)
+    gate_rows, up_rows = rows(gate, I), rows(up, I)
     block = min(triton.next_power_of_2(I), 4096)
     num_warps = min(max(block // 256, 1), 8)
     _gaussian_topk_gelu_mul_kernel[(n_rows,)](

@@ -18,19 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._common import check_dtype, check_out, round_to, rows
+
 _MAX_SINGLE_BLOCK = 8192  # rows up to this width are held in registers; wider rows are looped over twice
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 -> dtype, round-to-nearest-even. Spelled out for bf16 because the interpreter's cast truncates;
-    the same few integer ops on GPU are free in a memory-bound kernel."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # add half an ulp (ties to even), drop 16 bits
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -52,9 +42,9 @@ def _rms_norm_kernel(
         y = x * inv_rms
         if HAS_WEIGHT:
             y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = _round_to(y, out_ptr.dtype.element_ty)  # the norm's own rounding to x.dtype
+        y = round_to(y, out_ptr.dtype.element_ty)  # the norm's own rounding to x.dtype
         if HAS_RESIDUAL:
-            y = _round_to(tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32), y.dtype)
+            y = round_to(tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32), y.dtype)
         tl.store(out_row + cols, y, mask=mask)
     else:
         # Pass 1: sum of squares, accumulated per lane in fp32, reduced once at the end.
@@ -70,34 +60,24 @@ def _rms_norm_kernel(
             y = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32) * inv_rms
             if HAS_WEIGHT:
                 y = y * tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            y = _round_to(y, out_ptr.dtype.element_ty)
+            y = round_to(y, out_ptr.dtype.element_ty)
             if HAS_RESIDUAL:
                 r = tl.load(res_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                y = _round_to(r + y.to(tl.float32), y.dtype)
+                y = round_to(r + y.to(tl.float32), y.dtype)
             tl.store(out_row + start + cols, y, mask=mask)
-
-
-def _rows(t: torch.Tensor, H: int) -> torch.Tensor:
-    """[..., H] -> [rows, H] with a unit last-dim stride (a view when possible, else one copy)."""
-    t = t.reshape(-1, H)
-    return t if t.stride(-1) == 1 or H == 1 else t.contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6,
              residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``reference.ops.rms_norm``; same signature plus ``out=`` ([..., H] like x, viewable)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"rms_norm: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"rms_norm: x dtype {x.dtype} is not supported (fp32, fp16, bf16)")
+    check_dtype("rms_norm", "x", x)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"rms_norm: x must be a non-empty tensor [..., H], got shape {tuple(x.shape)}")
     H = x.shape[-1]
     if weight is not None:
         if weight.shape != (H,):
             raise ValueError(f"rms_norm: weight must have shape ({H},), got {tuple(weight.shape)}")
-        if weight.dtype not in _DTYPES:
-            raise TypeError(f"rms_norm: weight dtype {weight.dtype} is not supported (fp32, fp16, bf16)")
+        check_dtype("rms_norm", "weight", weight)
         if weight.device != x.device:
             raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}")
         weight = weight if weight.stride(0) == 1 else weight.contiguous()
@@ -108,20 +88,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
             raise TypeError(f"rms_norm: residual dtype {residual.dtype} != x dtype {x.dtype}")
         if residual.device != x.device:
             raise ValueError(f"rms_norm: residual is on {residual.device} but x is on {x.device}")
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"rms_norm: out must be {tuple(x.shape)} {x.dtype} on {x.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    try:
-        out_rows = out.view(-1, H)
-    except RuntimeError:
-        raise ValueError("rms_norm: out must be viewable as [rows, H] (contiguous rows)") from None
-    if out_rows.stride(-1) != 1 and H != 1:
-        raise ValueError("rms_norm: out must have a contiguous last dim")
+    out = check_out("rms_norm", out, x.shape, x.dtype, x.device, view_as=(-1, H))
+    out_rows = out.view(-1, H)
 
-    x_rows = _rows(x, H)
-    res_rows = _rows(residual, H) if residual is not None else x_rows  # dummy pointer when unused
+    x_rows = rows(x, H)
+    res_rows = rows(residual, H) if residual is not None else x_rows  # dummy pointer when unused
     n_rows = x_rows.shape[0]
     single = H <= _MAX_SINGLE_BLOCK
     block = triton.next_power_of_2(H) if single else 4096

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from ._common import LOG2E, check_dtype, check_out, dot, last_dim_contiguous, round_to, tanh
 
 
 @triton.jit
@@ -42,9 +42,8 @@ def _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window,
 
     Visible: ``0 <= k_pos <= q_pos`` and, with a window, ``q_pos - k_pos < window`` (the reference's boundary)."""
     if HAS_SOFTCAP:
-        # softcap * tanh(s * scaling / softcap); qk_scale_log2 carries scaling * log2(e); tanh via sigmoid
-        x = s * (qk_scale_log2 / 1.4426950408889634) / softcap
-        s = softcap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * 1.4426950408889634
+        # softcap * tanh(s * scaling / softcap); qk_scale_log2 carries scaling * log2(e)
+        s = softcap * tanh(s * (qk_scale_log2 / LOG2E) / softcap) * LOG2E
     else:
         s = s * qk_scale_log2
     visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
@@ -64,10 +63,7 @@ def _attend_tile(q, q_pos, k_base, v_base, kpos_row, cols, n_mask, offs_d, d_mas
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
     v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-    if IEEE_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
+    s = dot(q, tl.trans(k), IEEE_DOT)  # [BM, BN] fp32
     s = _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # Rows that have seen no visible key yet keep m = -inf; subtract 0 instead to avoid inf - inf.
@@ -75,11 +71,7 @@ def _attend_tile(q, q_pos, k_base, v_base, kpos_row, cols, n_mask, offs_d, d_mas
     p = tl.exp2(s - m_safe[:, None])  # masked entries -> 0
     alpha = tl.exp2(m_i - m_safe)  # rescale of the old accumulator (0 when m_i = -inf)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if IEEE_DOT:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
+    return m_new, l_i, acc * alpha[:, None] + dot(round_to(p, v.dtype), v, IEEE_DOT)
 
 
 @triton.jit
@@ -139,62 +131,44 @@ def _swa_prefill_kernel(
     # No visible key: l = 0 and acc = 0 -> output 0.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_rows = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(o_rows, round_to(out, out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _check_attention_inputs(q, k, v, q_pos, k_pos, window, softcap):
+def _check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap):
     """Shared validation for prefill and decode; returns (B, Hq, Tq, D, Hkv, Tk)."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("q_pos", q_pos), ("k_pos", k_pos)):
+    for name, t in (("q_pos", q_pos), ("k_pos", k_pos)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype(fn, name, t)
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, T, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} has unsupported dtype {t.dtype}; expected float32, float16 or bfloat16")
+            raise ValueError(f"{fn}: {name} must be 4-D [B, H, T, D], got shape {tuple(t.shape)}")
         if t.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+            raise ValueError(f"{fn}: {name} is empty (shape {tuple(t.shape)})")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{fn}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     devices = {t.device for t in (q, k, v, q_pos, k_pos)}
     if len(devices) != 1:
-        raise ValueError(f"q, k, v, q_pos, k_pos must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{fn}: q, k, v, q_pos, k_pos must be on one device, got {sorted(map(str, devices))}")
     B, Hq, Tq, D = q.shape
     _, Hkv, Tk, _ = k.shape
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head dim")
+        raise ValueError(f"{fn}: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or "
+                         "head dim")
     if v.shape != k.shape:
-        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+        raise ValueError(f"{fn}: v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
     if Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+        raise ValueError(f"{fn}: query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     for name, t, T in (("q_pos", q_pos, Tq), ("k_pos", k_pos, Tk)):
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
-            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+            raise TypeError(f"{fn}: {name} must be an integer tensor, got {t.dtype}")
         if tuple(t.shape) != (B, T):
-            raise ValueError(f"{name} must have shape {(B, T)}, got {tuple(t.shape)}")
+            raise ValueError(f"{fn}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
     if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
+        raise ValueError(f"{fn}: window must be a positive int or None, got {window!r}")
     if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+        raise ValueError(f"{fn}: softcap must be positive or None, got {softcap!r}")
     return B, Hq, Tq, D, Hkv, Tk
-
-
-def _check_out(out, shape, dtype, device):
-    if out is None:
-        return None
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
-        raise ValueError(f"out must be {tuple(shape)} {dtype} on {device}, got {tuple(out.shape)} {out.dtype} "
-                         f"on {out.device}")
-    if out.stride(-1) != 1:
-        raise ValueError("out must have a contiguous last dim")
-    return out
 
 
 def _prefill_blocks(D: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -219,12 +193,10 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     keys in position order (cached keys then the chunk), or use ``sliding_window_attention_decode``, which
     accepts any slot order.
     """
-    B, Hq, Tq, D, Hkv, Tk = _check_attention_inputs(q, k, v, q_pos, k_pos, window, softcap)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    q_pos, k_pos = _last_dim_contiguous(q_pos), _last_dim_contiguous(k_pos)
-    out = _check_out(out, (B, Hq, Tq, D), q.dtype, q.device)
-    if out is None:
-        out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    fn = "sliding_window_attention"
+    B, Hq, Tq, D, Hkv, Tk = _check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap)
+    q, k, v, q_pos, k_pos = (last_dim_contiguous(t) for t in (q, k, v, q_pos, k_pos))
+    out = check_out(fn, out, (B, Hq, Tq, D), q.dtype, q.device)
     BLOCK_M, BLOCK_N, num_warps = _prefill_blocks(D, q.dtype)
     BLOCK_D = triton.next_power_of_2(D)
     grid = (triton.cdiv(Tq, BLOCK_M), B * Hq)
@@ -236,7 +208,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         out.stride(0), out.stride(1), out.stride(2),
         q_pos.stride(0), k_pos.stride(0),
         Hq, Tq, Tk, D, Hq // Hkv, window if window is not None else 0,
-        float(scaling) * LOG2E, float(softcap) if softcap is not None else 1.0,
+        float(scaling) * LOG2E.value, float(softcap) if softcap is not None else 1.0,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, IEEE_DOT=q.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=2,
     )

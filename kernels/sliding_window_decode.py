@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gemma3n_fast.kernels.sliding_window_attention import (
-    LOG2E, _check_attention_inputs, _check_out, _attend_tile, _last_dim_contiguous)
+from ._common import LOG2E, check_out, last_dim_contiguous, round_to
+from .sliding_window_attention import _attend_tile, _check_attention_inputs
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _swa_decode_kernel(
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o = out_ptr + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :]
-        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+        tl.store(o, round_to(out, out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _swa_decode_reduce_kernel(
     w = tl.exp2(m - m_safe)  # each split's rescale to the global max (0 for splits that saw nothing)
     l_all = tl.sum(l * w, axis=0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_all == 0.0, 1.0, l_all)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + t * stride_ot + offs_d, out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + t * stride_ot + offs_d, round_to(out, out_ptr.dtype.element_ty),
              mask=d_mask)
 
 
@@ -148,17 +148,15 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
     q [B, Hq, Tq, D] with a few tokens; k, v [B, Hkv, S, D] cache; k_pos [B, S] (negative = empty slot).
     ``num_splits`` overrides the static heuristic (``decode_num_splits``); ``workspace`` see module docstring.
     """
-    B, Hq, Tq, D, Hkv, S = _check_attention_inputs(q, k, v, q_pos, k_pos, window, softcap)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    q_pos, k_pos = _last_dim_contiguous(q_pos), _last_dim_contiguous(k_pos)
-    out = _check_out(out, (B, Hq, Tq, D), q.dtype, q.device)
-    if out is None:
-        out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    fn = "sliding_window_attention_decode"
+    B, Hq, Tq, D, Hkv, S = _check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap)
+    q, k, v, q_pos, k_pos = (last_dim_contiguous(t) for t in (q, k, v, q_pos, k_pos))
+    out = check_out(fn, out, (B, Hq, Tq, D), q.dtype, q.device)
     G = Hq // Hkv
     if num_splits is None:
         num_splits = decode_num_splits(B, Hkv, S)
     if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+        raise ValueError(f"{fn}: num_splits must be a positive int, got {num_splits!r}")
     BLOCK_N = 32 if (q.dtype == torch.float32 and D > 128) else _BLOCK_N
     keys_per_split = triton.cdiv(triton.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
     num_splits = triton.cdiv(S, keys_per_split)  # drop splits that would be empty
@@ -169,7 +167,7 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
             workspace = torch.empty(need, dtype=torch.float32, device=q.device)
         elif workspace.dtype != torch.float32 or workspace.device != q.device or workspace.numel() < need \
                 or not workspace.is_contiguous():
-            raise ValueError(f"workspace must be a contiguous float32 tensor on {q.device} with >= {need} "
+            raise ValueError(f"{fn}: workspace must be a contiguous float32 tensor on {q.device} with >= {need} "
                              f"elements, got {workspace.dtype} {tuple(workspace.shape)} on {workspace.device}")
     ws = workspace if split else out  # unused when not split
     BLOCK_M = max(16, triton.next_power_of_2(G * Tq))  # tl.dot needs >= 16 rows
@@ -183,7 +181,7 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
         out.stride(0), out.stride(1), out.stride(2),
         q_pos.stride(0), k_pos.stride(0),
         Hkv, Tq, S, D, G, keys_per_split, num_splits, window if window is not None else 0,
-        float(scaling) * LOG2E, float(softcap) if softcap is not None else 1.0,
+        float(scaling) * LOG2E.value, float(softcap) if softcap is not None else 1.0,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, IEEE_DOT=q.dtype == torch.float32,
         SPLIT=split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=2,
     )

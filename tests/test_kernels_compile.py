@@ -8,6 +8,17 @@ import os
 import subprocess
 import sys
 
+# Run in the repository root: gemma3n_fast.kernels bound to this checkout's kernels/ (as conftest.py does), whatever
+# the interpreter's editable install maps it to.
+_BIND_CHECKOUT = r'''
+import importlib.util, os, sys
+import gemma3n_fast
+_spec = importlib.util.spec_from_file_location("gemma3n_fast.kernels", os.path.join("kernels", "__init__.py"),
+                                               submodule_search_locations=[os.path.abspath("kernels")])
+sys.modules["gemma3n_fast.kernels"] = gemma3n_fast.kernels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gemma3n_fast.kernels)
+'''
+
 _ATTENTION_SCRIPT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
@@ -94,8 +105,8 @@ def _compile_in_fresh_process(script: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _BIND_CHECKOUT + script], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
