@@ -419,7 +419,7 @@ class AudioFeatureExtractor:
         max_length = self.max_length if max_length == -1 else max_length
         pad_to_multiple_of = self.pad_to_multiple_of if pad_to_multiple_of == -1 else pad_to_multiple_of
         truncate = self._check_truncate(self.truncate_audio if truncate_audio is None else truncate_audio)
-        segment = None if truncate else self.segment_samples(audio_segment_seconds)
+        segment = self.segment_samples(audio_segment_seconds)  # checked even when truncating
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
         if hasattr(waveforms, "detach"):
             waveforms = _tensor_to_numpy(waveforms)

@@ -177,6 +177,8 @@ class Processor:
                 isinstance(audio_segment_seconds, numbers.Real) and 0 < audio_segment_seconds < math.inf)):
             raise ProcessorError(f"audio_segment_seconds must be a positive number of seconds, "
                                  f"got {audio_segment_seconds!r}")  # its upper bound is the extractor's window
+        if truncate_audio not in (None, True, False):
+            raise ProcessorError(f"truncate_audio must be True, False or None, got {truncate_audio!r}")
         self.audio_segment_seconds, self.truncate_audio = audio_segment_seconds, truncate_audio
 
     # -- loading -------------------------------------------------------------------------------------------

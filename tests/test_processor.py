@@ -340,6 +340,8 @@ def test_audio_option_errors(pair):
         _audio_batch(ours, clip, audio_segment_seconds=45)
     with pytest.raises(AudioError, match="truncate_audio must be True or False"):
         _audio_batch(ours, clip, truncate_audio="no")
+    with pytest.raises(ProcessorError, match="truncate_audio must be True, False or None"):
+        Processor.from_pretrained(d, truncate_audio="no")
     with pytest.raises(AudioError, match="sampling rate must be a positive integer"):
         _audio_batch(ours, clip, sampling_rate=-8_000)
     with pytest.raises(AudioError, match="int64 samples are not a PCM format"):
