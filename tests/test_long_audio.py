@@ -48,7 +48,8 @@ def clip_of(n_samples, seed):
 
 
 def chat(*clips, text="What do you hear?"):
-    return [{"role": "user", "content": [{"type": "audio", "audio": c} for c in clips] + [{"type": "text", "text": text}]}]
+    items = [{"type": "audio", "audio": c} for c in clips] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": items}]
 
 
 def prompt(proc, conversations, **kw):
