@@ -8,9 +8,15 @@
   next power of two) -> HTK-mel filterbank 125-7600 Hz without Slaney norm -> ``log(max(mel, 1e-5))``
   -> optional per-bin mean / stddev. The frame mask is the sample mask at each frame's first sample.
 
+Long audio (beyond HF): a clip longer than ``audio_segment_seconds`` (default 30 s, the encoder's window) is
+split into consecutive segments, each a row of ``input_features`` of its own, exactly as if the pieces had
+been given as separate clips; ``segments_per_clip`` says how many rows each clip took. ``truncate_audio=True``
+gives HF's behaviour instead: one row per clip, cut to ``max_length`` (30 s).
+
 ``load_audio`` reads WAV files (8-bit unsigned, 16/24/32-bit PCM through the standard library ``wave``
 module, 32/64-bit IEEE float by parsing the RIFF chunks, since ``wave`` rejects format tag 3) or takes a
-numpy array with its rate, mixes channels down to mono, and **resamples** any rate other than 16 kHz
+numpy array / torch tensor with its rate (integer PCM is scaled to [-1, 1]: int16 / 2^15,
+int32 / 2^31, uint8 centred on 128), mixes channels down to mono, and **resamples** any rate other than 16 kHz
 with a band-limited Kaiser-windowed-sinc resampler (anti-alias low-pass at the lower of the two Nyquist
 frequencies, so content above the new Nyquist is removed rather than folded back).
 """
@@ -25,7 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["AudioFeatureExtractor", "AudioError", "load_audio", "resample", "mel_filterbank"]
+__all__ = ["AudioFeatureExtractor", "AudioError", "load_audio", "resample", "mel_filterbank", "pcm_to_float",
+           "split_into_segments"]
 
 
 class AudioError(ValueError):
@@ -54,6 +61,51 @@ def _check_rate(rate, what: str) -> int:
     if not ok:
         raise AudioError(f"{what}: the sampling rate must be a positive integer number of Hz, got {rate!r}")
     return int(rate)
+
+
+def pcm_to_float(x: np.ndarray, what: str = "audio array") -> np.ndarray:
+    """Samples as float64 in the units the feature extractor expects: integer PCM -> [-1, 1), floats unchanged.
+
+    Signed n-bit integers are divided by 2^(n-1) (int16 / 32768, int32 / 2^31, the WAV reader's scale);
+    unsigned ones are centred first (uint8 as in 8-bit WAV: (x - 128) / 128). 64-bit integers name no PCM
+    format (an integer array built from Python ints is int64) and booleans are no audio: both are errors.
+    """
+    x = np.asarray(x)
+    kind = x.dtype.kind
+    if kind in "iu":
+        bits = 8 * x.dtype.itemsize
+        if bits > 32:
+            raise AudioError(f"{what}: {x.dtype} samples are not a PCM format; give floats in [-1, 1] "
+                             "or int8/int16/int32 (or uint8) PCM")
+        full_scale = float(2 ** (bits - 1))
+        return (x.astype(np.float64) - (full_scale if kind == "u" else 0.0)) / full_scale
+    if kind == "b":
+        raise AudioError(f"{what}: boolean samples are not audio")
+    try:
+        return x.astype(np.float64)
+    except (TypeError, ValueError) as e:
+        raise AudioError(f"{what}: cannot convert {x.dtype} samples to numbers ({e})") from e
+
+
+def _tensor_to_numpy(t) -> np.ndarray:
+    """A torch tensor on any device -> numpy, integer dtypes kept (so PCM can be scaled), floats as float32."""
+    t = t.detach().cpu()
+    return t.float().numpy() if t.is_floating_point() else t.numpy()
+
+
+def split_into_segments(wave: np.ndarray, segment_samples: int) -> list[np.ndarray]:
+    """[N] -> consecutive pieces of ``segment_samples`` (views), the last one holding the remainder.
+
+    A clip of N samples gives ceil(N / segment_samples) pieces (at least one), so the number of audio blocks
+    in a prompt follows from the clip's length alone. A short last piece -- even a single sample -- stays a
+    piece of its own: it is then a short clip, which the extractor pads like any short clip (HF gives a
+    0.1 s clip a full block of soft tokens with its padded frames masked). Joining it to the previous piece
+    would overflow the encoder's window (its soft-token budget per block), and dropping it would cut audio
+    silently, the very thing segmenting avoids.
+    """
+    if segment_samples < 1:
+        raise AudioError(f"segment length must be at least one sample, got {segment_samples}")
+    return [wave[i: i + segment_samples] for i in range(0, max(len(wave), 1), segment_samples)]
 
 
 def _to_mono(x: np.ndarray, what: str) -> np.ndarray:
@@ -165,7 +217,8 @@ def load_audio(audio, sampling_rate: int | None = None, target_rate: int = 16_00
     """A WAV path or an array (+ its rate) -> mono float32 waveform at ``target_rate`` (16 kHz).
 
     audio: a path (str / PathLike) to a WAV file, or a 1-D array (mono) / 2-D array (channels on the
-    smaller axis, averaged) / torch tensor / list of floats. ``sampling_rate`` is required for arrays and
+    smaller axis, averaged) / torch tensor / list of floats. Integer arrays and tensors are PCM, scaled to
+    [-1, 1] (``pcm_to_float``); floats are taken as they are. ``sampling_rate`` is required for arrays and
     ignored for files (the header's rate is used). Other rates are resampled (see ``resample``).
     Raises AudioError for a missing/unreadable file, an empty clip, NaN/inf samples, or a bad rate.
     """
@@ -180,11 +233,14 @@ def load_audio(audio, sampling_rate: int | None = None, target_rate: int = 16_00
         what, mix = path, lambda a, _: a.mean(axis=1)  # files are [N, C]
     else:
         if hasattr(audio, "detach"):  # torch tensor
-            audio = audio.detach().cpu().float().numpy()
-        try:
-            x = np.asarray(audio, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise AudioError(f"audio array: cannot convert {type(audio).__name__} to numbers ({e})") from e
+            audio = _tensor_to_numpy(audio)
+        if isinstance(audio, np.ndarray):
+            x = pcm_to_float(audio)
+        else:  # a list of Python numbers: taken as float samples
+            try:
+                x = np.asarray(audio, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise AudioError(f"audio array: cannot convert {type(audio).__name__} to numbers ({e})") from e
         rate, what, mix = sampling_rate, "audio array", _to_mono
     rate = _check_rate(rate, what)
     x = _check_waveform(x, what)
@@ -220,13 +276,18 @@ class AudioFeatureExtractor:
     Built from a ``preprocessor_config.json``-style dict (unknown keys such as ``processor_class`` are
     ignored; missing keys take HF's defaults). Frame count T = (padded_samples - 513) // 160 + 1
     (30 s -> 2997); a batch whose longest clip is shorter than 513 samples gives T = 0, as HF does.
+
+    Two settings of our own (not HF's): ``audio_segment_seconds`` (30.0), the length of the segments a
+    longer clip is split into (at most ``max_length`` samples, the encoder's window), and ``truncate_audio``
+    (False); True restores HF's behaviour, one row per clip cut to ``max_length``. Both can also be given
+    per call.
     """
 
     DEFAULTS = dict(feature_size=128, sampling_rate=16_000, padding_value=0.0, frame_length_ms=32.0,
                     hop_length_ms=10.0, min_frequency=125.0, max_frequency=7600.0, preemphasis=0.97,
                     preemphasis_htk_flavor=True, fft_overdrive=True, dither=0.0, input_scale_factor=1.0,
                     mel_floor=1e-5, per_bin_mean=None, per_bin_stddev=None, max_length=480_000,
-                    pad_to_multiple_of=128)
+                    pad_to_multiple_of=128, audio_segment_seconds=30.0, truncate_audio=False)
 
     def __init__(self, config: dict | None = None, **overrides):
         cfg = dict(self.DEFAULTS)
@@ -249,6 +310,34 @@ class AudioFeatureExtractor:
                                           self.feature_size, self.sampling_rate, self.fft_length)
         self._mean = self._per_bin(self.per_bin_mean, "per_bin_mean")
         self._std = self._per_bin(self.per_bin_stddev, "per_bin_stddev")
+        self.segment_samples(self.audio_segment_seconds)  # a bad setting fails here, not at the first call
+        self._check_truncate(self.truncate_audio)
+
+    def segment_samples(self, audio_segment_seconds: float | None = None) -> int:
+        """Segment length in samples for ``audio_segment_seconds`` (None: the extractor's setting), checked.
+
+        It must be a positive number of seconds, at least one sample, and at most ``max_length`` samples:
+        a longer segment would be cut (or give the encoder more frames than its soft-token block holds).
+        """
+        seconds = self.audio_segment_seconds if audio_segment_seconds is None else audio_segment_seconds
+        ok = isinstance(seconds, (int, float, np.integer, np.floating)) and not isinstance(seconds, bool)
+        if not ok or not math.isfinite(seconds) or seconds <= 0:
+            raise AudioError(f"audio_segment_seconds must be a positive number of seconds, got {seconds!r}")
+        samples = int(round(seconds * self.sampling_rate))
+        if samples < 1:
+            raise AudioError(f"audio_segment_seconds={seconds!r} is shorter than one sample at "
+                             f"{self.sampling_rate} Hz")
+        if self.max_length is not None and samples > self.max_length:
+            raise AudioError(f"audio_segment_seconds={seconds!r} ({samples} samples) is longer than the audio "
+                             f"encoder's window of {self.max_length} samples "
+                             f"({self.max_length / self.sampling_rate:g} s); use a shorter segment")
+        return samples
+
+    @staticmethod
+    def _check_truncate(truncate_audio) -> bool:
+        if not isinstance(truncate_audio, (bool, np.bool_)):
+            raise AudioError(f"truncate_audio must be True or False, got {truncate_audio!r}")
+        return bool(truncate_audio)
 
     def _per_bin(self, values, name):
         if values is None:
@@ -257,6 +346,11 @@ class AudioFeatureExtractor:
         if arr.size != self.feature_size:
             raise ValueError(f"AudioFeatureExtractor: {name} has {arr.size} values, expected {self.feature_size}")
         return arr.reshape(1, 1, self.feature_size)
+
+    @classmethod
+    def from_dict(cls, config: dict, **overrides) -> "AudioFeatureExtractor":
+        """From a ``preprocessor_config.json``-style dict (unknown keys ignored)."""
+        return cls(config, **overrides)
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "AudioFeatureExtractor":
@@ -309,18 +403,26 @@ class AudioFeatureExtractor:
 
     def __call__(self, waveforms, sampling_rate: int | None = None, *, max_length: int | None = -1,
                  truncation: bool = True, pad_to_multiple_of: int | None = -1, return_tensors: str | None = None,
-                 rng: np.random.Generator | None = None) -> dict:
+                 rng: np.random.Generator | None = None, audio_segment_seconds: float | None = None,
+                 truncate_audio: bool | None = None) -> dict:
         """waveforms: one 1-D array / list of floats, a 2-D array [B, N], or a list of 1-D arrays.
 
-        ``sampling_rate`` (default: the extractor's, 16 kHz) other than the extractor's is resampled.
-        Returns ``{"input_features": [B, T, F] float32, "input_features_mask": [B, T] bool}`` as numpy,
-        or torch tensors with ``return_tensors="pt"``.
+        ``sampling_rate`` (default: the extractor's, 16 kHz) other than the extractor's is resampled. Integer
+        arrays are PCM and scaled to [-1, 1] (``pcm_to_float``; HF would take int16 values as they are).
+        Each clip longer than ``audio_segment_seconds`` (None: the extractor's setting, 30 s) becomes
+        ceil(length / segment) consecutive rows, in order; ``truncate_audio=True`` keeps one row per clip, cut
+        to ``max_length`` as HF does. ``max_length`` / ``truncation`` / ``pad_to_multiple_of`` are HF's
+        padding arguments, applied to every row. Returns ``{"input_features": [N, T, F] float32,
+        "input_features_mask": [N, T] bool, "segments_per_clip": [B] int64}`` (N = the sum of
+        segments_per_clip) as numpy, or torch tensors with ``return_tensors="pt"``.
         """
         max_length = self.max_length if max_length == -1 else max_length
         pad_to_multiple_of = self.pad_to_multiple_of if pad_to_multiple_of == -1 else pad_to_multiple_of
+        truncate = self._check_truncate(self.truncate_audio if truncate_audio is None else truncate_audio)
+        segment = self.segment_samples(audio_segment_seconds)  # checked even when truncating
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
         if hasattr(waveforms, "detach"):
-            waveforms = waveforms.detach().cpu().numpy()
+            waveforms = _tensor_to_numpy(waveforms)
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 2:
             waveforms = list(waveforms)
         elif isinstance(waveforms, np.ndarray) or (isinstance(waveforms, Sequence) and waveforms
@@ -328,24 +430,28 @@ class AudioFeatureExtractor:
             waveforms = [waveforms]
         if not isinstance(waveforms, Sequence) or len(waveforms) == 0:
             raise AudioError("AudioFeatureExtractor: no waveforms given")
-        waves = []
+        waves, counts = [], []
         for i, w in enumerate(waveforms):
-            w = np.asarray(w.detach().cpu().numpy() if hasattr(w, "detach") else w)
+            w = _tensor_to_numpy(w) if hasattr(w, "detach") else np.asarray(w)
             what = f"waveform {i}"
             if w.ndim != 1:
                 raise AudioError(f"{what}: expected a 1-D mono waveform, got shape {w.shape} "
                                  "(load_audio mixes channels down)")
-            w = _check_waveform(w.astype(np.float32), what)
+            w = _check_waveform(pcm_to_float(w, what).astype(np.float32), what)
             if rate != self.sampling_rate:
                 w = resample(w, rate, self.sampling_rate)
-            waves.append(w)
+            pieces = [w] if truncate else split_into_segments(w, segment)
+            waves += pieces
+            counts.append(len(pieces))
         audio, sample_mask = self._pad_batch(waves, max_length, truncation, pad_to_multiple_of)
-        features = self.log_mel(audio, rng).astype(np.float32)  # [B, T, F]
+        features = self.log_mel(audio, rng).astype(np.float32)  # [N, T, F]
         mask = sample_mask[:, :: self.hop_length][:, : features.shape[1]]  # each frame's first sample
+        counts = np.asarray(counts, dtype=np.int64)
         if return_tensors == "pt":
             import torch
 
-            return {"input_features": torch.from_numpy(features), "input_features_mask": torch.from_numpy(mask)}
+            return {"input_features": torch.from_numpy(features), "input_features_mask": torch.from_numpy(mask),
+                    "segments_per_clip": torch.from_numpy(counts)}
         if return_tensors not in (None, "np"):
             raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
-        return {"input_features": features, "input_features_mask": mask}
+        return {"input_features": features, "input_features_mask": mask, "segments_per_clip": counts}

@@ -11,10 +11,17 @@ Equal to HF's ``Gemma3nProcessor``: the chat template renders one ``<image_soft_
 ``<start_of_audio>``/``<end_of_audio>``). The tokenizer adds ``<bos>`` unless the text already starts with it
 (the chat template writes it). ``token_type_ids`` is 1 on image soft tokens, 3 on audio soft tokens, else 0.
 Padding is on the left by default (Gemma's tokenizer default; ``tokenizer_config.json`` may say otherwise).
+
+Long audio (beyond HF, which cuts every clip to 30 s): a clip longer than ``audio_segment_seconds`` (default
+30 s) is split into consecutive segments, and its one placeholder becomes one audio block per segment, in
+order -- the same ids and features as the pieces given as separate clips. ``truncate_audio=True`` restores
+HF's cut. Arrays are read at ``sampling_rate`` (default 16 kHz) and resampled; integer PCM is scaled to [-1, 1].
 """
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from datetime import datetime
 from pathlib import Path
 
@@ -140,7 +147,10 @@ class Processor:
 
     def __init__(self, tokenizer, chat_template: str | None = None, image_processor=None, feature_extractor=None,
                  image_seq_length: int = 256, audio_seq_length: int = 188, add_bos_token: bool = True,
-                 add_eos_token: bool = False, padding_side: str = "left", special_tokens: dict | None = None):
+                 add_eos_token: bool = False, padding_side: str = "left", special_tokens: dict | None = None,
+                 audio_segment_seconds: float | None = None, truncate_audio: bool | None = None):
+        """``audio_segment_seconds`` / ``truncate_audio``: defaults for every call; None takes the feature
+        extractor's settings (30 s segments, no truncation)."""
         self.tokenizer = tokenizer  # a tokenizers.Tokenizer
         self.chat_template = chat_template or BUILTIN_CHAT_TEMPLATE
         self.has_own_chat_template = chat_template is not None
@@ -163,6 +173,13 @@ class Processor:
         self.full_image_sequence = f"\n\n{self.boi_token}{self.image_token * self.image_seq_length}{self.eoi_token}\n\n"
         self.full_audio_sequence = f"\n\n{self.boa_token}{self.audio_token * self.audio_seq_length}{self.eoa_token}\n\n"
         self._template = None
+        if audio_segment_seconds is not None and (isinstance(audio_segment_seconds, bool) or not (
+                isinstance(audio_segment_seconds, numbers.Real) and 0 < audio_segment_seconds < math.inf)):
+            raise ProcessorError(f"audio_segment_seconds must be a positive number of seconds, "
+                                 f"got {audio_segment_seconds!r}")  # its upper bound is the extractor's window
+        if truncate_audio not in (None, True, False):
+            raise ProcessorError(f"truncate_audio must be True, False or None, got {truncate_audio!r}")
+        self.audio_segment_seconds, self.truncate_audio = audio_segment_seconds, truncate_audio
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -289,11 +306,14 @@ class Processor:
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
                             return_dict: bool = False, return_tensors: str | None = "pt", padding: bool = True,
-                            padding_side: str | None = None, **template_kwargs):
+                            padding_side: str | None = None, sampling_rate: int | None = None,
+                            audio_segment_seconds: float | None = None, truncate_audio: bool | None = None,
+                            **template_kwargs):
         """One conversation or a batch of them -> prompt text, or (tokenize=True) ids / the full batch dict.
 
         Images and audio are taken from the content items (``{"type": "image", "image"|"url"|"path": ...}``,
-        ``{"type": "audio", "audio"|"path": ...}``) in order.
+        ``{"type": "audio", "audio"|"path": ...}``) in order. ``sampling_rate``, ``audio_segment_seconds`` and
+        ``truncate_audio`` are the audio options of ``__call__``.
         """
         batched = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple))
         conversations = list(messages) if batched else [messages]
@@ -305,17 +325,26 @@ class Processor:
         audio = [a for _, auds in per_conv for a in auds]
         out = self(text=prompts, images=images or None, audio=audio or None, return_tensors=return_tensors,
                    padding=padding, padding_side=padding_side,
-                   add_special_tokens=not prompts[0].startswith(self.bos_token))
+                   add_special_tokens=not prompts[0].startswith(self.bos_token), sampling_rate=sampling_rate,
+                   audio_segment_seconds=audio_segment_seconds, truncate_audio=truncate_audio)
         return out if return_dict else out["input_ids"]
 
     # -- the processor call --------------------------------------------------------------------------------
 
     def __call__(self, text=None, images=None, audio=None, return_tensors: str | None = "pt", padding=True,
-                 padding_side: str | None = None, add_special_tokens: bool = True, sampling_rate: int | None = None):
+                 padding_side: str | None = None, add_special_tokens: bool = True, sampling_rate: int | None = None,
+                 audio_segment_seconds: float | None = None, truncate_audio: bool | None = None):
         """Text with one ``<image_soft_token>`` per image and one ``<audio_soft_token>`` per clip -> model inputs.
 
         ``images``: a list (or one list per prompt) of paths / PIL images / arrays / tensors; ``audio``: a list
-        of 1-D float arrays at 16 kHz (or paths). Without text, each prompt is just its placeholders.
+        of clips: WAV paths, or 1-D (2-D: channels averaged) arrays / tensors at ``sampling_rate`` (default
+        16 kHz; other rates are resampled), float in [-1, 1] or integer PCM (scaled). Without text, each prompt
+        is just its placeholders.
+
+        A clip longer than ``audio_segment_seconds`` (default: the feature extractor's, 30 s) becomes
+        ceil(length / segment) consecutive segments: its placeholder expands to that many audio blocks and
+        ``input_features`` gets one row per segment, in order. ``truncate_audio=True``: HF's behaviour, one
+        block per clip and the clip cut to 30 s.
         """
         if text is None and images is None and audio is None:
             raise ProcessorError("give at least one of text, images, audio")
@@ -350,8 +379,10 @@ class Processor:
             data["pixel_values"] = self.image_processor([im for g in image_groups for im in g])
             text = [t.replace(self.image_token, self.full_image_sequence) for t in text]
         if n_audio:
-            data.update(self._audio_features(audio, sampling_rate))
-            text = [t.replace(self.audio_token, self.full_audio_sequence) for t in text]
+            features, segments_per_clip = self._audio_features(audio, sampling_rate, audio_segment_seconds,
+                                                               truncate_audio)
+            data.update(features)
+            text = self._expand_audio_placeholders(text, segments_per_clip)
 
         ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in text]
         data.update(self._pad(ids, padding, padding_side or self.padding_side, return_tensors))
@@ -379,23 +410,45 @@ class Processor:
             out = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
         return out
 
-    def _audio_features(self, audio: list, sampling_rate: int | None) -> dict:
-        fe = self.feature_extractor
-        clips = []
-        for a in audio:
-            if isinstance(a, (str, Path)):
-                from gemma3n_fast.reference.audio_features import load_audio
+    def _audio_features(self, audio: list, sampling_rate: int | None, audio_segment_seconds: float | None,
+                        truncate_audio: bool | None) -> tuple[dict, list[int]]:
+        """Clips -> ({input_features [N, T, F], input_features_mask [N, T]}, segments per clip), N = all segments.
 
-                a = load_audio(a, sampling_rate=getattr(fe, "sampling_rate", 16_000))
-            clips.append(np.asarray(a, dtype=np.float32))
-        kw = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
-        feats = fe(clips, **kw)
+        Every clip is first brought to the extractor's rate (files at their header's rate, arrays at
+        ``sampling_rate``), so segment lengths are counted in the samples the extractor sees."""
+        from gemma3n_fast.reference.audio_features import load_audio
+
+        fe = self.feature_extractor
+        rate = getattr(fe, "sampling_rate", 16_000)
+        clips = [load_audio(a, sampling_rate=rate if sampling_rate is None else sampling_rate, target_rate=rate)
+                 for a in audio]
+        seconds = self.audio_segment_seconds if audio_segment_seconds is None else audio_segment_seconds
+        truncate = self.truncate_audio if truncate_audio is None else truncate_audio
+        options = {k: v for k, v in (("audio_segment_seconds", seconds), ("truncate_audio", truncate))
+                   if v is not None}
+        feats = fe(clips, **options)
         out = {}
-        for key in ("input_features", "input_features_mask"):
+        for key in ("input_features", "input_features_mask", "segments_per_clip"):
             if key not in feats:
-                raise ProcessorError(f"the audio feature extractor returned no {key!r}")
+                raise ProcessorError(f"the audio feature extractor returned no {key!r} (the processor needs "
+                                     "gemma3n_fast.reference.audio_features.AudioFeatureExtractor)")
             v = feats[key]
             out[key] = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+        segments = [int(n) for n in out.pop("segments_per_clip").reshape(-1)]
+        if len(segments) != len(clips) or sum(segments) != out["input_features"].shape[0]:
+            raise ProcessorError(f"the audio feature extractor gave {out['input_features'].shape[0]} rows and "
+                                 f"segments_per_clip={segments} for {len(clips)} clips")
+        return out, segments
+
+    def _expand_audio_placeholders(self, text: list[str], segments_per_clip: list[int]) -> list[str]:
+        """The k-th audio placeholder over all prompts -> one audio block per segment of the k-th clip.
+
+        Consecutive blocks are exactly what the pieces given as separate, adjacent clips would produce."""
+        blocks = iter(segments_per_clip)
+        out = []
+        for t in text:
+            head, *rest = t.split(self.audio_token)
+            out.append(head + "".join(self.full_audio_sequence * next(blocks) + after for after in rest))
         return out
 
 
@@ -431,9 +484,9 @@ def _list_of_audio(audio) -> list:
     if isinstance(audio, np.ndarray) and audio.ndim == 1:
         return [audio]
     if isinstance(audio, torch.Tensor) and audio.ndim == 1:
-        return [audio.numpy()]
+        return [audio]
     if isinstance(audio, (list, tuple)) and audio and all(isinstance(a, (int, float)) for a in audio):
         return [np.asarray(audio, dtype=np.float32)]  # one clip as a list of samples
     if not isinstance(audio, (list, tuple)):
         raise ProcessorError(f"audio must be a 1-D array, a path or a list of them, got {type(audio).__name__}")
-    return [a.numpy() if isinstance(a, torch.Tensor) else a for a in audio]
+    return list(audio)

@@ -29,10 +29,10 @@ def sweep(n, f0=50.0, f1=7900.0):
     return (0.5 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * t[-1])))).astype(np.float32)
 
 
-def assert_features_equal(waves, hf_kwargs=None, **call_kwargs):
+def assert_features_equal(waves, hf_kwargs=None, ours_kwargs=None, **call_kwargs):
     hf_kwargs = hf_kwargs or {}
     ref = Gemma3nAudioFeatureExtractor(**hf_kwargs)(waves, return_tensors="np", **call_kwargs)
-    out = AudioFeatureExtractor(hf_kwargs)(waves, **call_kwargs)
+    out = AudioFeatureExtractor(hf_kwargs)(waves, **call_kwargs, **(ours_kwargs or {}))
     f_ref, f_out = ref["input_features"], out["input_features"]
     assert f_out.dtype == np.float32 and f_out.shape == f_ref.shape, (f_out.shape, f_ref.shape)
     np.testing.assert_array_equal(out["input_features_mask"], ref["input_features_mask"])
@@ -50,13 +50,79 @@ def assert_features_equal(waves, hf_kwargs=None, **call_kwargs):
     [noise(300)],                      # shorter than one frame -> 0 frames, as HF
     [noise(513)],                      # exactly one 513-sample frame (padded to 640)
     [sweep(30 * SR)],                  # 30 s -> 2997 frames
-    [noise(35 * SR + 77, seed=1)],     # over 30 s: truncated to 480 000 samples
     [noise(999, 2), sweep(SR), noise(5000, 3), noise(1, 4)],  # padded batch of different lengths
-], ids=["noise-1s", "sweep-1s", "short", "one-frame", "sweep-30s", "over-30s", "batch"])
+], ids=["noise-1s", "sweep-1s", "short", "one-frame", "sweep-30s", "batch"])
 def test_matches_hf_defaults(waves):
+    """Clips up to 30 s: one row each, equal to HF (segmenting changes nothing there)."""
     out = assert_features_equal(waves)
+    np.testing.assert_array_equal(out["segments_per_clip"], np.ones(len(waves)))
     if len(waves[0]) == 30 * SR:
         assert out["input_features"].shape == (1, 2997, 128)
+
+
+def test_truncate_audio_matches_hf_over_30s():
+    """truncate_audio=True is HF's behaviour: a clip over 30 s is cut to 480 000 samples, one row."""
+    waves = [noise(35 * SR + 77, seed=1), noise(SR, 2)]
+    out = assert_features_equal(waves, ours_kwargs=dict(truncate_audio=True))
+    assert out["input_features"].shape[0] == 2 and list(out["segments_per_clip"]) == [1, 1]
+
+
+# ------------------------------------------------------------------------------------------
+# Long audio: segments
+
+
+def assert_equals_pieces(out, pieces):
+    """The oracle for segmented clips: their pieces given as separate clips to HF's extractor (padded together)."""
+    ref = Gemma3nAudioFeatureExtractor()(pieces, return_tensors="np")
+    np.testing.assert_array_equal(out["input_features_mask"], ref["input_features_mask"])
+    f_ref, f_out = ref["input_features"], out["input_features"]
+    assert f_out.shape == f_ref.shape, (f_out.shape, f_ref.shape)
+    tol = REL_TOL * (f_ref.max() - f_ref.min())
+    assert np.abs(f_out - f_ref).max() <= tol
+
+
+@pytest.mark.parametrize("n_samples,n_segments", [
+    (30 * SR, 1), (30 * SR + 1, 2), (60 * SR, 2), (75 * SR, 3), (61 * SR + 600, 3),
+], ids=["30s", "30s+1", "60s", "75s", "61s+600"])
+def test_long_clip_is_split_into_30s_segments(n_samples, n_segments):
+    x = noise(n_samples, seed=n_samples % 97)
+    out = AudioFeatureExtractor()(x)
+    pieces = [x[i: i + 30 * SR] for i in range(0, n_samples, 30 * SR)]
+    assert len(pieces) == n_segments and list(out["segments_per_clip"]) == [n_segments]
+    assert_equals_pieces(out, pieces)
+    # The last segment's valid frames: the frames that start on one of its samples.
+    tail = n_samples - 30 * SR * (n_segments - 1)
+    assert out["input_features_mask"][-1].sum() == min(2997, -(-tail // 160))
+
+
+def test_segments_of_a_batch_keep_clip_order_and_custom_length():
+    a, b, c = noise(7 * SR + 5, 20), noise(2 * SR, 21), noise(5 * SR, 22)
+    out = AudioFeatureExtractor(audio_segment_seconds=2.5)([a, b, c])  # constructor setting
+    seg = int(2.5 * SR)
+    pieces = [p[i: i + seg] for p in (a, b, c) for i in range(0, len(p), seg)]
+    assert list(out["segments_per_clip"]) == [3, 1, 2] and out["input_features"].shape[0] == 6
+    assert_equals_pieces(out, pieces)
+    per_call = AudioFeatureExtractor()([a, b, c], audio_segment_seconds=2.5, return_tensors="pt")
+    assert per_call["segments_per_clip"].tolist() == [3, 1, 2]
+    np.testing.assert_array_equal(per_call["input_features"].numpy(), out["input_features"])
+    # The constructor's truncate_audio, overridden per call.
+    fe = AudioFeatureExtractor(truncate_audio=True, audio_segment_seconds=2.5)
+    assert list(fe([a, b, c])["segments_per_clip"]) == [1, 1, 1]
+    assert list(fe([a, b, c], truncate_audio=False)["segments_per_clip"]) == [3, 1, 2]
+
+
+@pytest.mark.parametrize("seconds,match", [
+    (0, "positive number"), (-5.0, "positive number"), (float("nan"), "positive number"),
+    (float("inf"), "positive number"), ("30", "positive number"), (True, "positive number"),
+    (1e-6, "shorter than one sample"), (30.5, "longer than the audio encoder's window"),
+])
+def test_bad_segment_length_is_a_clear_error(seconds, match):
+    with pytest.raises(AudioError, match=match):
+        AudioFeatureExtractor()(noise(SR), audio_segment_seconds=seconds)
+    with pytest.raises(AudioError, match=match):
+        AudioFeatureExtractor(audio_segment_seconds=seconds)
+    with pytest.raises(AudioError, match="truncate_audio must be True or False"):
+        AudioFeatureExtractor()(noise(SR), truncate_audio="yes")
 
 
 def test_batch_mask_and_single_array_input():
@@ -195,6 +261,47 @@ def test_stereo_is_mixed_down(tmp_path):
     # Arrays: channels on the smaller axis, either layout.
     np.testing.assert_allclose(load_audio(stereo, SR), mono, atol=1e-7)
     np.testing.assert_allclose(load_audio(stereo.T, SR), mono, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# Integer PCM arrays
+
+
+@pytest.mark.parametrize("dtype,full_scale,centre", [
+    (np.int16, 2**15, 0), (np.int32, 2**31, 0), (np.int8, 2**7, 0), (np.uint8, 2**7, 2**7),
+], ids=["int16", "int32", "int8", "uint8"])
+def test_integer_pcm_is_scaled_to_unit_range(dtype, full_scale, centre):
+    import torch
+
+    info = np.iinfo(dtype)
+    pcm = np.random.default_rng(30).integers(info.min, info.max, 4321, endpoint=True).astype(dtype)
+    pcm[:2] = info.min, info.max
+    exact = (pcm.astype(np.float64) - centre) / full_scale
+    assert exact.min() == -1.0 and exact.max() < 1.0  # [-1, 1)
+    want = exact.astype(np.float32)
+    np.testing.assert_array_equal(load_audio(pcm, SR), want)
+    np.testing.assert_array_equal(load_audio(torch.from_numpy(pcm), SR), want)  # integer tensors too
+    np.testing.assert_array_equal(AudioFeatureExtractor()(pcm)["input_features"],
+                                  AudioFeatureExtractor()(want)["input_features"])
+    # Scaling comes before resampling: an 8 kHz int16 clip equals its float version at 8 kHz.
+    np.testing.assert_array_equal(load_audio(pcm, 8_000), load_audio(exact, 8_000))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.arange(100, dtype=np.int64), "int64 samples are not a PCM format"),
+    (np.arange(100, dtype=np.uint64), "uint64 samples are not a PCM format"),
+    (np.ones(100, dtype=bool), "boolean samples"),
+], ids=["int64", "uint64", "bool"])
+def test_ambiguous_integer_arrays_are_errors(bad, match):
+    with pytest.raises(AudioError, match=match):
+        load_audio(bad, SR)
+    with pytest.raises(AudioError, match=match):
+        AudioFeatureExtractor()(bad)
+
+
+def test_list_of_python_numbers_is_float_samples():
+    samples = [0.0, 0.5, -0.25, 1, 0] * 200  # ints among floats: values, not PCM codes
+    np.testing.assert_array_equal(load_audio(samples, SR), np.asarray(samples, dtype=np.float32))
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gemma3n_fast.reference.audio_features import AudioError, AudioFeatureExtractor, resample
 from gemma3n_fast.reference.processor import BUILTIN_CHAT_TEMPLATE, Processor, ProcessorError
 from gemma3n_fast.reference.vision import ImageProcessor
 
@@ -82,20 +83,6 @@ def _write_tiny_tokenizer(d, chat_template=True):
     return d
 
 
-class _HFFeatureExtractor:
-    """Stand-in for reference/audio_features.AudioFeatureExtractor (not on this branch yet): HF's extractor,
-    returning numpy, so the processor's audio branch (token expansion, tensors) is checked on its own."""
-
-    def __init__(self):
-        from transformers import Gemma3nAudioFeatureExtractor
-
-        self.fe = Gemma3nAudioFeatureExtractor()
-        self.sampling_rate = self.fe.sampling_rate
-
-    def __call__(self, clips, **kw):
-        return self.fe(clips, return_tensors="np", **kw)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     from transformers import Gemma3nAudioFeatureExtractor, Gemma3nProcessor, GemmaTokenizer, SiglipImageProcessor
@@ -106,7 +93,7 @@ def pair(tmp_path_factory):
                           image_processor=SiglipImageProcessor(**IMAGE_CFG), tokenizer=hf_tok,
                           chat_template=CHECKPOINT_TEMPLATE, image_seq_length=256, audio_seq_length=188)
     ours = Processor.from_pretrained(d, image_processor=ImageProcessor.from_dict(IMAGE_CFG),
-                                     feature_extractor=_HFFeatureExtractor())
+                                     feature_extractor=AudioFeatureExtractor())
     return ours, hf, d
 
 
@@ -288,3 +275,74 @@ def test_loads_a_processor_saved_by_hf(tmp_path, pair):
                                             return_tensors="pt")
     _assert_same(got, expected)
     assert torch.equal(got["pixel_values"], expected["pixel_values"]) and got["pixel_values"].shape[-2:] == (40, 48)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Audio arrays in messages: their sampling rate and integer PCM (long audio: tests/test_long_audio.py)
+
+
+def _audio_chat(clip):
+    return [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "What?"}]}]
+
+
+def _audio_batch(proc, clip, **kw):
+    return proc.apply_chat_template(_audio_chat(clip), add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    **kw)
+
+
+def test_chat_sampling_rate_is_honoured_for_arrays(pair, tmp_path):
+    """An 8 kHz array with sampling_rate=8000 is resampled, as an 8 kHz WAV file is: same features as the
+    clip resampled by hand, and as HF given that 16 kHz clip."""
+    import wave
+
+    ours, hf, _ = pair
+    pcm = (np.random.default_rng(40).standard_normal(11_111) * 3000).astype(np.int16)  # 1.39 s at 8 kHz
+    clip = pcm / np.float32(32768)
+    by_hand = resample(clip, 8_000, 16_000)
+    with wave.open(str(tmp_path / "a8k.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8_000), w.writeframes(pcm.tobytes())
+    want = hf.apply_chat_template(_audio_chat(by_hand), add_generation_prompt=True, tokenize=True, return_dict=True,
+                                  return_tensors="pt")
+    for got in (_audio_batch(ours, clip, sampling_rate=8_000), _audio_batch(ours, pcm, sampling_rate=8_000),
+                _audio_batch(ours, torch.from_numpy(clip), sampling_rate=8_000),
+                _audio_batch(ours, str(tmp_path / "a8k.wav")),
+                _audio_batch(ours, str(tmp_path / "a8k.wav"), sampling_rate=44_100)):  # files keep their rate
+        _assert_same(got, want)
+        assert torch.equal(got["input_features"], torch.as_tensor(want["input_features"]))
+        assert torch.equal(got["input_features_mask"], torch.as_tensor(want["input_features_mask"]))
+    # Without sampling_rate an array is taken at the extractor's 16 kHz (HF's convention): half the frames.
+    plain = _audio_batch(ours, clip)
+    assert plain["input_features"].shape[1] < want["input_features"].shape[1] * 0.55
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint8])
+def test_integer_pcm_arrays_are_scaled(pair, dtype):
+    ours, _, _ = pair
+    info = np.iinfo(dtype)
+    pcm = np.random.default_rng(41).integers(info.min, info.max, 9_000, endpoint=True).astype(dtype)
+    centre = 2.0 ** (8 * pcm.itemsize - 1) if info.min == 0 else 0.0
+    as_float = ((pcm.astype(np.float64) - centre) / 2.0 ** (8 * pcm.itemsize - 1)).astype(np.float32)
+    want = _audio_batch(ours, as_float)["input_features"]
+    assert torch.equal(_audio_batch(ours, pcm)["input_features"], want)
+    assert torch.equal(_audio_batch(ours, torch.from_numpy(pcm))["input_features"], want)
+    assert torch.equal(ours(text="x <audio_soft_token>", audio=[pcm])["input_features"], want)
+
+
+def test_audio_option_errors(pair):
+    ours, _, d = pair
+    clip = _rand_audio(42, 4_000)
+    for bad in (0, -30, float("nan")):
+        with pytest.raises(AudioError, match="audio_segment_seconds must be a positive number"):
+            _audio_batch(ours, clip, audio_segment_seconds=bad)
+        with pytest.raises(ProcessorError, match="audio_segment_seconds must be a positive number"):
+            Processor.from_pretrained(d, audio_segment_seconds=bad)
+    with pytest.raises(AudioError, match="longer than the audio encoder's window"):
+        _audio_batch(ours, clip, audio_segment_seconds=45)
+    with pytest.raises(AudioError, match="truncate_audio must be True or False"):
+        _audio_batch(ours, clip, truncate_audio="no")
+    with pytest.raises(ProcessorError, match="truncate_audio must be True, False or None"):
+        Processor.from_pretrained(d, truncate_audio="no")
+    with pytest.raises(AudioError, match="sampling rate must be a positive integer"):
+        _audio_batch(ours, clip, sampling_rate=-8_000)
+    with pytest.raises(AudioError, match="int64 samples are not a PCM format"):
+        _audio_batch(ours, np.arange(4_000))
