@@ -6,13 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma3n_fast.reference.loader import CheckpointError, assign_state_dict, read_state_dict, resolve_checkpoint
+from gemma3n_fast.reference.loader import (CheckpointError, CheckpointWarning, assign_state_dict, check_state_dict,
+                                           read_state_dict, resolve_checkpoint)
 from gemma3n_fast.reference.model import load
 from gemma3n_fast.reference.tiny import write_tiny_checkpoint
 
@@ -128,6 +130,91 @@ def test_assign_state_dict_lists_all_kinds_with_counts():
     msg = str(e.value)
     assert "test dict" in msg and "3 missing key(s)" in msg and "2 unexpected key(s)" in msg
     assert "1 shape mismatch(es): 0.weight (file (4, 2) vs model (4, 3))" in msg
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.0001], ids=["data-cut", "header-cut"])
+def test_truncated_file_is_named(tmp_path, tiny_text, cut):
+    folder = Path(shutil.copytree(tiny_text, tmp_path / "ckpt"))
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:max(int(len(data) * cut), 3)])
+    with pytest.raises(CheckpointError) as e:
+        load(folder)
+    msg = str(e.value)
+    assert str(f) in msg and "truncated or corrupt" in msg and "download it again" in msg, msg
+
+
+def test_truncated_shard_is_named(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path, seed=1, multimodal=False, write_sharded=True)
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: cannot read"):
+        read_state_dict(folder)
+
+
+def test_bad_index_is_named(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path, seed=1, multimodal=False, write_sharded=True)
+    (folder / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: no 'weight_map' object"):
+        read_state_dict(folder)
+    (folder / "model.safetensors.index.json").write_text("{truncated")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not valid JSON"):
+        read_state_dict(folder)
+
+
+@pytest.mark.parametrize("bad_dtype", [torch.int32, torch.bool])
+def test_integer_tensor_for_a_float_weight(tmp_path, tiny_text, bad_dtype):
+    folder = Path(shutil.copytree(tiny_text, tmp_path / "ckpt"))
+    key = "model.layers.2.mlp.up_proj.weight"
+
+    def edit(sd):
+        sd[key] = (sd[key] > 0).to(bad_dtype)
+
+    _rewrite(folder, edit)
+    with pytest.raises(CheckpointError) as e:
+        load(folder)
+    msg = str(e.value)
+    assert ("1 dtype mismatch(es): language_model.layers.2.mlp.up_proj.weight "
+            f"(file {bad_dtype} vs model torch.float32)") in msg, msg
+
+
+def test_check_state_dict_takes_a_mapping_and_allows_float_precision():
+    expected = {"w": torch.empty(2, 3, device="meta"), "steps": torch.empty((), dtype=torch.int64, device="meta")}
+    check_state_dict(expected, {"w": torch.randn(2, 3).bfloat16(), "steps": torch.tensor(3)})  # fine
+    with pytest.raises(CheckpointError, match=r"steps \(file torch.float32 vs model torch.int64\)"):
+        check_state_dict(expected, {"w": torch.randn(2, 3), "steps": torch.tensor(3.0)})
+    check_state_dict(expected, {"w": torch.randn(2, 3)}, optional={"steps"})
+
+
+def test_non_finite_weights_warn_naming_the_tensors(tmp_path, tiny_text):
+    """HF loads NaN weights silently; we load them too (a NaN row no prompt reaches is harmless) but warn."""
+    folder = Path(shutil.copytree(tiny_text, tmp_path / "ckpt"))
+
+    def edit(sd):
+        sd["model.layers.1.self_attn.q_proj.weight"][3, 5] = float("nan")
+        sd["model.norm.weight"][0] = float("-inf")
+
+    _rewrite(folder, edit)
+    with pytest.warns(CheckpointWarning) as rec:
+        model = load(folder)
+    msg = str(rec[0].message)
+    assert msg.startswith("2 checkpoint tensor(s) hold NaN or infinite values: ")
+    assert "model.layers.1.self_attn.q_proj.weight" in msg and "model.norm.weight" in msg
+    assert torch.isnan(model.language_model.layers[1].self_attn.q_proj.weight).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_state_dict(folder, check_finite=False)  # the check can be turned off
+        read_state_dict(tiny_text)  # and a finite checkpoint gives no warning
+
+
+def test_large_finite_weights_are_not_flagged(tmp_path):
+    # A sum can overflow without any inf (fp16 max 65504): the element-wise re-check clears it.
+    save_file({"w": torch.full((300,), 60000.0, dtype=torch.float16),
+               "b": torch.full((4,), 3e38, dtype=torch.float32)}, str(tmp_path / "model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd = read_state_dict(tmp_path)
+    assert sd["w"].dtype == torch.float16
 
 
 def test_hub_style_consumer_kv_keys_are_dropped(tmp_path, tiny_mm):
