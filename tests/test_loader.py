@@ -271,10 +271,16 @@ def test_hub_id_offline_from_cache_and_clear_error_when_absent(tmp_path, tiny_te
     assert "HF_HUB_OFFLINE is set" in r.stdout
 
 
-def test_tiny_writer_output_loads_in_hf_with_equal_logits(tmp_path, tiny_text):
+@pytest.fixture(scope="module")
+def tiny_mm_full(tmp_path_factory):
+    """The complete multimodal folder, vision tower included (~2 s to write)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("mm_full"), seed=3, multimodal=True, with_vision=True)
+
+
+def test_tiny_writer_output_loads_in_hf_with_equal_logits(tiny_mm_full, tiny_text):
     transformers = pytest.importorskip("transformers")
     # Multimodal folder incl. the vision tower: HF must find every key it expects and nothing else.
-    mm = write_tiny_checkpoint(tmp_path / "mm", seed=3, multimodal=True, with_vision=True)
+    mm = tiny_mm_full
     hf, info = transformers.Gemma3nForConditionalGeneration.from_pretrained(
         mm, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -302,3 +308,34 @@ def test_tiny_writer_is_deterministic(tmp_path):
     sd = load_file(a / "model.safetensors")
     assert not torch.all(sd["model.norm.weight"] == 1)
     assert not torch.all(sd["model.layers.0.altup.correct_output_scale"] == 0)
+
+
+def test_tiny_checkpoint_is_complete_for_hf_auto_classes(tiny_mm_full):
+    """AutoTokenizer and AutoProcessor load the folder (the model loads in the test above) and HF's processor
+    gives exactly our inputs for a text+image+audio chat, and HF's tokenizer our ids for plain text."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from gemma3n_fast.reference.processor import Processor
+
+    hf_tok, hf_proc = AutoTokenizer.from_pretrained(tiny_mm_full), AutoProcessor.from_pretrained(tiny_mm_full)
+    assert type(hf_proc).__name__ == "Gemma3nProcessor"
+    ours = Processor.from_pretrained(tiny_mm_full)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    clip = (rng.standard_normal(17_000) * 0.1).astype(np.float32)  # 1.06 s at 16 kHz
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "what is in this picture"},
+                                             {"type": "audio", "audio": clip}]}]
+    kw = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = hf_proc.apply_chat_template(messages, return_tensors="pt", **kw)
+    got = ours.apply_chat_template(messages, **kw)
+    assert set(got) == set(expected.keys())
+    for k in got:  # ids, masks and token types exactly; pixels and features too (same preprocessing)
+        assert torch.equal(got[k], torch.as_tensor(expected[k]).to(got[k].dtype)), k
+    assert got["input_ids"].shape[1] > 256 + 188
+    assert hf_tok("hello the fox").input_ids == ours.encode("hello the fox")
+    assert hf_tok.apply_chat_template(messages[1:2], add_generation_prompt=True, tokenize=False) == \
+        ours.apply_chat_template(messages[1:2], add_generation_prompt=True)
