@@ -90,7 +90,7 @@ def test_bad_images_give_clear_errors(tmp_path):
     with pytest.raises(ImageError, match="not fetched from URLs"):
         load_image("https://example.com/cat.jpg")
     with pytest.raises(ImageError, match="unsupported PIL image mode"):
-        load_image(Image.new("I;16B", (4, 4)))
+        load_image(Image.new("LAB", (4, 4)))
     with pytest.raises(ImageError, match="unsupported image type"):
         load_image(12)
     buf = io.BytesIO()
