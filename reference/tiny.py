@@ -1,7 +1,7 @@
 """A tiny, complete Gemma 3n checkpoint folder in Hugging Face's format, written without transformers.
 
 Used by the tests and ``python -m gemma3n_fast demo``. Deterministic from the seed. Tensor names and
-shapes are HF's (spec §5); every tensor gets non-trivial random values (norm weights are not all ones,
+shapes are HF's; every tensor gets non-trivial random values (norm weights are not all ones,
 ``correct_output_scale`` is not zero) so that a parity test can tell components apart.
 
 Tiny vocabulary layout (512 ids): text/PLE ids [0, 384), vision hard ids [384, 448), audio hard ids
@@ -20,7 +20,7 @@ TINY_VOCAB_SIZE = 512
 TINY_TEXT_VOCAB = 384  # vocab_size_per_layer_input = vision vocab_offset
 TINY_VISION_OFFSET, TINY_AUDIO_OFFSET, TINY_TOWER_VOCAB = 384, 448, 64
 
-# Special tokens and their tiny ids (the real ids are in spec §4.1).
+# Special tokens at tiny ids; the real vocabulary has the same tokens at other ids (e.g. <image_soft_token> 262145).
 TINY_SPECIAL_IDS = {
     "<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 4, "<end_of_turn>": 5,
     "<start_of_image>": 6, "<start_of_audio>": 7, "\n": 8, "\n\n": 9,
@@ -97,7 +97,7 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, special_ids: dict[st
     return tok
 
 
-# Gemma 3n's chat template (spec §4.3): bos, system folded into the first user turn, roles alternate,
+# Gemma 3n's chat template: bos, system folded into the first user turn, roles alternate,
 # assistant -> model, images/audio as one soft token each (the processor expands them).
 GEMMA3N_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -192,7 +192,7 @@ def tiny_audio_config() -> dict:
 
 
 def tiny_vision_config() -> dict:
-    # channel_multiplier 0.25 keeps the key names and the [N, 2048, 16, 16] output (spec §3.4).
+    # channel_multiplier 0.25 keeps the key names and the [N, 2048, 16, 16] output of the full tower.
     return dict(model_type="gemma3n_vision", architecture="mobilenetv5_300m_enc",
                 model_args={"channel_multiplier": 0.25}, hidden_size=2048, vocab_size=TINY_TOWER_VOCAB,
                 vocab_offset=TINY_VISION_OFFSET, rms_norm_eps=1e-6, do_pooling=False)
@@ -222,7 +222,7 @@ def _text_shapes(text_cfg: dict) -> dict[str, tuple]:
 
 
 def _audio_shapes(a: dict) -> dict[str, tuple]:
-    """Audio tower names/shapes (spec §5.2)."""
+    """Audio tower names/shapes, as HF names them."""
     H, heads, c0, c1 = a["hidden_size"], a["conf_num_attention_heads"], *a["sscp_conv_channel_size"]
     f_out = a["input_feat_size"] // 4  # two stride-2 convs over frequency
     s = {"subsample_conv_projection.conv_0.conv.weight": (c0, 1, 3, 3),
