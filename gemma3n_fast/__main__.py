@@ -6,16 +6,52 @@
     python -m gemma3n_fast env                              # versions, device, triton mode
 
 ``generate`` prints the reply, then one stats line: prompt tokens, time to first token, decode tok/s, peak memory.
+Notes (which checkpoint, load time) go to stderr. A usage error (bad path, bad image, a value out of range)
+prints one line to stderr and exits with status 2; ``--debug`` prints the full traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 TINY_SEED = 0
+EXIT_USAGE = 2  # argparse's status for a bad command line; used for every user error
+
+
+class UsageError(Exception):
+    """A problem with the command line's values, found before any work is done."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (argparse prints the usage block first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
+    return value
 
 
 def tiny_checkpoint() -> Path:
@@ -24,9 +60,57 @@ def tiny_checkpoint() -> Path:
 
     root = Path(os.environ.get("GEMMA3N_FAST_CACHE", Path.home() / ".cache" / "gemma3n_fast"))
     folder = root / f"tiny-mm-seed{TINY_SEED}"
-    if not (folder / "config.json").is_file():
+    if not (folder / "processor_config.json").is_file():  # the writer's last file: absent if interrupted or old
         write_tiny_checkpoint(folder, seed=TINY_SEED)
     return folder
+
+
+def _load(path, **kwargs):
+    """``gemma3n_fast.load`` with anything it prints sent to stderr (stdout carries only the reply)."""
+    import gemma3n_fast
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return gemma3n_fast.load(path, **kwargs)
+
+
+def _raw_tokenizer(model):
+    """The checkpoint's ``tokenizers.Tokenizer`` (for incremental decoding)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        tok = getattr(getattr(model, "processor", None), "tokenizer", None)
+    if tok is None:
+        raise UsageError("the checkpoint has no tokenizer (no tokenizer.json in its folder)")
+    return getattr(tok, "_tokenizer", tok)  # an HF fast tokenizer wraps a tokenizers.Tokenizer
+
+
+def _check_device(text: str | None) -> None:
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text!r}: not a device name (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {text!r}: gemma3n_fast runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text!r}: no CUDA device is available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_media(images, audio) -> None:
+    """Fail before the (slow) model load: every file exists and every image decodes."""
+    from gemma3n_fast.reference.vision import load_image
+
+    for p in images or ():
+        if not Path(p).is_file():
+            raise UsageError(f"--image {p}: no such file")
+        load_image(p)
+    if audio is not None and not Path(audio).is_file():
+        raise UsageError(f"--audio {audio}: no such file")
 
 
 def _peak_memory(device) -> str:
@@ -74,7 +158,7 @@ def run_prompt(model, prompt: str, images=(), audio=None, max_new_tokens=64, tem
         content.append({"type": "audio", "audio": str(audio)})
     content.append({"type": "text", "text": prompt})
     inputs = model.chat_inputs([{"role": "user", "content": content}])
-    tok = model._text_tokenizer()
+    tok = _raw_tokenizer(model)
     sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, seed=seed)
     streamer = _PrintStreamer(tok) if stream else None
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
@@ -86,13 +170,14 @@ def run_prompt(model, prompt: str, images=(), audio=None, max_new_tokens=64, tem
 
 
 def cmd_generate(args) -> int:
-    import gemma3n_fast
-
+    _check_device(args.device)
+    _check_media(args.image, args.audio)
     path = args.model
     if path is None:
         path = tiny_checkpoint()
-        print(f"(no --model: using the embedded tiny checkpoint with random weights at {path}; output is gibberish)")
-    model = gemma3n_fast.load(path, device=args.device, dtype=args.dtype, kernels=args.kernels)
+        print(f"(no --model: using the embedded tiny checkpoint with random weights at {path}; output is gibberish)",
+              file=sys.stderr)
+    model = _load(path, device=args.device, dtype=args.dtype, kernels=args.kernels)
     print(f"(loaded in {model.load_time_s:.2f} s; {model.backend.describe()})", file=sys.stderr)
     run_prompt(model, args.prompt, args.image or (), args.audio, args.max_new_tokens, args.temperature, args.stream,
                args.seed)
@@ -101,11 +186,9 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     """The FAST model on the tiny checkpoint: one text prompt, then one image prompt (when the checkpoint has one)."""
-    import gemma3n_fast
-
     path = tiny_checkpoint()
     print(f"demo: gemma3n_fast on the tiny random checkpoint at {path} (random weights: the text is gibberish)")
-    model = gemma3n_fast.load(path, kernels=args.kernels)
+    model = _load(path, kernels=args.kernels)
     print(f"demo: loaded in {model.load_time_s:.2f} s; {model.backend.describe()}")
     print("demo: text prompt ->")
     run_prompt(model, "what is in this picture", max_new_tokens=24, stream=True)
@@ -149,27 +232,62 @@ def cmd_env(args) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors that name a problem with the input (bad path, file, value), as opposed to a bug."""
+    from gemma3n_fast.reference.loader import CheckpointError
+
+    return isinstance(e, (UsageError, ValueError, OSError, CheckpointError))
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gemma3n_fast", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m gemma3n_fast", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="print the full traceback on errors")
     sub = p.add_subparsers(dest="command", required=True)
+    # --debug is also accepted after the command; SUPPRESS keeps a subcommand from resetting the top-level value.
+    debug = dict(action="store_true", default=argparse.SUPPRESS, help="print the full traceback on errors")
     g = sub.add_parser("generate", help="generate a reply to one prompt")
     g.add_argument("--model", help="local checkpoint folder or hub id (default: the embedded tiny checkpoint)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--image", action="append", help="image file (repeatable)")
     g.add_argument("--audio", help="audio file")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int)
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
-    g.add_argument("--device")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"])
     g.add_argument("--kernels", choices=["triton", "interpret", "reference"])
+    g.add_argument("--debug", **debug)
     d = sub.add_parser("demo", help="the fast model on the tiny checkpoint (text + image prompt)")
     d.add_argument("--kernels", choices=["triton", "interpret", "reference"])
-    sub.add_parser("env", help="versions, device, triton mode")
-    args = p.parse_args(argv)
+    d.add_argument("--debug", **debug)
+    e = sub.add_parser("env", help="versions, device, triton mode")
+    e.add_argument("--debug", **debug)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exit_:  # a bad command line (already reported in one line) or --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     t0 = time.perf_counter()
-    rc = {"generate": cmd_generate, "demo": cmd_demo, "env": cmd_env}[args.command](args)
+    try:
+        rc = {"generate": cmd_generate, "demo": cmd_demo, "env": cmd_env}[args.command](args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not _is_user_error(err):
+            raise  # a bug: the traceback is the useful report
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        else:
+            print(f"{p.prog} {args.command}: error: {_one_line(err)} (--debug for the traceback)", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "demo":
         print(f"demo: done in {time.perf_counter() - t0:.1f} s")
     return rc

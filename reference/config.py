@@ -8,11 +8,21 @@ text-only ``Gemma3nTextConfig`` file are accepted, as are the old rope keys (``r
 Unknown keys are an error: a key we do not know may change the math, and silently ignoring it
 would give a wrong answer. Keys that carry no semantics for inference (HF bookkeeping, training
 knobs, label lists) are accepted and ignored; ``strict=False`` downgrades unknown keys to ignored.
+
+Every value is checked when the config is built: its type against the field's annotation (as HF's
+strict config classes do: ``"64"`` is not an int, ``true`` is not a number), its range (sizes and
+counts >= 1, eps and softcaps > 0, windows >= 1, finite floats), and the cross-field facts the model
+relies on (token ids inside the vocabulary, the image/audio id ranges at the top of the text vocab).
+A bad value raises ``ConfigError`` naming the key, instead of failing later inside torch or, worse,
+giving wrong logits (a window of 0, a softcap of 0 and a negative eps all run without error).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +42,7 @@ _IGNORED_KEYS = {
     "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "sep_token_id",
     "decoder_start_token_id", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
     "tie_encoder_decoder", "_attn_implementation_autoset", "altup_lr_multiplier",
-    # In the Hub's config.json but unused by HF's Gemma 3n (scaling is 1.0): see spec trap 3.
+    # In the Hub's config.json but unused by Gemma 3n: its attention scaling is 1.0 (q and k are RMS-normed).
     "query_pre_attn_scalar",
     "output_scores", "return_dict_in_generate", "bad_words_ids", "begin_suppress_tokens",
     "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
@@ -48,6 +58,8 @@ _LAYER_TYPES = {"sliding_attention", "full_attention"}
 
 def _pop_known(d: dict, cls, strict: bool, where: str) -> dict:
     """Split ``d`` into the dataclass's fields; unknown keys raise (strict) or are dropped."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a JSON object ({{...}}), got {_describe(d)}")
     names = {f.name for f in dataclasses.fields(cls)}
     out, unknown = {}, []
     for k, v in d.items():
@@ -61,6 +73,95 @@ def _pop_known(d: dict, cls, strict: bool, where: str) -> dict:
             "Pass strict=False to ignore them."
         )
     return out
+
+
+# ---- value checks ----------------------------------------------------------------------------------
+def _describe(v) -> str:
+    text = repr(v)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({'null' if v is None else type(v).__name__})"
+
+
+def _type_text(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_text(arg)}" if arg is not Any else "a list"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a JSON object",
+            list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _conforms(v, tp) -> bool:
+    """JSON value ``v`` against a field annotation (int excludes bool; a float field takes ints; lists or tuples)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(v, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is dict or origin is dict:
+        return isinstance(v, dict)
+    if tp is list or origin is list:
+        args = typing.get_args(tp)
+        return isinstance(v, (list, tuple)) and (not args or all(_conforms(x, args[0]) for x in v))
+    return isinstance(v, tp)
+
+
+def _non_finite(v) -> bool:
+    if isinstance(v, float):
+        return not math.isfinite(v)
+    return isinstance(v, (list, tuple)) and any(_non_finite(x) for x in v)
+
+
+def _check_types(obj, where: str, skip=()) -> None:
+    """Every field's value against its annotation; floats must be finite (JSON allows NaN and Infinity)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        v = getattr(obj, f.name)
+        if not _conforms(v, hints[f.name]):
+            raise ConfigError(f"{where}.{f.name}: expected {_type_text(hints[f.name])}, got {_describe(v)}")
+        if _non_finite(v):
+            raise ConfigError(f"{where}.{f.name}: must be finite, got {v!r}")
+
+
+def _at_least(obj, where: str, lo: int, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        values = v if isinstance(v, list) else [v]
+        if any(x < lo for x in values):
+            raise ConfigError(f"{where}.{n}: must be >= {lo}, got {v!r}")
+
+
+def _positive(obj, where: str, *names: str, optional: bool = False) -> None:
+    """Floats that must be > 0 (eps, bases, caps); with ``optional`` null means "off"."""
+    for n in names:
+        v = getattr(obj, n)
+        if v is None and optional:
+            continue
+        if not v > 0:
+            hint = " (null turns it off)" if optional else ""
+            raise ConfigError(f"{where}.{n}: must be > 0{hint}, got {v!r}")
+
+
+def _token_ids(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_id_in_vocab(where: str, name: str, value, vocab_size: int) -> None:
+    bad = [i for i in _token_ids(value) if not 0 <= i < vocab_size]
+    if bad:
+        raise ConfigError(f"{where}.{name}: token id(s) {bad} outside the vocabulary [0, {vocab_size})")
 
 
 @dataclass
@@ -98,6 +199,20 @@ class TextConfig:
     bos_token_id: int | None = 2
 
     def __post_init__(self):
+        W = "text_config"
+        _check_types(self, W)
+        _at_least(self, W, 1, "vocab_size", "vocab_size_per_layer_input", "hidden_size", "hidden_size_per_layer_input",
+                  "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "max_position_embeddings", "sliding_window", "altup_num_inputs", "laurel_rank")
+        _positive(self, W, "rms_norm_eps", "rope_theta", "rope_local_base_freq")
+        _positive(self, W, "final_logit_softcapping", "attn_logit_softcapping", "altup_coef_clip", optional=True)
+        if self.head_dim % 2:
+            raise ConfigError(f"{W}.head_dim: must be even (rotary embeddings rotate pairs of dims), got {self.head_dim}")
+        if self.vocab_size_per_layer_input > self.vocab_size:
+            raise ConfigError(f"{W}.vocab_size_per_layer_input: {self.vocab_size_per_layer_input} exceeds "
+                              f"vocab_size={self.vocab_size} (the per-layer table covers text ids only)")
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            _check_id_in_vocab(W, name, getattr(self, name), self.vocab_size)
         L = self.num_hidden_layers
         if isinstance(self.intermediate_size, (list, tuple)):
             if len(self.intermediate_size) != L:
@@ -165,9 +280,15 @@ class TextConfig:
             else:  # a single dict applies to the full layers (HF's rope_scaling convention)
                 full, local = rp, {}
             for name, p in (("full_attention", full), ("sliding_attention", local)):
+                if not isinstance(p, dict):
+                    raise ConfigError(f"text_config.rope_parameters.{name}: expected a JSON object, got {_describe(p)}")
                 rt = p.get("rope_type", p.get("type", "default"))
                 if rt != "default":
                     raise ConfigError(f"rope_parameters.{name}.rope_type: only 'default' is supported, got {rt!r}")
+                theta = p.get("rope_theta", 1.0)
+                if not _conforms(theta, float) or _non_finite(theta) or not theta > 0:
+                    raise ConfigError(f"text_config.rope_parameters.{name}.rope_theta: must be a number > 0, "
+                                      f"got {_describe(theta)}")
             self.rope_theta = float(full.get("rope_theta", self.rope_theta))
             self.rope_local_base_freq = float(local.get("rope_theta", self.rope_local_base_freq))
         if self.rope_scaling:
@@ -213,7 +334,7 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d: dict, strict: bool = True) -> "TextConfig":
-        return cls(**_pop_known(dict(d), cls, strict, "text_config"))
+        return cls(**_pop_known(d, cls, strict, "text_config"))
 
 
 @dataclass
@@ -239,6 +360,21 @@ class AudioConfig:
     sscp_conv_stride_size: list[list[int]] = field(default_factory=lambda: [[2, 2], [2, 2]])
 
     def __post_init__(self):
+        W = "audio_config"
+        _check_types(self, W)
+        _at_least(self, W, 1, "vocab_size", "input_feat_size", "hidden_size", "conf_attention_chunk_size",
+                  "conf_attention_context_left", "conf_num_attention_heads", "conf_num_hidden_layers",
+                  "conf_conv_kernel_size", "conf_reduction_factor", "sscp_conv_channel_size")
+        _at_least(self, W, 0, "vocab_offset", "conf_attention_context_right")
+        _positive(self, W, "rms_norm_eps", "gradient_clipping", "conf_attention_logit_cap", "sscp_conv_group_norm_eps")
+        if len(self.sscp_conv_channel_size) != 2:
+            raise ConfigError(f"{W}.sscp_conv_channel_size: expected 2 entries (two conv layers), "
+                              f"got {self.sscp_conv_channel_size!r}")
+        for name in ("sscp_conv_kernel_size", "sscp_conv_stride_size"):
+            v = getattr(self, name)
+            if len(v) != 2 or any(not isinstance(k, (list, tuple)) or len(k) != 2 or
+                                  any(not _conforms(x, int) or x < 1 for x in k) for k in v):
+                raise ConfigError(f"{W}.{name}: expected two [time, frequency] pairs of integers >= 1, got {v!r}")
         if self.hidden_size % self.conf_num_attention_heads:
             raise ConfigError("audio_config.conf_num_attention_heads: must divide hidden_size")
         self.sscp_conv_channel_size = [int(c) for c in self.sscp_conv_channel_size]
@@ -247,7 +383,7 @@ class AudioConfig:
 
     @classmethod
     def from_dict(cls, d: dict, strict: bool = True) -> "AudioConfig":
-        return cls(**_pop_known(dict(d), cls, strict, "audio_config"))
+        return cls(**_pop_known(d, cls, strict, "audio_config"))
 
 
 @dataclass
@@ -259,9 +395,16 @@ class VisionConfig:
     vocab_offset: int = 262_144
     rms_norm_eps: float = 1e-6
 
+    def __post_init__(self):
+        W = "vision_config"
+        _check_types(self, W)
+        _at_least(self, W, 1, "hidden_size", "vocab_size")
+        _at_least(self, W, 0, "vocab_offset")
+        _positive(self, W, "rms_norm_eps")
+
     @classmethod
     def from_dict(cls, d: dict, strict: bool = True) -> "VisionConfig":
-        return cls(**_pop_known(dict(d), cls, strict, "vision_config"))
+        return cls(**_pop_known(d, cls, strict, "vision_config"))
 
 
 @dataclass
@@ -281,6 +424,34 @@ class Gemma3nConfig:
     audio_token_id: int = 262_273
     text_only: bool = False  # True when read from a Gemma3nTextConfig file (weights prefixed 'model.')
 
+    def __post_init__(self):
+        W = "config"
+        _check_types(self, W)
+        _at_least(self, W, 1, "audio_soft_tokens_per_image", "vision_soft_tokens_per_image")
+        t, v, a = self.text, self.vision, self.audio
+        vocab = t.vocab_size
+        # The multimodal merge sends ids >= vision.vocab_offset to embed_vision and ids >= audio.vocab_offset to
+        # embed_audio, and pads audio with id vocab_size - 1 through embed_audio: the two ranges sit at the top
+        # of the text vocabulary, vision below audio, audio ending at vocab_size.
+        if v is not None and v.vocab_offset + v.vocab_size > vocab:
+            raise ConfigError(f"vision_config.vocab_offset: the vision ids [{v.vocab_offset}, "
+                              f"{v.vocab_offset + v.vocab_size}) do not fit text_config.vocab_size={vocab}")
+        if a is not None and a.vocab_offset + a.vocab_size != vocab:
+            raise ConfigError(f"audio_config.vocab_offset: the audio ids [{a.vocab_offset}, "
+                              f"{a.vocab_offset + a.vocab_size}) must end at text_config.vocab_size={vocab} "
+                              "(audio padding uses id vocab_size - 1)")
+        if v is not None and a is not None and v.vocab_offset + v.vocab_size > a.vocab_offset:
+            raise ConfigError(f"vision_config.vocab_offset: the vision ids [{v.vocab_offset}, "
+                              f"{v.vocab_offset + v.vocab_size}) overlap the audio ids from "
+                              f"audio_config.vocab_offset={a.vocab_offset}")
+        if not self.text_only:
+            for name in ("boi_token_id", "eoi_token_id", "image_token_id", "boa_token_id", "eoa_token_id",
+                         "audio_token_id"):
+                _check_id_in_vocab(W, name, getattr(self, name), vocab)
+            if self.image_token_id == self.audio_token_id:
+                raise ConfigError(f"{W}.audio_token_id: equals image_token_id={self.image_token_id}; "
+                                  "the two placeholders must differ")
+
     @property
     def weight_prefix(self) -> str:
         """Prefix of the text decoder's keys in the safetensors files."""
@@ -288,13 +459,16 @@ class Gemma3nConfig:
 
     @classmethod
     def from_dict(cls, d: dict, strict: bool = True) -> "Gemma3nConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json must hold a JSON object ({{...}}), got {_describe(d)}")
         d = dict(d)
         model_type = d.get("model_type")
         if model_type == "gemma3n_text" or ("text_config" not in d and "hidden_size" in d):
             return cls(text=TextConfig.from_dict(d, strict), audio=None, vision=None, text_only=True)
         if model_type not in (None, "gemma3n"):
             raise ConfigError(f"model_type: expected 'gemma3n' or 'gemma3n_text', got {model_type!r}")
-        text = TextConfig.from_dict(d.pop("text_config", None) or {}, strict)
+        text_d = d.pop("text_config", None)
+        text = TextConfig.from_dict({} if text_d is None else text_d, strict)
         audio_d, vision_d = d.pop("audio_config", None), d.pop("vision_config", None)
         audio = AudioConfig.from_dict(audio_d, strict) if audio_d is not None else AudioConfig()
         vision = VisionConfig.from_dict(vision_d, strict) if vision_d is not None else VisionConfig()
@@ -310,10 +484,13 @@ class Gemma3nConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, strict)
+        try:
+            return cls.from_dict(d, strict)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def load_config(path: str | Path, strict: bool = True) -> Gemma3nConfig:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -22,6 +23,10 @@ HUB_ALLOW_PATTERNS = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, read, or does not fit the model; the message says what to do."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but looks broken (NaN or infinite weights)."""
 
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
@@ -64,9 +69,13 @@ def _shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' in the index")
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not valid JSON ({e}); download it again") from None
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' object (tensor name -> shard file) in the index")
         shards = [folder / name for name in dict.fromkeys(weight_map.values())]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
@@ -83,12 +92,14 @@ def _shard_files(folder: Path) -> list[Path]:
 
 
 def read_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+                    keep: Callable[[str], bool] | None = None, check_finite: bool = True) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, floating ones cast to ``dtype``.
 
     ``keep(name) -> bool`` filters keys before a tensor is read, so dropped tensors never leave the file.
+    A file that cannot be read (truncated, corrupt) raises ``CheckpointError`` naming it. With
+    ``check_finite``, NaN or infinite weights give a ``CheckpointWarning`` naming the first tensors.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     shards = _shard_files(folder)
@@ -99,21 +110,81 @@ def read_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     else:
         shards_iter = shards
     out: dict[str, torch.Tensor] = {}
+    finite_flags: list[tuple[str, torch.Tensor]] = []
     for shard in shards_iter:
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if keep is not None and not keep(name):
-                    continue
-                t = f.get_tensor(name)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                out[name] = t.to(device)
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if keep is not None and not keep(name):
+                        continue
+                    t = f.get_tensor(name)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    t = t.to(device)
+                    if check_finite and t.is_floating_point():
+                        # A sum is NaN/inf when some element is; it can also overflow without one, so a flagged
+                        # tensor is re-checked element-wise below. One read, no tensor-sized temporary, no host
+                        # sync until the end. bf16 sums accumulate in fp32 (torch does; 10x faster than asking
+                        # for a float32 result), fp16's range is too small for a sum: accumulate it in fp32.
+                        total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+                        finite_flags.append((name, torch.isfinite(total)))
+                    out[name] = t
+        except (SafetensorError, OSError) as e:
+            size = shard.stat().st_size if shard.is_file() else 0
+            raise CheckpointError(f"{shard}: cannot read this safetensors file ({size} bytes): {e}. The file is "
+                                  "truncated or corrupt (an interrupted download?): download it again") from None
+    if finite_flags:
+        _warn_non_finite(out, finite_flags)
     return out
+
+
+def _warn_non_finite(tensors: dict[str, torch.Tensor], flags: list[tuple[str, torch.Tensor]]) -> None:
+    """Warn (not raise) about tensors holding NaN/inf: HF loads them silently, and a NaN in a row no prompt
+    reaches (an unused token's embedding) leaves every real output intact, so refusing to load would be wrong;
+    a warning naming the tensors tells the user why logits may come out NaN."""
+    ok = torch.stack([f.to("cpu") for _, f in flags]).tolist()
+    bad = [name for (name, _), good in zip(flags, ok) if not good and not torch.isfinite(tensors[name]).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(f"{len(bad)} checkpoint tensor(s) hold NaN or infinite values: {shown}; outputs that "
+                      "depend on them will be NaN", CheckpointWarning, stacklevel=3)
 
 
 def _listing(title: str, items: list[str], n: int = 5) -> str:
     shown = ", ".join(items[:n]) + (", ..." if len(items) > n else "")
     return f"{len(items)} {title}: {shown}"
+
+
+def check_state_dict(expected: nn.Module | Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], *,
+                     what: str = "checkpoint", optional=()) -> None:
+    """Raise one ``CheckpointError`` listing every missing key, unexpected key, shape and dtype mismatch.
+
+    ``expected``: a module (its ``state_dict``, meta tensors are fine) or a name -> tensor mapping. A floating
+    tensor may differ in precision (it is cast); an integer or bool tensor where a float weight belongs (or the
+    reverse) is an error. Keys in ``optional`` may be absent.
+    """
+    if isinstance(expected, nn.Module):
+        expected = expected.state_dict(keep_vars=True)
+    optional = set(optional)
+    missing = [k for k in expected if k not in state_dict and k not in optional]
+    unexpected = [k for k in state_dict if k not in expected]
+    both = [k for k in expected if k in state_dict]
+    shapes = [f"{k} (file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)})"
+              for k in both if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    dtypes = [f"{k} (file {state_dict[k].dtype} vs model {expected[k].dtype})" for k in both
+              if (state_dict[k].dtype != expected[k].dtype
+                  and not (state_dict[k].is_floating_point() and expected[k].is_floating_point()))]
+    if missing or unexpected or shapes or dtypes:
+        parts = [f"{what} does not fit the model:"]
+        if missing:
+            parts.append(_listing("missing key(s)", missing))
+        if unexpected:
+            parts.append(_listing("unexpected key(s)", unexpected))
+        if shapes:
+            parts.append(_listing("shape mismatch(es)", shapes))
+        if dtypes:
+            parts.append(_listing("dtype mismatch(es)", dtypes))
+        raise CheckpointError("\n  ".join(parts))
 
 
 def assign_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, what: str = "checkpoint") -> None:
@@ -123,19 +194,7 @@ def assign_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], *,
     """
     expected = module.state_dict(keep_vars=True)
     tied = {k for k in expected if k.endswith("lm_head.weight")}
-    missing = [k for k in expected if k not in state_dict and k not in tied]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k} (file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)})"
-              for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{what} does not fit the model:"]
-        if missing:
-            parts.append(_listing("missing key(s)", missing))
-        if unexpected:
-            parts.append(_listing("unexpected key(s)", unexpected))
-        if shapes:
-            parts.append(_listing("shape mismatch(es)", shapes))
-        raise CheckpointError("\n  ".join(parts))
+    check_state_dict(expected, state_dict, what=what, optional=tied)
     module.load_state_dict(state_dict, strict=False, assign=True)
     # Re-tie heads whose weight was not in the files (assign=True replaced the embedding Parameter).
     for name in tied:

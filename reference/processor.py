@@ -108,21 +108,64 @@ def _jinja_env():
     return env
 
 
-def _check_messages(messages):
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ProcessorError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+CHAT_ROLES = ("system", "user", "assistant", "model")  # "model" is Gemma's own name for "assistant"
+_MEDIA_KEYS = {"image": ("image", "url", "path"), "audio": ("audio", "url", "path")}
+
+
+def validate_messages(messages, require_media: bool = False) -> None:
+    """Raise ``ProcessorError`` (a ValueError) naming the problem unless ``messages`` is one Gemma conversation.
+
+    A conversation is a non-empty list of ``{"role": ..., "content": ...}`` dicts: an optional first "system"
+    message, then "user" and "assistant" (or "model") turns alternating, starting with "user". Content is a
+    string or a list of items ``{"type": "text", "text": str}``, ``{"type": "image", "image"|"url"|"path": ...}``,
+    ``{"type": "audio", "audio"|"url"|"path": ...}``; an image/audio item without its source is fine for
+    rendering the prompt text (the media are then given to the processor call), an error with
+    ``require_media`` (tokenizing). These are the rules Gemma's chat template enforces or silently relies on
+    (a system message later in the list, or alone, would be dropped or rendered as a turn).
+    Pure: no tokenizer needed, so the text-only chat path can call it too.
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise ProcessorError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                             f"{type(messages).__name__}")
+    if not messages:
+        raise ProcessorError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ProcessorError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
-        if isinstance(m["content"], (list, tuple)):
-            for item in m["content"]:
+        if not isinstance(m, dict):
+            raise ProcessorError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        missing = [k for k in ("role", "content") if m.get(k) is None]
+        if missing:
+            raise ProcessorError(f"message {i} has no {' and no '.join(repr(k) for k in missing)} "
+                                 f"(keys: {sorted(map(str, m))})")
+        role = m["role"]
+        if role not in CHAT_ROLES:
+            raise ProcessorError(f"message {i}: unknown role {role!r}; Gemma's chat format knows {list(CHAT_ROLES)}")
+        content = m["content"]
+        if isinstance(content, (list, tuple)):
+            for j, item in enumerate(content):
+                where = f"message {i}, content item {j}"
                 if not isinstance(item, dict) or item.get("type") not in ("text", "image", "audio"):
-                    raise ProcessorError(f"message {i}: content items must be dicts with type text|image|audio, "
+                    raise ProcessorError(f"{where}: content items must be dicts with type text|image|audio, "
                                          f"got {item!r:.80}")
-                if item["type"] == "text" and not isinstance(item.get("text"), str):
-                    raise ProcessorError(f"message {i}: a text item needs a 'text' string")
-        elif not isinstance(m["content"], str):
-            raise ProcessorError(f"message {i}: content must be a string or a list of items")
+                kind = item["type"]
+                if kind == "text" and not isinstance(item.get("text"), str):
+                    raise ProcessorError(f"{where}: a text item needs a 'text' string")
+                if require_media and kind in _MEDIA_KEYS and all(item.get(k) is None for k in _MEDIA_KEYS[kind]):
+                    raise ProcessorError(f"{where}: an {kind} item needs one of the keys "
+                                         f"{list(_MEDIA_KEYS[kind])} to be tokenized")
+        elif not isinstance(content, str):
+            raise ProcessorError(f"message {i}: content must be a string or a list of items, got "
+                                 f"{type(content).__name__}")
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    if not turns:
+        raise ProcessorError("messages hold only a system message: add a {'role': 'user', ...} message after it")
+    for k, m in enumerate(turns):
+        i = k + len(messages) - len(turns)
+        expected = "user" if k % 2 == 0 else "assistant"
+        if m["role"] == "system":
+            raise ProcessorError(f"message {i}: a system message may only come first")
+        if (m["role"] == "user") != (expected == "user"):
+            raise ProcessorError(f"message {i}: roles must alternate user/assistant/user/... (after an optional "
+                                 f"system message); expected {expected!r}, got {m['role']!r}")
 
 
 def _media_in(messages) -> tuple[list, list]:
@@ -132,10 +175,9 @@ def _media_in(messages) -> tuple[list, list]:
         if isinstance(m["content"], str):
             continue
         for item in m["content"]:
-            if item["type"] == "image":
-                images += [item[k] for k in ("image", "url", "path") if k in item]
-            elif item["type"] == "audio":
-                audio += [item[k] for k in ("audio", "url", "path") if k in item]
+            if item["type"] in _MEDIA_KEYS:  # the first source key given, as HF reads it
+                source = next(item[k] for k in _MEDIA_KEYS[item["type"]] if item.get(k) is not None)
+                (images if item["type"] == "image" else audio).append(source)
     return images, audio
 
 
@@ -293,7 +335,7 @@ class Processor:
         """Render one conversation with the checkpoint's chat template (or the built-in Gemma turn format)."""
         import jinja2
 
-        _check_messages(messages)
+        validate_messages(messages)
         if self._template is None:
             self._template = _jinja_env().from_string(self.chat_template)
         # Keys whose value is None are dropped, as HF does (templates handle a missing key better).
@@ -320,6 +362,8 @@ class Processor:
         prompts = [self.render_chat(c, add_generation_prompt, **template_kwargs) for c in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
+        for c in conversations:
+            validate_messages(c, require_media=True)
         per_conv = [_media_in(c) for c in conversations]
         images = [im for ims, _ in per_conv for im in ims]
         audio = [a for _, auds in per_conv for a in auds]

@@ -1,7 +1,7 @@
 """A tiny, complete Gemma 3n checkpoint folder in Hugging Face's format, written without transformers.
 
 Used by the tests and ``python -m gemma3n_fast demo``. Deterministic from the seed. Tensor names and
-shapes are HF's (spec §5); every tensor gets non-trivial random values (norm weights are not all ones,
+shapes are HF's; every tensor gets non-trivial random values (norm weights are not all ones,
 ``correct_output_scale`` is not zero) so that a parity test can tell components apart.
 
 Tiny vocabulary layout (512 ids): text/PLE ids [0, 384), vision hard ids [384, 448), audio hard ids
@@ -20,7 +20,7 @@ TINY_VOCAB_SIZE = 512
 TINY_TEXT_VOCAB = 384  # vocab_size_per_layer_input = vision vocab_offset
 TINY_VISION_OFFSET, TINY_AUDIO_OFFSET, TINY_TOWER_VOCAB = 384, 448, 64
 
-# Special tokens and their tiny ids (the real ids are in spec §4.1).
+# Special tokens at tiny ids; the real vocabulary has the same tokens at other ids (e.g. <image_soft_token> 262145).
 TINY_SPECIAL_IDS = {
     "<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 4, "<end_of_turn>": 5,
     "<start_of_image>": 6, "<start_of_audio>": 7, "\n": 8, "\n\n": 9,
@@ -61,9 +61,11 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, special_ids: dict[st
     """A word-level ``tokenizers.Tokenizer`` with Gemma's special tokens at the given ids.
 
     Ordinary ids below ``text_vocab_size`` (the multimodal ranges start there) are filled with
-    punctuation and common English words (readable output), every other free id with ``<unused_k>``. Special tokens are added as special AddedTokens so they match inside text.
+    punctuation and common English words (readable output), every other free id with ``<unused_k>``. Special
+    tokens are added as special AddedTokens so they match inside text; encoding with special tokens prepends
+    ``<bos>``.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     special_ids = dict(TINY_SPECIAL_IDS if special_ids is None else special_ids)
     if max(special_ids.values()) >= vocab_size:
@@ -88,10 +90,14 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, special_ids: dict[st
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_ids
                             if t not in ("\n", "\n\n")])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("\n\n", "\n")])
+    # <bos> first when special tokens are added, as Gemma's tokenizer.json does (HF's tokenizer(text) relies on it).
+    if "<bos>" in special_ids:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B:1",
+                                                           special_tokens=[("<bos>", special_ids["<bos>"])])
     return tok
 
 
-# Gemma 3n's chat template (spec §4.3): bos, system folded into the first user turn, roles alternate,
+# Gemma 3n's chat template: bos, system folded into the first user turn, roles alternate,
 # assistant -> model, images/audio as one soft token each (the processor expands them).
 GEMMA3N_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -115,6 +121,44 @@ GEMMA3N_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
+
+
+# ---- processor files -----------------------------------------------------------------------------
+# Gemma 3n's documented preprocessing, in the layout of the released checkpoints: one flat
+# preprocessor_config.json holding the image processor's and the audio feature extractor's settings,
+# processor_config.json holding the soft-token counts. Images: resize to exactly 768x768 (bilinear),
+# rescale by 1/255, no normalisation. Audio: 128 log-mel bins of 16 kHz audio, 32 ms frames every 10 ms.
+TINY_PREPROCESSOR_CONFIG = {
+    "processor_class": "Gemma3nProcessor",
+    "image_processor_type": "SiglipImageProcessorFast",
+    "do_convert_rgb": True, "do_resize": True, "size": {"height": 768, "width": 768}, "resample": 2,
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "feature_extractor_type": "Gemma3nAudioFeatureExtractor",
+    "feature_size": 128, "sampling_rate": 16_000, "padding_value": 0.0, "padding_side": "right",
+    "return_attention_mask": True, "frame_length_ms": 32.0, "hop_length_ms": 10.0, "min_frequency": 125.0,
+    "max_frequency": 7600.0, "preemphasis": 0.97, "preemphasis_htk_flavor": True, "fft_overdrive": True,
+    "dither": 0.0, "input_scale_factor": 1.0, "mel_floor": 1e-5, "per_bin_mean": None, "per_bin_stddev": None,
+}
+TINY_PROCESSOR_CONFIG = {"processor_class": "Gemma3nProcessor", "image_seq_length": 256, "audio_seq_length": 188}
+
+
+def _write_tokenizer_files(folder: Path, multimodal: bool) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja (+ processor files)."""
+    build_tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    base = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    mm = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+          "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>"}
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **base, "add_bos_token": True, "add_eos_token": False,
+               "padding_side": "left", "model_max_length": 4096, "chat_template": GEMMA3N_CHAT_TEMPLATE, **mm}
+    if multimodal:
+        tok_cfg["processor_class"] = "Gemma3nProcessor"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(base, indent=2))
+    (folder / "chat_template.jinja").write_text(GEMMA3N_CHAT_TEMPLATE)
+    if multimodal:
+        (folder / "preprocessor_config.json").write_text(json.dumps(TINY_PREPROCESSOR_CONFIG, indent=2))
+        (folder / "processor_config.json").write_text(json.dumps(TINY_PROCESSOR_CONFIG, indent=2))
 
 
 # ---- config --------------------------------------------------------------------------------------
@@ -148,7 +192,7 @@ def tiny_audio_config() -> dict:
 
 
 def tiny_vision_config() -> dict:
-    # channel_multiplier 0.25 keeps the key names and the [N, 2048, 16, 16] output (spec §3.4).
+    # channel_multiplier 0.25 keeps the key names and the [N, 2048, 16, 16] output of the full tower.
     return dict(model_type="gemma3n_vision", architecture="mobilenetv5_300m_enc",
                 model_args={"channel_multiplier": 0.25}, hidden_size=2048, vocab_size=TINY_TOWER_VOCAB,
                 vocab_offset=TINY_VISION_OFFSET, rms_norm_eps=1e-6, do_pooling=False)
@@ -178,7 +222,7 @@ def _text_shapes(text_cfg: dict) -> dict[str, tuple]:
 
 
 def _audio_shapes(a: dict) -> dict[str, tuple]:
-    """Audio tower names/shapes (spec §5.2)."""
+    """Audio tower names/shapes, as HF names them."""
     H, heads, c0, c1 = a["hidden_size"], a["conf_num_attention_heads"], *a["sscp_conv_channel_size"]
     f_out = a["input_feat_size"] // 4  # two stride-2 convs over frequency
     s = {"subsample_conv_projection.conv_0.conv.weight": (c0, 1, 3, 3),
@@ -225,7 +269,9 @@ def _vision_state(vision_cfg: dict, gen: torch.Generator) -> dict[str, torch.Ten
 def write_tiny_checkpoint(folder, seed: int = 0, *, multimodal: bool = True, text_overrides: dict | None = None,
                           with_vision: bool = True, write_sharded: bool = False,
                           dtype: torch.dtype = torch.float32) -> Path:
-    """Write config.json, model.safetensors (or 2 shards + index), generation_config.json, tokenizer files.
+    """Write config.json, model.safetensors (or 2 shards + index), generation_config.json, the tokenizer and
+    chat template files and (multimodal) the processor files: everything transformers' ``AutoTokenizer``,
+    ``AutoProcessor`` and ``Gemma3nForConditionalGeneration.from_pretrained`` read.
 
     ``multimodal=False`` writes a text-only ``Gemma3nForCausalLM`` folder (keys ``model.*``).
     ``with_vision=False`` leaves out the (38M-parameter) vision tower weights to stay cheap.
@@ -287,14 +333,7 @@ def write_tiny_checkpoint(folder, seed: int = 0, *, multimodal: bool = True, tex
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 2, "pad_token_id": 0, "eos_token_id": eos, "do_sample": True, "top_k": 64, "top_p": 0.95},
         indent=2))
-    build_tiny_tokenizer().save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True, "padding_side": "left",
-        "chat_template": GEMMA3N_CHAT_TEMPLATE,
-        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
-        "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>",
-    }, indent=2))
+    _write_tokenizer_files(folder, multimodal)
     return folder
 
 

@@ -15,6 +15,7 @@ times sqrt(2048) (a Python float, not rounded), then ``embed_vision``'s soft pat
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,39 @@ class ImageError(ValueError):
 # Image loading: anything -> uint8 or float32 tensor [3, H, W]
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _wide_gray_to_8bit(img):
+    """A 16-bit ("I;16*") or 32-bit integer ("I") grayscale PIL image -> mode "L".
+
+    PIL's ``convert("RGB")`` (and so HF's loader) clips these at 255, which turns a 16-bit photo near-white.
+    16-bit values are scaled to 8 bits instead: round(v * 255 / 65535), so 0 -> 0 and 65535 -> 255. Mode "I"
+    carries no bit depth: values in [0, 255] are taken as 8-bit (PIL's own convention for "I"), values up to
+    65535 as 16-bit (how older Pillow versions open 16-bit PNGs); anything else has no unambiguous reading.
+    """
+    from PIL import Image
+
+    arr = np.asarray(img).astype(np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 65535:
+        raise ImageError(f"a mode {img.mode!r} image with values in [{lo}, {hi}] has no 8-bit reading; "
+                         "expected 16-bit values in [0, 65535]")
+    if img.mode == "I" and hi <= 255:
+        return Image.fromarray(arr.astype(np.uint8))
+    return Image.fromarray(((arr + 128) // 257).astype(np.uint8))  # round(v / 257), 65535 = 255 * 257
+
+
 def _from_pil(img) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "I", "F", "CMYK", "YCbCr", "1"):
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", *_SIXTEEN_BIT_MODES, "I", "F", "CMYK", "YCbCr", "1"):
         raise ImageError(f"unsupported PIL image mode {img.mode!r}")
     img = ImageOps.exif_transpose(img)  # upright, as HF's loader applies the EXIF orientation
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        img = _wide_gray_to_8bit(img)
+    elif img.mode == "F" and not np.isfinite(np.asarray(img)).all():
+        raise ImageError("image contains NaN or infinite values")
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         # Transparency is composited onto white, as HF's convert_to_rgb does.
         img = img.convert("RGBA")
@@ -65,6 +93,13 @@ def _from_path(path) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             return _from_pil(img)
+    except Image.DecompressionBombError as e:
+        # PIL's guard against images built to exhaust memory; kept, with the file and its size named.
+        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(e))
+        size = f"{int(m.group(1)):,} pixels, over PIL's limit of {int(m.group(2)):,}" if m else str(e)
+        raise ImageError(f"image {path} is too large to open safely ({size}; PIL refuses it as a possible "
+                         "decompression bomb). Downscale the file, or raise PIL.Image.MAX_IMAGE_PIXELS if you "
+                         "trust it") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageError(f"cannot read image {path}: {e}") from None
 
@@ -212,6 +247,26 @@ def _flatten_images(images):
         yield images
 
 
+def check_pixel_values(pixel_values) -> None:
+    """Raise ``ImageError`` unless ``pixel_values`` is a finite floating tensor [N, 3, H, W] with N >= 1.
+
+    NaN or inf pixels would run through the tower and come out as NaN soft tokens (then pad ids), so they are
+    refused here. One reduction over the pixels; on a GPU it waits for the device once (prefill only).
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ImageError(f"pixel_values must be a torch tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or 0 in pixel_values.shape:
+        raise ImageError(f"pixel_values must be [N, 3, H, W] with N, H, W >= 1, got {tuple(pixel_values.shape)}")
+    if not pixel_values.is_floating_point():
+        raise ImageError(f"pixel_values must be floating point (the processor gives float32 in [0, 1]), "
+                         f"got {pixel_values.dtype}")
+    finite = torch.isfinite(pixel_values).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ImageError(f"pixel_values contain NaN or infinite values (image(s) {bad[:8]} of "
+                         f"{pixel_values.shape[0]})")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The tower
 
@@ -240,8 +295,7 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> feature map [N, C, h, w] (C = 2048, h = w = 16 for Gemma 3n)."""
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be [N, 3, H, W], got {tuple(pixel_values.shape)}")
+        check_pixel_values(pixel_values)
         p = next(self.parameters())
         return self.timm_model.forward_features(pixel_values.to(p.device, p.dtype))
 

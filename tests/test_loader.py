@@ -6,13 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma3n_fast.reference.loader import CheckpointError, assign_state_dict, read_state_dict, resolve_checkpoint
+from gemma3n_fast.reference.loader import (CheckpointError, CheckpointWarning, assign_state_dict, check_state_dict,
+                                           read_state_dict, resolve_checkpoint)
 from gemma3n_fast.reference.model import load
 from gemma3n_fast.reference.tiny import write_tiny_checkpoint
 
@@ -130,6 +132,91 @@ def test_assign_state_dict_lists_all_kinds_with_counts():
     assert "1 shape mismatch(es): 0.weight (file (4, 2) vs model (4, 3))" in msg
 
 
+@pytest.mark.parametrize("cut", [0.5, 0.0001], ids=["data-cut", "header-cut"])
+def test_truncated_file_is_named(tmp_path, tiny_text, cut):
+    folder = Path(shutil.copytree(tiny_text, tmp_path / "ckpt"))
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:max(int(len(data) * cut), 3)])
+    with pytest.raises(CheckpointError) as e:
+        load(folder)
+    msg = str(e.value)
+    assert str(f) in msg and "truncated or corrupt" in msg and "download it again" in msg, msg
+
+
+def test_truncated_shard_is_named(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path, seed=1, multimodal=False, write_sharded=True)
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: cannot read"):
+        read_state_dict(folder)
+
+
+def test_bad_index_is_named(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path, seed=1, multimodal=False, write_sharded=True)
+    (folder / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: no 'weight_map' object"):
+        read_state_dict(folder)
+    (folder / "model.safetensors.index.json").write_text("{truncated")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not valid JSON"):
+        read_state_dict(folder)
+
+
+@pytest.mark.parametrize("bad_dtype", [torch.int32, torch.bool])
+def test_integer_tensor_for_a_float_weight(tmp_path, tiny_text, bad_dtype):
+    folder = Path(shutil.copytree(tiny_text, tmp_path / "ckpt"))
+    key = "model.layers.2.mlp.up_proj.weight"
+
+    def edit(sd):
+        sd[key] = (sd[key] > 0).to(bad_dtype)
+
+    _rewrite(folder, edit)
+    with pytest.raises(CheckpointError) as e:
+        load(folder)
+    msg = str(e.value)
+    assert ("1 dtype mismatch(es): language_model.layers.2.mlp.up_proj.weight "
+            f"(file {bad_dtype} vs model torch.float32)") in msg, msg
+
+
+def test_check_state_dict_takes_a_mapping_and_allows_float_precision():
+    expected = {"w": torch.empty(2, 3, device="meta"), "steps": torch.empty((), dtype=torch.int64, device="meta")}
+    check_state_dict(expected, {"w": torch.randn(2, 3).bfloat16(), "steps": torch.tensor(3)})  # fine
+    with pytest.raises(CheckpointError, match=r"steps \(file torch.float32 vs model torch.int64\)"):
+        check_state_dict(expected, {"w": torch.randn(2, 3), "steps": torch.tensor(3.0)})
+    check_state_dict(expected, {"w": torch.randn(2, 3)}, optional={"steps"})
+
+
+def test_non_finite_weights_warn_naming_the_tensors(tmp_path, tiny_text):
+    """HF loads NaN weights silently; we load them too (a NaN row no prompt reaches is harmless) but warn."""
+    folder = Path(shutil.copytree(tiny_text, tmp_path / "ckpt"))
+
+    def edit(sd):
+        sd["model.layers.1.self_attn.q_proj.weight"][3, 5] = float("nan")
+        sd["model.norm.weight"][0] = float("-inf")
+
+    _rewrite(folder, edit)
+    with pytest.warns(CheckpointWarning) as rec:
+        model = load(folder)
+    msg = str(rec[0].message)
+    assert msg.startswith("2 checkpoint tensor(s) hold NaN or infinite values: ")
+    assert "model.layers.1.self_attn.q_proj.weight" in msg and "model.norm.weight" in msg
+    assert torch.isnan(model.language_model.layers[1].self_attn.q_proj.weight).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_state_dict(folder, check_finite=False)  # the check can be turned off
+        read_state_dict(tiny_text)  # and a finite checkpoint gives no warning
+
+
+def test_large_finite_weights_are_not_flagged(tmp_path):
+    # A sum can overflow without any inf (fp16 max 65504): the element-wise re-check clears it.
+    save_file({"w": torch.full((300,), 60000.0, dtype=torch.float16),
+               "b": torch.full((4,), 3e38, dtype=torch.float32)}, str(tmp_path / "model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd = read_state_dict(tmp_path)
+    assert sd["w"].dtype == torch.float16
+
+
 def test_hub_style_consumer_kv_keys_are_dropped(tmp_path, tiny_mm):
     # Released Hub files carry k_proj/v_proj/k_norm for KV-shared layers (4, 5 in the tiny config).
     folder = Path(shutil.copytree(tiny_mm, tmp_path / "ckpt"))
@@ -184,10 +271,16 @@ def test_hub_id_offline_from_cache_and_clear_error_when_absent(tmp_path, tiny_te
     assert "HF_HUB_OFFLINE is set" in r.stdout
 
 
-def test_tiny_writer_output_loads_in_hf_with_equal_logits(tmp_path, tiny_text):
+@pytest.fixture(scope="module")
+def tiny_mm_full(tmp_path_factory):
+    """The complete multimodal folder, vision tower included (~2 s to write)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("mm_full"), seed=3, multimodal=True, with_vision=True)
+
+
+def test_tiny_writer_output_loads_in_hf_with_equal_logits(tiny_mm_full, tiny_text):
     transformers = pytest.importorskip("transformers")
     # Multimodal folder incl. the vision tower: HF must find every key it expects and nothing else.
-    mm = write_tiny_checkpoint(tmp_path / "mm", seed=3, multimodal=True, with_vision=True)
+    mm = tiny_mm_full
     hf, info = transformers.Gemma3nForConditionalGeneration.from_pretrained(
         mm, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -215,3 +308,34 @@ def test_tiny_writer_is_deterministic(tmp_path):
     sd = load_file(a / "model.safetensors")
     assert not torch.all(sd["model.norm.weight"] == 1)
     assert not torch.all(sd["model.layers.0.altup.correct_output_scale"] == 0)
+
+
+def test_tiny_checkpoint_is_complete_for_hf_auto_classes(tiny_mm_full):
+    """AutoTokenizer and AutoProcessor load the folder (the model loads in the test above) and HF's processor
+    gives exactly our inputs for a text+image+audio chat, and HF's tokenizer our ids for plain text."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from gemma3n_fast.reference.processor import Processor
+
+    hf_tok, hf_proc = AutoTokenizer.from_pretrained(tiny_mm_full), AutoProcessor.from_pretrained(tiny_mm_full)
+    assert type(hf_proc).__name__ == "Gemma3nProcessor"
+    ours = Processor.from_pretrained(tiny_mm_full)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    clip = (rng.standard_normal(17_000) * 0.1).astype(np.float32)  # 1.06 s at 16 kHz
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "what is in this picture"},
+                                             {"type": "audio", "audio": clip}]}]
+    kw = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = hf_proc.apply_chat_template(messages, return_tensors="pt", **kw)
+    got = ours.apply_chat_template(messages, **kw)
+    assert set(got) == set(expected.keys())
+    for k in got:  # ids, masks and token types exactly; pixels and features too (same preprocessing)
+        assert torch.equal(got[k], torch.as_tensor(expected[k]).to(got[k].dtype)), k
+    assert got["input_ids"].shape[1] > 256 + 188
+    assert hf_tok("hello the fox").input_ids == ours.encode("hello the fox")
+    assert hf_tok.apply_chat_template(messages[1:2], add_generation_prompt=True, tokenize=False) == \
+        ours.apply_chat_template(messages[1:2], add_generation_prompt=True)

@@ -240,7 +240,7 @@ def test_clear_errors(pair):
         ours(text="a <audio_soft_token>")
     with pytest.raises(ProcessorError, match="type text\\|image\\|audio"):
         ours.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}])
-    with pytest.raises(ProcessorError, match="'role' and 'content'"):
+    with pytest.raises(ProcessorError, match="message 0 has no 'role'"):
         ours.apply_chat_template([{"content": "x"}])
     with pytest.raises(ProcessorError, match="padding=True"):
         ours(text=["a", "a longer text"], padding=False)

@@ -90,7 +90,7 @@ def test_bad_images_give_clear_errors(tmp_path):
     with pytest.raises(ImageError, match="not fetched from URLs"):
         load_image("https://example.com/cat.jpg")
     with pytest.raises(ImageError, match="unsupported PIL image mode"):
-        load_image(Image.new("I;16B", (4, 4)))
+        load_image(Image.new("LAB", (4, 4)))
     with pytest.raises(ImageError, match="unsupported image type"):
         load_image(12)
     buf = io.BytesIO()
@@ -108,8 +108,13 @@ def _tiny_hf_model():
                 hidden_size_per_layer_input=8, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                 intermediate_size=64, laurel_rank=4, sliding_window=8, num_kv_shared_layers=0,
                 layer_types=["sliding_attention", "full_attention"], activation_sparsity_pattern=[0.0, 0.0])
-    audio = dict(hidden_size=32, conf_num_hidden_layers=1, conf_num_attention_heads=4, sscp_conv_channel_size=[8, 4])
-    cfg = Gemma3nConfig(text_config=text, audio_config=audio, vision_config=dict(model_args={"channel_multiplier": 0.25}))
+    # Vision ids [256, 384) and audio ids [384, 512) at the top of the 512-id vocabulary, as config.json must have them.
+    audio = dict(hidden_size=32, conf_num_hidden_layers=1, conf_num_attention_heads=4, sscp_conv_channel_size=[8, 4],
+                 vocab_offset=384)
+    cfg = Gemma3nConfig(text_config=text, audio_config=audio,
+                        vision_config=dict(model_args={"channel_multiplier": 0.25}, vocab_offset=256),
+                        boi_token_id=250, eoi_token_id=256, image_token_id=257, boa_token_id=251, eoa_token_id=384,
+                        audio_token_id=385)
     torch.manual_seed(0)
     model = Gemma3nModel(cfg).eval()
     with torch.no_grad():  # perturb: norm weights away from 1, layer scales away from their init
