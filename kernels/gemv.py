@@ -205,7 +205,7 @@ def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, *, gate_up: bool = F
         block_m = 1
         block_k = min(triton.next_power_of_2(K), 128 * vec)  # 1024 bf16 / 512 fp32 per row chunk
         block_n = min(16, _pow2_floor(4096 // (block_k * nacc)), _pow2_floor(N * pairs / min_programs))
-        block_n = max(block_n, 1)
+        block_n = max(block_n, min(16, 128 * vec // block_k), 1)  # tile >= 128 threads x one 16-byte vector
         num_warps = min(8, max(1, block_n * block_k * nacc // (vec * 32 * 2)))  # ~2 vectors per thread per step
     else:
         block_m = 16
