@@ -70,7 +70,7 @@ def _run(benchmark, group, provider, triton_fn, ref_fn, args, bytes_moved, **inf
     fn = {"triton": triton_fn, "eager": ref_fn}.get(provider) or torch.compile(ref_fn, dynamic=False)
     call = lambda: fn(*args)  # noqa: E731
     benchmark.group = group
-    seconds = time_fn(call, cpu_reps=1)  # also the warm-up: compiles, autotunes, sizes the workspaces before any capture
+    seconds = time_fn(call, cpu_reps=1)  # also the warm-up: compiles and sizes the workspaces before any capture
     graph = _graph_seconds(call) if provider != "compile" else None
     record(benchmark, seconds=seconds, bytes_moved=bytes_moved, provider=provider, dtype=str(DTYPE),
            graph_median_s=graph, graph_GBps=bytes_moved / graph / 1e9 if graph else None, **info)

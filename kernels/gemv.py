@@ -14,7 +14,8 @@ inside) rounded, times cap rounded (the reference's ``tanh(logits / cap) * cap``
 Work split: program (i, s) owns BLOCK_N output columns (for gate|up: the matching gate AND up rows, so the
 epilogue is elementwise) and the s-th of SPLIT_K slices of K. M == 1 accumulates elementwise in a
 [BLOCK_N, BLOCK_K] fp32 tile (16-byte loads along K, one reduction at the end); 2 <= M <= 16 uses tl.dot on
-W [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, 16] (rows of x padded to 16; fp32 operands with IEEE products, never TF32).
+W [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, 16] (rows of x padded to 16; fp32 operands with IEEE products, never
+TF32; on CPU, in the interpreter, 16-bit operands are converted to fp32 for the dot: the same exact products).
 Split-K (only when N alone gives too few programs to fill an H100) writes fp32 partials to a workspace; the
 last program of each column tile to arrive (an atomic counter) adds the partials in split order 0, 1, ... and
 applies the epilogue, so the result does not depend on which program finished last, and resets its counter
@@ -81,9 +82,16 @@ def _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, up_rows, pid_n, pid
             wm = n_mask[:, None] & k_mask[None, :]
             xt = tl.trans(tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :],
                                   mask=m_mask[:, None] & k_mask[None, :], other=0.0))  # [BLOCK_K, BLOCK_M]
-            y += dot(tl.load(w_rows + k[None, :], mask=wm, other=0.0), xt, IEEE_DOT)
+            w = tl.load(w_rows + k[None, :], mask=wm, other=0.0)
+            if IEEE_DOT:  # fp32 products (exact for 16-bit operands too)
+                xt = xt.to(tl.float32)
+                w = w.to(tl.float32)
+            y += dot(w, xt, IEEE_DOT)
             if GATE_UP:
-                y_up += dot(tl.load(u_rows + k[None, :], mask=wm, other=0.0), xt, IEEE_DOT)
+                u = tl.load(u_rows + k[None, :], mask=wm, other=0.0)
+                if IEEE_DOT:
+                    u = u.to(tl.float32)
+                y_up += dot(u, xt, IEEE_DOT)
     return y, y_up
 
 
@@ -302,7 +310,10 @@ def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, c
         M, N, K, x2_rows.shape[1], x_rows.stride(0), w.stride(0), out_rows.stride(0), aux_rows.stride(0),
         x2_rows.stride(0), w2.stride(0), out2_rows.stride(0), float(cap),
         EPILOGUE=epilogue, DUAL=dual, SPLIT_K=cfg.SPLIT_K, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K, IEEE_DOT=x_rows.dtype == torch.float32, num_warps=cfg.num_warps,
+        # fp32 operands: IEEE products, never TF32. On CPU (the interpreter, whose bf16 tl.dot is wrong) 16-bit
+        # operands are converted to fp32 first: the same exact products the GPU's tensor cores form.
+        BLOCK_K=cfg.BLOCK_K, IEEE_DOT=x_rows.dtype == torch.float32 or x_rows.device.type == "cpu",
+        num_warps=cfg.num_warps,
     )
 
 
