@@ -13,9 +13,10 @@ dtype: gelu(round(g)) rounded, times round(u) (or aux) rounded; softcap: round(y
 inside) rounded, times cap rounded (the reference's ``tanh(logits / cap) * cap`` in the activation dtype).
 Work split: program (i, s) owns BLOCK_N output columns (for gate|up: the matching gate AND up rows, so the
 epilogue is elementwise) and the s-th of SPLIT_K slices of K. M == 1 accumulates elementwise in a
-[BLOCK_N, BLOCK_K] fp32 tile (16-byte loads along K, one reduction at the end); 2 <= M <= 16 uses tl.dot on
-W [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, 16] (rows of x padded to 16; fp32 operands with IEEE products, never
-TF32; on CPU, in the interpreter, 16-bit operands are converted to fp32 for the dot: the same exact products).
+[BLOCK_N, BLOCK_K] fp32 tile (16-byte cp.async copies along K, ``num_stages`` chunks in flight, one reduction
+at the end); 2 <= M <= 16 uses tl.dot on W [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, 16] (rows of x padded to 16;
+fp32 operands with IEEE products, never TF32; on CPU, in the interpreter, 16-bit operands are converted to
+fp32 for the dot: the same exact products).
 Split-K (only when N alone gives too few programs to fill an H100) writes fp32 partials to a workspace; the
 last program of each column tile to arrive (an atomic counter) adds the partials in split order 0, 1, ... and
 applies the epilogue, so the result does not depend on which program finished last, and resets its counter
@@ -47,7 +48,7 @@ H100_SMS = 132  # the heuristics size grids for an H100 (a static choice: shapes
 @triton.jit
 def _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, up_rows, pid_n, pid_k,
                 GATE_UP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr):
+                BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr):
     """fp32 sums over this program's slice of K -> ([BLOCK_N, BLOCK_M] for W rows pid_n*BLOCK_N + i,
     the same for rows up_rows + pid_n*BLOCK_N + i when GATE_UP, else a copy of the first)."""
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,7 +62,7 @@ def _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, up_rows, pid_n, pid
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = acc
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):  # cp.async: chunks in flight ahead
             k = k0 + rk
             k_mask = k < K
             wm = n_mask[:, None] & k_mask[None, :]
@@ -139,7 +140,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, aux_ptr, x2_ptr, w2_ptr, out2_ptr, ws_ptr, lock_ptr,
     M, N, K, K2, stride_xm, stride_wn, stride_om, stride_am, stride_x2m, stride_w2n, stride_o2m, cap,
     EPILOGUE: tl.constexpr, DUAL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     tile = tl.program_id(0)  # column tile (dual: first pair's tiles, then the second's)
     pid_k = tl.program_id(1)  # slice of K
@@ -148,13 +149,13 @@ def _gemv_kernel(
     if DUAL:
         if tile >= n_blocks:
             y, y_up = _accumulate(x2_ptr, w2_ptr, M, N, K2, stride_x2m, stride_w2n, 0, tile - n_blocks, pid_k,
-                                  False, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT)
+                                  False, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT, NUM_STAGES)
         else:
             y, y_up = _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, 0, tile, pid_k,
-                                  False, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT)
+                                  False, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT, NUM_STAGES)
     else:
         y, y_up = _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, N, tile, pid_k,
-                              GATE_UP, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT)
+                              GATE_UP, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT, NUM_STAGES)
     if SPLIT_K == 1:
         _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om, stride_o2m, stride_am, cap,
                 EPILOGUE, DUAL, BLOCK_M, BLOCK_N)
@@ -189,6 +190,7 @@ class GemvConfig:
     BLOCK_K: int
     SPLIT_K: int
     num_warps: int
+    num_stages: int = 3  # weight chunks in flight per program (software pipelining of the K loop)
 
 
 def _pow2_floor(v: float) -> int:
@@ -313,7 +315,7 @@ def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, c
         # fp32 operands: IEEE products, never TF32. On CPU (the interpreter, whose bf16 tl.dot is wrong) 16-bit
         # operands are converted to fp32 first: the same exact products the GPU's tensor cores form.
         BLOCK_K=cfg.BLOCK_K, IEEE_DOT=x_rows.dtype == torch.float32 or x_rows.device.type == "cpu",
-        num_warps=cfg.num_warps,
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

@@ -296,11 +296,12 @@ cases = [(1, 3136, 2048, 0, False), (1, 8192, 2048, 1, False), (1, 256, 2048, 2,
 for M, N, K, epi, dual in cases:
     cfg = G.gemv_config(M, N, K, torch.bfloat16, gate_up=epi == 1, pairs=2 if dual else 1)
     constexprs = dict(EPILOGUE=epi, DUAL=dual, SPLIT_K=cfg.SPLIT_K, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                      BLOCK_K=cfg.BLOCK_K, IEEE_DOT=False)
+                      BLOCK_K=cfg.BLOCK_K, IEEE_DOT=False, NUM_STAGES=cfg.num_stages)
     sig = dict(zip(names, types))
     sig.update({k: "constexpr" for k in constexprs})
     k = triton.compile(ASTSource(fn=G._gemv_kernel, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     assert k.metadata.shared <= 227 * 1024, (M, N, K, k.metadata.shared)
     print("compiled", M, N, K, epi, dual, cfg, "regs", getattr(k, "n_regs", "?"))
 '''
