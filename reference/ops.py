@@ -22,6 +22,13 @@ __all__ = [
     "sliding_window_attention",
     "sliding_window_attention_decode",
     "chunked_local_attention",
+    # decode GEMVs and the sparse FFN
+    "linear",
+    "linear_gelu_mul",
+    "linear_gelu_aux",
+    "linear_softcap",
+    "dual_linear",
+    "sparse_ffn",
 ]
 
 
@@ -179,3 +186,47 @@ def chunked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     out = torch.einsum("bnuwc,bucnh->buwnh", probs, vb).reshape(B, U * W, N, Dh)[:, :T]
     any_visible = visible.any(-1).permute(0, 2, 3, 1).reshape(B, U * W, 1)[:, :T]  # [B, T, 1]
     return torch.where(any_visible[..., None], out, out.new_zeros(()))
+
+
+# ---- decode GEMVs and the sparse FFN ----------------------------------------------------------------
+# The decode step's projections with their fused epilogues; weights are nn.Linear weights [N, K].
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` (F.linear without bias). x [..., K], weight [N, K] -> [..., N]."""
+    return F.linear(x, weight)
+
+
+def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+    """The dense MLP's ``gelu_tanh(x Wg^T) * (x Wu^T)`` with ``gate_up_weight = [Wg; Wu]`` [2I, K] -> [..., I].
+    Same values as ``gaussian_topk_gelu_mul(F.linear(x, Wg), F.linear(x, Wu), None)``."""
+    gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(x @ weight^T) * aux`` (the per-layer-input gate times the per-layer input). aux [..., N]."""
+    return F.gelu(F.linear(x, weight), approximate="tanh") * aux
+
+
+def linear_softcap(x: torch.Tensor, weight: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The LM head: ``cap * tanh((x @ weight^T) / cap)`` in x.dtype (logits rounded first), or plain if cap is None."""
+    logits = F.linear(x, weight)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def dual_linear(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor,
+                w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent projections with the same output width: ``(x1 @ w1^T, x2 @ w2^T)``."""
+    return F.linear(x1, w1), F.linear(x2, w2)
+
+
+def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight_t: torch.Tensor,
+               std_multiplier: float) -> torch.Tensor:
+    """The MLP of a layer with a sparsity target: ``down(gaussian_topk_gelu_mul(gate(x), up(x), z))``.
+
+    gate_weight, up_weight: [I, H]; down_weight_t: [I, H], the down projection's weight TRANSPOSED (the
+    kernel reads the rows of the active channels). Only channels with ``relu(gate - cutoff) > 0`` contribute,
+    which is why a kernel may skip the others' up rows and down columns. x [..., H] -> [..., H].
+    """
+    act = gaussian_topk_gelu_mul(F.linear(x, gate_weight), F.linear(x, up_weight), std_multiplier)
+    return F.linear(act, down_weight_t.t())

@@ -1,0 +1,434 @@
+"""Decode GEMV: ``y = x @ W^T`` for a few rows of x, with the epilogues Gemma 3n's decode step needs.
+
+Math (x [M, K] with M <= 16 rows: batch x new tokens; W [N, K], an nn.Linear weight, row-major):
+    linear          y = x W^T                                          [M, N]
+    linear_gelu_mul gelu_tanh(x Wg^T) * (x Wu^T), W = [Wg; Wu] [2I, K]  [M, I]   (the dense MLP's gate|up)
+    linear_gelu_aux gelu_tanh(x W^T) * aux, aux [M, N]                 [M, N]   (the per-layer-input gate)
+    linear_softcap  cap * tanh(x W^T / cap)                            [M, N]   (the LM head, N = 262,400)
+    dual_linear     (x1 W1^T, x2 W2^T), W1 [N, K1], W2 [N, K2], ONE launch       (o_proj + LAuReL's right side)
+gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi)(g + 0.044715 g^3))) = g * sigmoid(2 sqrt(2/pi)(g + 0.044715 g^3)).
+Numerics: products and sums in fp32 (the weight is read once, in its own dtype); y is rounded to the activation
+dtype once, where F.linear rounds. Epilogues then follow the reference op by op, each rounded to the activation
+dtype: gelu(round(g)) rounded, times round(u) (or aux) rounded; softcap: round(y) / cap rounded, tanh (fp32
+inside) rounded, times cap rounded (the reference's ``tanh(logits / cap) * cap`` in the activation dtype).
+Work split: program (i, s) owns BLOCK_N output columns (for gate|up: the matching gate AND up rows, so the
+epilogue is elementwise) and the s-th of SPLIT_K slices of K. M == 1 accumulates elementwise in a
+[BLOCK_N, BLOCK_K] fp32 tile (16-byte cp.async copies along K, ``num_stages`` chunks in flight, one reduction
+at the end); 2 <= M <= 16 uses tl.dot on W [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, 16] (rows of x padded to 16;
+fp32 operands with IEEE products, never TF32; on CPU, in the interpreter, 16-bit operands are converted to
+fp32 for the dot: the same exact products).
+Split-K (only when N alone gives too few programs to fill an H100) writes fp32 partials to a workspace; the
+last program of each column tile to arrive (an atomic counter) adds the partials in split order 0, 1, ... and
+applies the epilogue, so the result does not depend on which program finished last, and resets its counter
+for the next launch. Settings come from the static shapes only (``gemv_config``); rows M > 16 (prefill) are
+not this kernel's job: the launchers hand them to torch (F.linear / matmul, then the reference epilogue).
+Workspace: split-K launches use a per-device cached buffer (partials fp32 + int32 counters, zeroed once),
+grown only outside CUDA-graph capture; run every shape once eagerly before capturing (the decode warm-up
+does), or a clear error says so. Otherwise no host sync and no allocation beyond the outputs: CUDA-graph safe.
+Bytes each launch must move: ``gemv_bytes``. Requires triton >= 3.6, torch >= 2.11.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import check_dtype, check_out, dot, round_to, rows, tanh
+
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
+EPILOGUE_NONE, EPILOGUE_GELU_MUL, EPILOGUE_GELU_AUX, EPILOGUE_SOFTCAP = 0, 1, 2, 3
+MAX_ROWS = 16  # rows of x the kernel takes; more (prefill) go to torch, where a GEMM is the right tool
+H100_SMS = 132  # the heuristics size grids for an H100 (a static choice: shapes alone decide a launch)
+
+
+# ---- kernel ---------------------------------------------------------------------------------------------
+@triton.jit
+def _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, up_rows, pid_n, pid_k,
+                GATE_UP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """fp32 sums over this program's slice of K -> ([BLOCK_N, BLOCK_M] for W rows pid_n*BLOCK_N + i,
+    the same for rows up_rows + pid_n*BLOCK_N + i when GATE_UP, else a copy of the first)."""
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # int64: the LM head has 537M elements
+    u_rows = w_rows + up_rows * stride_wn  # the up half of a [2I, K] gate|up weight (unused otherwise)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole BLOCK_K chunks per slice
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = acc
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):  # cp.async: chunks in flight ahead
+            k = k0 + rk
+            k_mask = k < K
+            wm = n_mask[:, None] & k_mask[None, :]
+            xv = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(w_rows + k[None, :], mask=wm, other=0.0).to(tl.float32) * xv
+            if GATE_UP:
+                acc_up += tl.load(u_rows + k[None, :], mask=wm, other=0.0).to(tl.float32) * xv
+        y = tl.sum(acc, axis=1)[:, None]
+        y_up = tl.sum(acc_up, axis=1)[:, None]
+    else:
+        rm = tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        y = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        y_up = y
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + rk
+            k_mask = k < K
+            wm = n_mask[:, None] & k_mask[None, :]
+            xt = tl.trans(tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :],
+                                  mask=m_mask[:, None] & k_mask[None, :], other=0.0))  # [BLOCK_K, BLOCK_M]
+            w = tl.load(w_rows + k[None, :], mask=wm, other=0.0)
+            if IEEE_DOT:  # fp32 products (exact for 16-bit operands too)
+                xt = xt.to(tl.float32)
+                w = w.to(tl.float32)
+            y += dot(w, xt, IEEE_DOT)
+            if GATE_UP:
+                u = tl.load(u_rows + k[None, :], mask=wm, other=0.0)
+                if IEEE_DOT:
+                    u = u.to(tl.float32)
+                y_up += dot(u, xt, IEEE_DOT)
+    return y, y_up
+
+
+@triton.jit
+def _gelu_tanh(g):
+    inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+    return g * tl.sigmoid(2.0 * inner)  # = 0.5 g (1 + tanh(inner))
+
+
+@triton.jit
+def _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om, stride_o2m, stride_am, cap,
+            EPILOGUE: tl.constexpr, DUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Round, apply the epilogue (each step rounded like the reference) and store the [BLOCK_N, BLOCK_M] tile."""
+    pid_n = tile
+    if DUAL:  # tiles n_blocks.. belong to the second (x, W) pair
+        pid_n = tl.where(tile >= n_blocks, tile - n_blocks, tile)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    mask = (rn < N)[:, None] & (rm < M)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    res = round_to(y, dtype)
+    if EPILOGUE == 1:  # gelu(gate) * up
+        g = res.to(tl.float32)
+        act = round_to(_gelu_tanh(g), dtype).to(tl.float32)
+        res = round_to(act * round_to(y_up, dtype).to(tl.float32), dtype)
+    elif EPILOGUE == 2:  # gelu(y) * aux
+        aux = tl.load(aux_ptr + rm[None, :] * stride_am + rn[:, None], mask=mask, other=0.0).to(tl.float32)
+        act = round_to(_gelu_tanh(res.to(tl.float32)), dtype).to(tl.float32)
+        res = round_to(act * aux, dtype)
+    elif EPILOGUE == 3:  # cap * tanh(y / cap), every step in the activation dtype
+        t = round_to(res.to(tl.float32) / cap, dtype).to(tl.float32)
+        t = round_to(tanh(t), dtype).to(tl.float32)
+        res = round_to(t * cap, dtype)
+    if DUAL:
+        if tile >= n_blocks:
+            tl.store(out2_ptr + rm[None, :] * stride_o2m + rn[:, None], res, mask=mask)
+        else:
+            tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], res, mask=mask)
+    else:
+        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], res, mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, out_ptr, aux_ptr, x2_ptr, w2_ptr, out2_ptr, ws_ptr, lock_ptr,
+    M, N, K, K2, stride_xm, stride_wn, stride_om, stride_am, stride_x2m, stride_w2n, stride_o2m, cap,
+    EPILOGUE: tl.constexpr, DUAL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    tile = tl.program_id(0)  # column tile (dual: first pair's tiles, then the second's)
+    pid_k = tl.program_id(1)  # slice of K
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    GATE_UP: tl.constexpr = EPILOGUE == 1
+    if DUAL:
+        if tile >= n_blocks:
+            y, y_up = _accumulate(x2_ptr, w2_ptr, M, N, K2, stride_x2m, stride_w2n, 0, tile - n_blocks, pid_k,
+                                  False, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT, NUM_STAGES)
+        else:
+            y, y_up = _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, 0, tile, pid_k,
+                                  False, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT, NUM_STAGES)
+    else:
+        y, y_up = _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, N, tile, pid_k,
+                              GATE_UP, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT, NUM_STAGES)
+    if SPLIT_K == 1:
+        _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om, stride_o2m, stride_am, cap,
+                EPILOGUE, DUAL, BLOCK_M, BLOCK_N)
+    else:
+        TILE: tl.constexpr = BLOCK_N * BLOCK_M
+        NACC: tl.constexpr = 2 if GATE_UP else 1
+        offs = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        tile_ws = ws_ptr + tile.to(tl.int64) * (SPLIT_K * NACC * TILE)
+        tl.store(tile_ws + pid_k * (NACC * TILE) + offs, y)
+        if GATE_UP:
+            tl.store(tile_ws + pid_k * (NACC * TILE) + TILE + offs, y_up)
+        tl.debug_barrier()  # every thread's partial is written before the single atomic below publishes them
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last slice of this tile to finish: add all slices in a fixed order
+            y = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            y_up = y
+            for s in tl.static_range(SPLIT_K):
+                y += tl.load(tile_ws + s * (NACC * TILE) + offs, cache_modifier=".cg")
+                if GATE_UP:
+                    y_up += tl.load(tile_ws + s * (NACC * TILE) + TILE + offs, cache_modifier=".cg")
+            tl.store(lock_ptr + tile, 0)  # counters start at zero again for the next launch / graph replay
+            _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om, stride_o2m, stride_am,
+                    cap, EPILOGUE, DUAL, BLOCK_M, BLOCK_N)
+
+
+# ---- settings, workspace, bytes -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch settings: tile sizes, K slices and warps (``gemv_config`` picks them from the shapes)."""
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int
+    num_warps: int
+    num_stages: int = 3  # weight chunks in flight per program (software pipelining of the K loop)
+
+
+def _pow2_floor(v: float) -> int:
+    return 1 << max(int(v), 1).bit_length() - 1
+
+
+def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, *, gate_up: bool = False, pairs: int = 1) -> GemvConfig:
+    """Static settings for x [M, K] @ W^T with N output columns (per pair; gate|up: N = I, two rows per column).
+
+    M == 1: elementwise FMA tile [BLOCK_N, BLOCK_K], 16-byte vectors along K, at most 4096 fp32 accumulators per
+    tile (32 per thread at 4 warps); BLOCK_N as large as keeps >= 2 programs per SM (x is re-read from L2 by
+    every program: 1/BLOCK_N of the weight traffic). 2 <= M <= 16: tl.dot tiles [BLOCK_N >= 16, BLOCK_K] x
+    [BLOCK_K, 16]. Either way, when the column tiles alone leave SMs idle, K is split so that about 4 programs
+    per SM stream the weight (each slice a whole number of BLOCK_K chunks, none empty)."""
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"gemv_config: M must be in 1..{MAX_ROWS}, got {M}")
+    elem = torch.empty((), dtype=dtype).element_size()
+    vec = 16 // elem  # elements per 16-byte load
+    nacc = 2 if gate_up else 1
+    min_programs, target_programs = 2 * H100_SMS, 4 * H100_SMS
+    if M == 1:
+        block_m = 1
+        block_k = min(triton.next_power_of_2(K), 128 * vec)  # 1024 bf16 / 512 fp32 per row chunk
+        block_n = min(16, _pow2_floor(4096 // (block_k * nacc)), _pow2_floor(N * pairs / min_programs))
+        block_n = max(block_n, min(16, 128 * vec // block_k), 1)  # tile >= 128 threads x one 16-byte vector
+        num_warps = min(8, max(1, block_n * block_k * nacc // (vec * 32 * 2)))  # ~2 vectors per thread per step
+    else:
+        block_m = 16
+        block_k = min(max(triton.next_power_of_2(K), 16), 128 if elem == 2 else 64)
+        block_n = 64 if N * pairs >= 64 * min_programs else (32 if N * pairs >= 32 * min_programs else 16)
+        num_warps = 4
+    tiles = triton.cdiv(N, block_n) * pairs
+    split_k = 1
+    chunks = triton.cdiv(K, block_k)
+    if tiles < min_programs and chunks > 1:
+        want = min(triton.cdiv(target_programs, tiles), chunks, 16)
+        per = triton.cdiv(chunks, want)
+        split_k = triton.cdiv(chunks, per)  # no empty slice
+    return GemvConfig(block_m, block_n, block_k, split_k, num_warps)
+
+
+_WORKSPACES: dict = {}  # device -> (fp32 partials, int32 counters); grown outside graph capture only
+
+
+def _workspace(device: torch.device, n_partials: int, n_locks: int, fn: str):
+    """Cached split-K workspace on ``device`` with room for ``n_partials`` floats and ``n_locks`` counters."""
+    ws, locks = _WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < n_partials or locks.numel() < n_locks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{fn}: the split-K workspace must grow during CUDA-graph capture; run this "
+                               "shape once eagerly before capturing (its buffer is then reused by the graph)")
+        n_partials = max(n_partials, ws.numel() if ws is not None else 0)
+        n_locks = max(n_locks, locks.numel() if locks is not None else 0)
+        ws = torch.empty(n_partials, dtype=torch.float32, device=device)
+        locks = torch.zeros(n_locks, dtype=torch.int32, device=device)  # the kernel leaves them at zero
+        _WORKSPACES[device] = (ws, locks)
+    return ws, locks
+
+
+def gemv_bytes(kind: str, M: int, N: int, K: int, dtype: torch.dtype, *, K2: int = 0) -> int:
+    """Bytes a launch must move at these shapes (weights and activations read once, outputs written once;
+    split-K partials stay in L2 and are not counted). ``kind``: "linear", "gelu_mul" (N = I, the weight is
+    [2I, K]), "gelu_aux", "softcap", "dual" (K2 = the second pair's K)."""
+    e = torch.empty((), dtype=dtype).element_size()
+    if kind in ("linear", "softcap"):
+        n = N * K + M * K + M * N
+    elif kind == "gelu_mul":
+        n = 2 * N * K + M * K + M * N
+    elif kind == "gelu_aux":
+        n = N * K + M * K + 2 * M * N
+    elif kind == "dual":
+        n = N * (K + K2) + M * (K + K2) + 2 * M * N
+    else:
+        raise ValueError(f"gemv_bytes: unknown kind {kind!r}")
+    return n * e
+
+
+# ---- launchers ------------------------------------------------------------------------------------------
+def _check_weight(fn: str, name: str, w: torch.Tensor, x: torch.Tensor, K: int) -> torch.Tensor:
+    check_dtype(fn, name, w)
+    if w.dim() != 2 or w.shape[1] != K:
+        raise ValueError(f"{fn}: {name} must be [N, {K}] (an nn.Linear weight for inputs of width {K}), "
+                         f"got {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"{fn}: {name} dtype {w.dtype} != activation dtype {x.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {w.device} but the activations are on {x.device}")
+    return w if w.stride(-1) == 1 else w.contiguous()
+
+
+def _check_x(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
+    check_dtype(fn, name, x)
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"{fn}: {name} must be a non-empty [..., K], got {tuple(x.shape)}")
+    return x
+
+
+def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, cap=0.0, x2_rows=None, w2=None,
+            out2_rows=None, config=None):
+    M, K = x_rows.shape
+    N = out_rows.shape[1]
+    dual = x2_rows is not None
+    cfg = config or gemv_config(M, N, max(K, x2_rows.shape[1]) if dual else K, x_rows.dtype,
+                                gate_up=epilogue == EPILOGUE_GELU_MUL, pairs=2 if dual else 1)
+    if (cfg.BLOCK_M == 1) != (M == 1):
+        raise ValueError(f"{fn}: config BLOCK_M={cfg.BLOCK_M} does not fit {M} rows (1 for one row, 16 else)")
+    tiles = triton.cdiv(N, cfg.BLOCK_N) * (2 if dual else 1)
+    if cfg.SPLIT_K > 1:
+        nacc = 2 if epilogue == EPILOGUE_GELU_MUL else 1
+        ws, locks = _workspace(x_rows.device, tiles * cfg.SPLIT_K * nacc * cfg.BLOCK_N * cfg.BLOCK_M, tiles, fn)
+    else:
+        ws, locks = out_rows, out_rows  # unused pointers
+    aux_rows = aux_rows if aux_rows is not None else out_rows
+    x2_rows = x2_rows if dual else x_rows
+    w2 = w2 if dual else w
+    out2_rows = out2_rows if dual else out_rows
+    _gemv_kernel[(tiles, cfg.SPLIT_K)](
+        x_rows, w, out_rows, aux_rows, x2_rows, w2, out2_rows, ws, locks,
+        M, N, K, x2_rows.shape[1], x_rows.stride(0), w.stride(0), out_rows.stride(0), aux_rows.stride(0),
+        x2_rows.stride(0), w2.stride(0), out2_rows.stride(0), float(cap),
+        EPILOGUE=epilogue, DUAL=dual, SPLIT_K=cfg.SPLIT_K, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        # fp32 operands: IEEE products, never TF32. On CPU (the interpreter, whose bf16 tl.dot is wrong) 16-bit
+        # operands are converted to fp32 first: the same exact products the GPU's tensor cores form.
+        BLOCK_K=cfg.BLOCK_K, IEEE_DOT=x_rows.dtype == torch.float32 or x_rows.device.type == "cpu",
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _gelu_tanh_torch(g: torch.Tensor) -> torch.Tensor:
+    return F.gelu(g, approximate="tanh")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None,
+           config: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ weight^T``: x [..., K], weight [N, K] -> [..., N] in x.dtype (Triton for <= 16 rows, else torch).
+    ``config`` overrides ``gemv_config`` (tuning and tests)."""
+    fn = "linear"
+    x = _check_x(fn, "x", x)
+    K = x.shape[-1]
+    weight = _check_weight(fn, "weight", weight, x, K)
+    N = weight.shape[0]
+    out = check_out(fn, out, (*x.shape[:-1], N), x.dtype, x.device, view_as=(-1, N))
+    x_rows, out_rows = rows(x, K), out.view(-1, N)
+    if x_rows.shape[0] > MAX_ROWS:
+        torch.matmul(x_rows, weight.t(), out=out_rows)
+    else:
+        _launch(fn, x_rows, weight, out_rows, config=config)
+    return out
+
+
+def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor, *, out: torch.Tensor | None = None,
+                    config: GemvConfig | None = None) -> torch.Tensor:
+    """``gelu_tanh(x Wg^T) * (x Wu^T)`` with ``gate_up_weight = [Wg; Wu]`` [2I, K]: x [..., K] -> [..., I]."""
+    fn = "linear_gelu_mul"
+    x = _check_x(fn, "x", x)
+    K = x.shape[-1]
+    gate_up_weight = _check_weight(fn, "gate_up_weight", gate_up_weight, x, K)
+    if gate_up_weight.shape[0] % 2:
+        raise ValueError(f"{fn}: gate_up_weight must stack gate and up rows ([2I, K]), got an odd "
+                         f"{gate_up_weight.shape[0]} rows")
+    I = gate_up_weight.shape[0] // 2
+    out = check_out(fn, out, (*x.shape[:-1], I), x.dtype, x.device, view_as=(-1, I))
+    x_rows, out_rows = rows(x, K), out.view(-1, I)
+    if x_rows.shape[0] > MAX_ROWS:
+        gate, up = F.linear(x_rows, gate_up_weight).chunk(2, dim=-1)
+        torch.mul(_gelu_tanh_torch(gate), up, out=out_rows)
+    else:
+        _launch(fn, x_rows, gate_up_weight, out_rows, epilogue=EPILOGUE_GELU_MUL, config=config)
+    return out
+
+
+def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor, aux: torch.Tensor, *, out: torch.Tensor | None = None,
+                    config: GemvConfig | None = None) -> torch.Tensor:
+    """``gelu_tanh(x @ weight^T) * aux``: x [..., K], weight [N, K], aux [..., N] (x's leading shape) -> [..., N]."""
+    fn = "linear_gelu_aux"
+    x = _check_x(fn, "x", x)
+    K = x.shape[-1]
+    weight = _check_weight(fn, "weight", weight, x, K)
+    N = weight.shape[0]
+    check_dtype(fn, "aux", aux)
+    if tuple(aux.shape) != (*x.shape[:-1], N):
+        raise ValueError(f"{fn}: aux must be {(*x.shape[:-1], N)}, got {tuple(aux.shape)}")
+    if aux.dtype != x.dtype or aux.device != x.device:
+        raise ValueError(f"{fn}: aux must be {x.dtype} on {x.device}, got {aux.dtype} on {aux.device}")
+    out = check_out(fn, out, (*x.shape[:-1], N), x.dtype, x.device, view_as=(-1, N))
+    x_rows, aux_rows, out_rows = rows(x, K), rows(aux, N), out.view(-1, N)
+    if x_rows.shape[0] > MAX_ROWS:
+        torch.mul(_gelu_tanh_torch(F.linear(x_rows, weight)), aux_rows, out=out_rows)
+    else:
+        _launch(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_GELU_AUX, aux_rows=aux_rows, config=config)
+    return out
+
+
+def linear_softcap(x: torch.Tensor, weight: torch.Tensor, cap: float | None, *, out: torch.Tensor | None = None,
+                   config: GemvConfig | None = None) -> torch.Tensor:
+    """``cap * tanh((x @ weight^T) / cap)`` in x.dtype (the LM head); ``cap=None``: plain ``linear``."""
+    fn = "linear_softcap"
+    if cap is None:
+        return linear(x, weight, out=out, config=config)
+    if not isinstance(cap, (int, float)) or not cap > 0:
+        raise ValueError(f"{fn}: cap must be a positive Python number or None, got {cap!r}")
+    x = _check_x(fn, "x", x)
+    K = x.shape[-1]
+    weight = _check_weight(fn, "weight", weight, x, K)
+    N = weight.shape[0]
+    out = check_out(fn, out, (*x.shape[:-1], N), x.dtype, x.device, view_as=(-1, N))
+    x_rows, out_rows = rows(x, K), out.view(-1, N)
+    if x_rows.shape[0] > MAX_ROWS:
+        out_rows.copy_(torch.tanh(F.linear(x_rows, weight) / cap) * cap)
+    else:
+        _launch(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_SOFTCAP, cap=float(cap), config=config)
+    return out
+
+
+def dual_linear(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor, w2: torch.Tensor, *,
+                out1: torch.Tensor | None = None, out2: torch.Tensor | None = None,
+                config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x1 @ w1^T, x2 @ w2^T)`` in one launch: x1 [..., K1], w1 [N, K1], x2 [..., K2] (x1's leading shape),
+    w2 [N, K2] -> two [..., N] (o_proj on the attention output and LAuReL's right projection)."""
+    fn = "dual_linear"
+    x1, x2 = _check_x(fn, "x1", x1), _check_x(fn, "x2", x2)
+    K1, K2 = x1.shape[-1], x2.shape[-1]
+    if x2.shape[:-1] != x1.shape[:-1]:
+        raise ValueError(f"{fn}: x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must share their leading shape")
+    if x2.dtype != x1.dtype or x2.device != x1.device:
+        raise ValueError(f"{fn}: x2 must be {x1.dtype} on {x1.device}, got {x2.dtype} on {x2.device}")
+    w1 = _check_weight(fn, "w1", w1, x1, K1)
+    w2 = _check_weight(fn, "w2", w2, x2, K2)
+    N = w1.shape[0]
+    if w2.shape[0] != N:
+        raise ValueError(f"{fn}: w1 and w2 must have the same number of rows N, got {w1.shape[0]} and {w2.shape[0]}")
+    shape = (*x1.shape[:-1], N)
+    out1 = check_out(fn, out1, shape, x1.dtype, x1.device, name="out1", view_as=(-1, N))
+    out2 = check_out(fn, out2, shape, x1.dtype, x1.device, name="out2", view_as=(-1, N))
+    x1_rows, x2_rows, o1, o2 = rows(x1, K1), rows(x2, K2), out1.view(-1, N), out2.view(-1, N)
+    if x1_rows.shape[0] > MAX_ROWS:
+        torch.matmul(x1_rows, w1.t(), out=o1)
+        torch.matmul(x2_rows, w2.t(), out=o2)
+    else:
+        _launch(fn, x1_rows, w1, o1, x2_rows=x2_rows, w2=w2, out2_rows=o2, config=config)
+    return out1, out2
