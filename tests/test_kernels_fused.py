@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -481,6 +482,122 @@ def test_fused_bad_inputs():
         qkv_norm_rope_cache(qkv, qw, None, inv, pos[:, :1])
     with pytest.raises(ValueError, match="is not \\(Hq \\+ 2"):
         qkv_norm_rope_cache(qkv[..., :-1], qw, None, inv, pos)
+
+
+# ---------------------------------------------------------------------------------------------- GPU (compiled)
+def _decode_step_inputs(T, dtype):
+    """Gemma 3n E2B widths: hidden 2048, 8 q heads / 2 KV heads of 256, 30 layers of 256 per-layer inputs."""
+    H, Hq, Hkv, D, L, P = 2048, 8, 2, 256, 30, 256
+    r = lambda shape, seed, **kw: _randn(shape, dtype, seed, **kw)  # noqa: E731
+    nw, rw = _altup_params(H, dtype, 1)
+    return SimpleNamespace(
+        H=H, Hq=Hq, Hkv=Hkv, D=D, T=T, streams=r((4, 1, T, H), 2), proj_raw=r((1, T, H), 3, scale=5.0),
+        w=[r((H,), 10 + i, scale=0.5, shift=1.0) for i in range(8)], nw=nw, rw=rw,
+        pc=r((16, 4), 4, scale=0.5), cc=r((4, 4), 5, scale=0.5), scale=r((H,), 6),
+        qkv=r((1, T, (Hq + 2 * Hkv) * D), 7, scale=3.0), qw=r((D,), 8, shift=1.0), kw=r((D,), 9, shift=1.0),
+        inv_freq=_inv_freq(D, 10_000.0), positions=torch.arange(5000, 5000 + T, device=DEVICE)[None],
+        slots=torch.arange(100, 100 + T, device=DEVICE), o=r((1, T, H), 20, scale=3.0), br=r((1, T, H), 21, scale=0.2),
+        m=r((1, T, H), 22, scale=4.0), x0=r((1, T, H), 23, scale=6.0), projected=r((3, 1, T, H), 24, scale=0.3),
+        ple_proj=r((1, T, L * P), 25, scale=40.0), ple_tok=r((1, T, L, P), 26), ple_w=r((P,), 27, shift=1.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8, 512], ids=["decode1", "decode8", "prefill512"])
+@pytest.mark.parametrize("dtype_id", ["bf16", "fp32"])
+def test_gpu_fused_real_shapes(dtype_id, T):
+    from gemma3n_fast.kernels.altup_collapse_norm import altup_collapse_norm
+    from gemma3n_fast.kernels.altup_correct_fused import altup_correct_fused
+    from gemma3n_fast.kernels.altup_make_streams import altup_make_streams
+    from gemma3n_fast.kernels.altup_predict_fused import altup_predict_fused
+    from gemma3n_fast.kernels.per_layer_inputs_combine import per_layer_inputs_combine
+    from gemma3n_fast.kernels.post_attention_chain import post_attention_chain
+    from gemma3n_fast.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache
+
+    dtype = DTYPES[dtype_id]
+    x = _decode_step_inputs(T, dtype)
+    w = x.w
+
+    def check(kernel, plain, args, what):
+        ours = kernel(*args)
+        ref, ref64 = plain(*args), plain(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                           and a is not x.inv_freq else a for a in args])
+        for o, r_, r64 in zip(*(t if isinstance(t, tuple) else (t,) for t in (ours, ref, ref64))):
+            assert_2x(o, r_, r64, f"gpu {what} {dtype_id} T={T}")
+
+    check(altup_predict_fused, ops.altup_predict_fused,
+          (x.streams, x.proj_raw, w[0], x.nw, x.rw, x.pc, w[1], 1e-6, 0), "altup_predict_fused")
+    check(post_attention_chain, ops.post_attention_chain,
+          (x.o, x.streams[0], x.br, x.streams[1], w[2], w[3], w[4], 1e-6), "post_attention_chain")
+    check(altup_correct_fused, ops.altup_correct_fused,
+          (x.streams, x.m, x.streams[2], w[5], x.nw, x.rw, x.cc, x.scale, 1e-6, 0), "altup_correct_fused")
+    check(altup_make_streams, ops.altup_make_streams, (x.x0, x.projected), "altup_make_streams")
+    check(altup_collapse_norm, ops.altup_collapse_norm, (x.x0, x.projected, w[6], 1e-6), "altup_collapse_norm")
+    check(per_layer_inputs_combine, ops.per_layer_inputs_combine, (x.ple_proj, x.ple_tok, x.ple_w, x.H, 1e-6),
+          "per_layer_inputs_combine")
+    caches = [torch.zeros(1, x.Hkv, 1024, x.D, device=DEVICE, dtype=d) for d in (dtype, dtype, torch.float64,
+                                                                                   torch.float64, dtype, dtype)]
+    q = qkv_norm_rope_cache(x.qkv, x.qw, x.kw, x.inv_freq, x.positions, caches[0], caches[1], x.slots)
+    q_ref = ops.qkv_norm_rope_cache(x.qkv, x.qw, x.kw, x.inv_freq, x.positions, caches[4], caches[5], x.slots)
+    q64 = ops.qkv_norm_rope_cache(*_f64(x.qkv, x.qw, x.kw), x.inv_freq, x.positions, caches[2], caches[3], x.slots)
+    assert_2x(q, q_ref, q64, f"gpu qkv_norm_rope_cache q {dtype_id} T={T}")
+    for i, name in ((0, "k"), (1, "v")):
+        assert_2x(caches[i], caches[i + 4], caches[i + 2], f"gpu qkv_norm_rope_cache {name} cache {dtype_id} T={T}")
+
+
+@pytest.mark.gpu
+def test_gpu_fused_cuda_graph_capture():
+    """Every fused launcher captures into one CUDA graph (out= given: no allocation, no sync) and a replay reads the
+    new inputs (values at replay time, pointers from the capture)."""
+    from gemma3n_fast.kernels.altup_collapse_norm import altup_collapse_norm
+    from gemma3n_fast.kernels.altup_correct_fused import altup_correct_fused
+    from gemma3n_fast.kernels.altup_inject import altup_inject
+    from gemma3n_fast.kernels.altup_make_streams import altup_make_streams
+    from gemma3n_fast.kernels.altup_predict_fused import altup_predict_fused
+    from gemma3n_fast.kernels.per_layer_inputs_combine import per_layer_inputs_combine
+    from gemma3n_fast.kernels.post_attention_chain import post_attention_chain
+    from gemma3n_fast.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache
+
+    dtype, T = torch.bfloat16, 1
+    x = _decode_step_inputs(T, dtype)
+    w = x.w
+    kc = torch.zeros(1, x.Hkv, 1024, x.D, device=DEVICE, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    e = lambda t: torch.empty_like(t)  # noqa: E731
+    outs = SimpleNamespace(pred=e(x.streams), an=e(x.o), q=torch.empty(1, x.Hq, T, x.D, device=DEVICE, dtype=dtype),
+                           h=e(x.o), hn=e(x.o), corr=e(x.streams), scaled=e(x.o), inj=e(x.streams), st=e(x.streams),
+                           hid=e(x.o), ple=e(x.ple_tok))
+
+    def step():
+        altup_predict_fused(x.streams, x.proj_raw, w[0], x.nw, x.rw, x.pc, w[1], out=outs.pred, normed_out=outs.an)
+        qkv_norm_rope_cache(x.qkv, x.qw, x.kw, x.inv_freq, x.positions, kc, vc, x.slots, out=outs.q)
+        post_attention_chain(x.o, outs.pred[0], x.br, outs.an, w[2], w[3], w[4], out=outs.h, normed_out=outs.hn)
+        altup_correct_fused(outs.pred, x.m, outs.h, w[5], x.nw, x.rw, x.cc, x.scale, out=outs.corr,
+                            scaled_out=outs.scaled)
+        altup_inject(outs.corr, x.proj_raw, w[0], out=outs.inj)
+        altup_make_streams(x.x0, x.projected, out=outs.st)
+        altup_collapse_norm(x.x0, x.projected, w[6], out=outs.hid)
+        per_layer_inputs_combine(x.ple_proj, x.ple_tok, x.ple_w, x.H, out=outs.ple)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    x.streams.copy_(_randn(x.streams.shape, dtype, 100))
+    x.positions.fill_(7000)
+    x.slots.fill_(333)
+    x.ple_proj.copy_(_randn(x.ple_proj.shape, dtype, 101, scale=40.0))
+    graph.replay()
+    torch.cuda.synchronize()
+    pred, _ = ops.altup_predict_fused(x.streams, x.proj_raw, w[0], x.nw, x.rw, x.pc, w[1])
+    assert torch.equal(outs.pred, altup_predict_fused(x.streams, x.proj_raw, w[0], x.nw, x.rw, x.pc, w[1])[0])
+    assert (outs.pred.double() - pred.double()).abs().max().item() <= 0.1
+    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+    q = ops.qkv_norm_rope_cache(x.qkv, x.qw, x.kw, x.inv_freq, x.positions, kr, vr, x.slots)
+    assert (outs.q.double() - q.double()).abs().max().item() <= 0.05
+    assert (kc[:, :, 333].double() - kr[:, :, 333].double()).abs().max().item() <= 0.05
+    ple = ops.per_layer_inputs_combine(x.ple_proj, x.ple_tok, x.ple_w, x.H)
+    assert (outs.ple.double() - ple.double()).abs().max().item() <= 0.05
 
 
 # ---------------------------------------------------------------------------------------------- compile for sm_90
