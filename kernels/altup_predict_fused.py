@@ -5,7 +5,7 @@ Math (the contract is ``reference.ops.altup_predict_fused``), per token, streams
     u      = rms_norm(proj_raw; per_layer_norm_weight)              (skipped for layer 0: proj_raw None)
     S_k    = S_k + u                  for k != active               (rounded; the active stream is not injected)
     r      = tanh(router_weight @ (rms_norm(S_active; router_norm_weight) / H))               [A]
-    C      = (prediction_coefs @ r).view(A, A)                                             [A, A], C[k][j] = out[A*k + j]
+    C      = (prediction_coefs @ r).view(A, A)               [A, A], C[k][j] = out[A*k + j]
     pred_k = S_k + sum_j C[k][j] S_j                                (the mix in fp32, rounded once, then the add)
     an     = rms_norm(pred_active; input_norm_weight)
 Returns (pred [A, ..., H], an [..., H]). Every rounding to the activation dtype sits where the reference rounds

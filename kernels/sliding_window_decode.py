@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, check_out, last_dim_contiguous
+from ._common import LOG2E, check_out, last_dim_contiguous, round_to
 from .sliding_window_attention import _attend_tile, _check_attention_inputs
 
 
@@ -117,7 +117,7 @@ def _swa_decode_kernel(
         else:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             o = out_ptr + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :]
-            tl.store(o, out.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+            tl.store(o, round_to(out, out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -160,7 +160,7 @@ def _swa_decode_reduce_kernel(
         acc += tl.load(rec[:, None] + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0) * w[:, None]
     l_all = tl.sum(l_sum, axis=0)
     out = tl.sum(acc, axis=0) / tl.where(l_all == 0.0, 1.0, l_all)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + t * stride_ot + offs_d, out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + t * stride_ot + offs_d, round_to(out, out_ptr.dtype.element_ty),
              mask=d_mask)
 
 
