@@ -10,15 +10,26 @@ k_pos [B, S] (negative = empty slot). Sliding layers keep a ring buffer of S = w
 order is irrelevant: every slot is masked by its position, so per-sequence cache lengths in a batch come
 for free (unused slots have k_pos = -1).
 
+Reading only what is needed: ``last_slot`` ([B] or [1] int tensor on the device, optional) is the highest slot that
+can hold a key for these queries: for a cache written at ``slot = column`` it is the current column (the same for
+every row, so a [1] tensor), for a ring it is the column too (values >= S mean the whole ring). Slots above it are
+never read, so a full-attention layer whose cache has room for prompt + max_new_tokens reads only the keys written
+so far. The bound is read on the device: the launch shape stays static (CUDA-graph safe) while the scan follows the
+decode position. Without ``last_slot`` every slot is read (and masked by k_pos).
+
 Work split: one program per (batch, KV head, key split). The G = Hq / Hkv query heads of a KV head and the
 Tq (1 or a few) new tokens are handled together as G * Tq rows of one tile, so each K/V element is read
-once per KV head. The keys are split into ``num_splits`` contiguous ranges (flash-decoding); each program
-writes an fp32 partial (unnormalised output, running max, running sum) to ``workspace`` and a second small
-kernel merges the splits. ``num_splits`` is chosen from static shapes only (S, B * Hkv) so the launch is
-CUDA-graph safe; with one split the first kernel writes the output directly and the workspace is unused.
+once per KV head. ``num_splits`` is static (``decode_num_splits``: about two waves of an H100 over
+splits x B x Hkv, at least one 16-key tile per split: 32 splits for a batch-1 sliding ring of 512 slots). On the
+device, the live slots [0, bound) are cut into ``num_splits`` tile-aligned ranges, so a short bound still spreads
+over the splits; splits whose range is empty read and write nothing. Each live split writes an fp32 partial
+(unnormalised output, running max, running sum) to ``workspace``; a second kernel merges the live splits, 16 at a
+time, one program per (batch, KV head, query row, 64 head-dim columns). With one split the first kernel writes
+the output directly and the workspace is unused.
 
 workspace: fp32 tensor with at least ``B * Hkv * num_splits * G * Tq * (D + 2)`` elements; allocated per call
-if None (pass one in to avoid the allocation under a CUDA graph; ``decode_workspace_size`` gives the size).
+if None (pass one in to avoid the allocation under a CUDA graph; ``decode_workspace_size`` gives the size, from
+``decode_num_splits``).
 
 Numerics: fp32 dots (``ieee`` for fp32 inputs), fp32 online softmax in base 2, P rounded to v.dtype for PV.
 Inputs with a non-unit last stride are copied; any other strides are used as they are.
@@ -35,102 +46,145 @@ from .sliding_window_attention import _attend_tile, _check_attention_inputs
 
 
 @triton.jit
+def _live_range(last_ptr, stride_last, b, S, num_splits, HAS_BOUND: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(bound, keys_per_split): the slots [0, bound) this batch row reads, cut into num_splits tile-aligned ranges.
+
+    Both the split kernel and the reduce compute it from the same device values, so they agree on which splits
+    hold keys (split s covers [s * keys_per_split, min((s + 1) * keys_per_split, bound)), possibly empty)."""
+    if HAS_BOUND:
+        bound = tl.load(last_ptr + b * stride_last).to(tl.int32) + 1  # slots past the last written one are empty
+        bound = tl.maximum(tl.minimum(bound, S), 0)
+    else:
+        bound = S
+    keys_per_split = tl.cdiv(tl.cdiv(bound, num_splits), BLOCK_N) * BLOCK_N
+    return bound, keys_per_split
+
+
+@triton.jit
 def _swa_decode_kernel(
-    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, out_ptr, ws_ptr,
+    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, last_ptr, out_ptr, ws_ptr,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_qpb, stride_kpb,
-    Hkv, Tq, S, D, group_size, keys_per_split, num_splits, window, qk_scale_log2, softcap,
+    stride_qpb, stride_kpb, stride_last,
+    Hkv, Tq, S, D, group_size, num_splits, window, qk_scale_log2, softcap,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bkv = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bkv // Hkv
     kvh = pid_bkv % Hkv
-
-    rows = tl.arange(0, BLOCK_M)  # row r = (query head g = r // Tq, token t = r % Tq)
-    n_rows = group_size * Tq
-    r_mask = rows < n_rows
-    g = rows // Tq
-    t = rows % Tq
-    h = kvh * group_size + g
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-
-    q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
-                mask=r_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
-    q_pos = tl.load(qpos_ptr + b * stride_qpb + t, mask=r_mask, other=0).to(tl.int64)
-
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    bound, keys_per_split = _live_range(last_ptr, stride_last, b, S, num_splits, HAS_BOUND, BLOCK_N)
     start = split * keys_per_split
-    stop = tl.minimum(start + keys_per_split, S)
+    stop = tl.minimum(start + keys_per_split, bound)
+    # A split past the bound reads nothing and writes nothing (the reduce skips it); without splits the program
+    # always writes its output (zeros when there is no key).
+    if (start < stop) | (num_splits == 1):
+        rows = tl.arange(0, BLOCK_M)  # row r = (query head g = r // Tq, token t = r % Tq)
+        n_rows = group_size * Tq
+        r_mask = rows < n_rows
+        g = rows // Tq
+        t = rows % Tq
+        h = kvh * group_size + g
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(start, stop, BLOCK_N):
-        cols = start_n + offs_n
-        n_mask = cols < stop
-        m_i, l_i, acc = _attend_tile(q, q_pos, k_base, v_base, kpos_ptr + b * stride_kpb, cols, n_mask, offs_d, d_mask,
-                                     stride_kt, stride_vt, m_i, l_i, acc, qk_scale_log2, softcap, window,
-                                     HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
+        q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
+                    mask=r_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
+        q_pos = tl.load(qpos_ptr + b * stride_qpb + t, mask=r_mask, other=0).to(tl.int64)
 
-    if SPLIT:
-        # Partial record per row: [acc (D values), m, l], unnormalised, fp32.
-        rec = ws_ptr + ((pid_bkv * num_splits + split) * n_rows + rows) * (D + 2)
-        tl.store(rec[:, None] + offs_d[None, :], acc, mask=r_mask[:, None] & d_mask[None, :])
-        tl.store(rec + D, m_i, mask=r_mask)
-        tl.store(rec + D + 1, l_i, mask=r_mask)
-    else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o = out_ptr + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :]
-        tl.store(o, round_to(out, out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+        k_base = k_ptr + b * stride_kb + kvh * stride_kh
+        v_base = v_ptr + b * stride_vb + kvh * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(start, stop, BLOCK_N):
+            cols = start_n + offs_n
+            n_mask = cols < stop
+            m_i, l_i, acc = _attend_tile(q, q_pos, k_base, v_base, kpos_ptr + b * stride_kpb, cols, n_mask, offs_d,
+                                         d_mask, stride_kt, stride_vt, m_i, l_i, acc, qk_scale_log2, softcap, window,
+                                         HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
+
+        if SPLIT:
+            # Partial record per row: [acc (D values), m, l], unnormalised, fp32.
+            rec = ws_ptr + ((pid_bkv * num_splits + split) * n_rows + rows) * (D + 2)
+            tl.store(rec[:, None] + offs_d[None, :], acc, mask=r_mask[:, None] & d_mask[None, :])
+            tl.store(rec + D, m_i, mask=r_mask)
+            tl.store(rec + D + 1, l_i, mask=r_mask)
+        else:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            o = out_ptr + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :]
+            tl.store(o, round_to(out, out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def _swa_decode_reduce_kernel(
-    ws_ptr, out_ptr, stride_ob, stride_oh, stride_ot,
-    Hkv, Tq, D, group_size, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ws_ptr, last_ptr, out_ptr, stride_ob, stride_oh, stride_ot, stride_last,
+    Hkv, Tq, S, D, group_size, num_splits,
+    HAS_BOUND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bkv = tl.program_id(0)
     row = tl.program_id(1)
+    d_chunk = tl.program_id(2)
     b = pid_bkv // Hkv
     kvh = pid_bkv % Hkv
     n_rows = group_size * Tq
     h = kvh * group_size + row // Tq
     t = row % Tq
-    splits = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = splits < num_splits
+    bound, keys_per_split = _live_range(last_ptr, stride_last, b, S, num_splits, HAS_BOUND, BLOCK_N)
+    live = tl.cdiv(bound, tl.maximum(keys_per_split, 1))  # splits that wrote a record (0 when bound = 0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = d_chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    rec = ws_ptr + ((pid_bkv * num_splits + splits) * n_rows + row) * (D + 2)  # [BS]
-    m = tl.load(rec + D, mask=s_mask, other=float("-inf"))
-    l = tl.load(rec + D + 1, mask=s_mask, other=0.0)
-    acc = tl.load(rec[:, None] + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    m_all = tl.max(m, axis=0)
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.exp2(m - m_safe)  # each split's rescale to the global max (0 for splits that saw nothing)
-    l_all = tl.sum(l * w, axis=0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_all == 0.0, 1.0, l_all)
+    base = ws_ptr + (pid_bkv * num_splits * n_rows + row) * (D + 2)
+    split_stride = n_rows * (D + 2)
+
+    # Pass 1: the global running max over the live splits (their m values only).
+    m_all = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, live, BLOCK_S):
+        s_mask = s0 + offs_s < live
+        m_all = tl.maximum(m_all, tl.load(base + (s0 + offs_s) * split_stride + D, mask=s_mask, other=float("-inf")))
+    m_max = tl.max(m_all, axis=0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    # Pass 2: rescale each split's sum and accumulator to that max and add them up, BLOCK_S splits at a time.
+    l_sum = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for s0 in range(0, live, BLOCK_S):
+        s_mask = s0 + offs_s < live
+        rec = base + (s0 + offs_s) * split_stride
+        w = tl.exp2(tl.load(rec + D, mask=s_mask, other=float("-inf")) - m_safe)  # 0 for splits that saw nothing
+        l_sum += tl.load(rec + D + 1, mask=s_mask, other=0.0) * w
+        acc += tl.load(rec[:, None] + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0) * w[:, None]
+    l_all = tl.sum(l_sum, axis=0)
+    out = tl.sum(acc, axis=0) / tl.where(l_all == 0.0, 1.0, l_all)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + t * stride_ot + offs_d, round_to(out, out_ptr.dtype.element_ty),
              mask=d_mask)
 
 
-_BLOCK_N = 64  # keys per tile; 32 for fp32 at D > 128 (two stages of K and V tiles must fit shared memory)
+_MAX_BLOCK_N = 64  # keys per tile; 32 for fp32 at D > 128 (two stages of K and V tiles must fit shared memory)
+_MIN_BLOCK_N = 16  # tl.dot's smallest tile
 _TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs)
+_MAX_SPLITS = 128
+_REDUCE_BLOCK_S = 16  # splits merged per step of the reduce (its registers stay bounded for any split count)
+_REDUCE_BLOCK_D = 64  # head-dim columns per reduce program (D = 256: 4 programs per output row)
 
 
 def decode_num_splits(batch: int, kv_heads: int, cache_slots: int) -> int:
-    """Key splits from static shapes only: enough programs to fill the GPU, at least 4 key tiles per split."""
-    max_by_length = max(1, cache_slots // (4 * _BLOCK_N))
+    """Key splits from static shapes only: about _TARGET_PROGRAMS programs (splits x batch x KV heads) when the
+    cache is long enough to give each split at least one smallest tile (16 keys). A batch-1 sliding layer (512 ring
+    slots, 2 KV heads) gets 32 splits of 16 keys: 64 programs."""
     wanted = triton.cdiv(_TARGET_PROGRAMS, batch * kv_heads)
-    return max(1, min(max_by_length, wanted, 128))
+    return max(1, min(wanted, triton.cdiv(cache_slots, _MIN_BLOCK_N), _MAX_SPLITS))
+
+
+def decode_block_n(cache_slots: int, num_splits: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per tile: the static share of one split rounded up to a power of two, within [16, 64] (32 for fp32 at
+    head_dim > 128, for shared memory). Splits of a bounded (full-layer) scan share the live slots on the device."""
+    cap = 32 if (dtype == torch.float32 and head_dim > 128) else _MAX_BLOCK_N
+    return max(_MIN_BLOCK_N, min(cap, triton.next_power_of_2(triton.cdiv(cache_slots, num_splits))))
 
 
 def decode_workspace_size(batch: int, q_heads: int, q_tokens: int, head_dim: int, num_splits: int) -> int:
@@ -141,25 +195,32 @@ def decode_workspace_size(batch: int, q_heads: int, q_tokens: int, head_dim: int
 def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                                     k_pos: torch.Tensor, *, window: int | None = None, scaling: float = 1.0,
                                     softcap: float | None = None, out: torch.Tensor | None = None,
-                                    workspace: torch.Tensor | None = None,
-                                    num_splits: int | None = None) -> torch.Tensor:
+                                    workspace: torch.Tensor | None = None, num_splits: int | None = None,
+                                    last_slot: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention; same contract as ``reference.ops.sliding_window_attention_decode``.
 
     q [B, Hq, Tq, D] with a few tokens; k, v [B, Hkv, S, D] cache; k_pos [B, S] (negative = empty slot).
-    ``num_splits`` overrides the static heuristic (``decode_num_splits``); ``workspace`` see module docstring.
+    ``num_splits`` overrides the static heuristic (``decode_num_splits``); ``workspace`` and ``last_slot`` (the
+    highest cache slot that can hold a key, [B] or [1] int on the device; slots above it are not read): see the
+    module docstring.
     """
     fn = "sliding_window_attention_decode"
     B, Hq, Tq, D, Hkv, S = _check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap)
     q, k, v, q_pos, k_pos = (last_dim_contiguous(t) for t in (q, k, v, q_pos, k_pos))
     out = check_out(fn, out, (B, Hq, Tq, D), q.dtype, q.device)
+    if last_slot is not None:
+        if not isinstance(last_slot, torch.Tensor) or last_slot.dim() != 1 or last_slot.shape[0] not in (1, B) \
+                or last_slot.dtype not in (torch.int32, torch.int64) or last_slot.device != q.device:
+            raise ValueError(f"{fn}: last_slot must be a [B={B}] or [1] int32/int64 tensor on {q.device}, got "
+                             f"{getattr(last_slot, 'dtype', type(last_slot).__name__)} "
+                             f"{tuple(getattr(last_slot, 'shape', ()))}")
     G = Hq // Hkv
     if num_splits is None:
         num_splits = decode_num_splits(B, Hkv, S)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"{fn}: num_splits must be a positive int, got {num_splits!r}")
-    BLOCK_N = 32 if (q.dtype == torch.float32 and D > 128) else _BLOCK_N
-    keys_per_split = triton.cdiv(triton.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
-    num_splits = triton.cdiv(S, keys_per_split)  # drop splits that would be empty
+    BLOCK_N = decode_block_n(S, num_splits, D, q.dtype)
+    num_splits = triton.cdiv(S, triton.cdiv(triton.cdiv(S, num_splits), BLOCK_N) * BLOCK_N)  # none empty at full S
     split = num_splits > 1
     if split:
         need = decode_workspace_size(B, Hq, Tq, D, num_splits)
@@ -170,25 +231,30 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
             raise ValueError(f"{fn}: workspace must be a contiguous float32 tensor on {q.device} with >= {need} "
                              f"elements, got {workspace.dtype} {tuple(workspace.shape)} on {workspace.device}")
     ws = workspace if split else out  # unused when not split
+    last = last_slot if last_slot is not None else q_pos  # dummy pointer without a bound
+    stride_last = 0 if last_slot is None or last_slot.shape[0] == 1 else last_slot.stride(0)  # [1]: every row
     BLOCK_M = max(16, triton.next_power_of_2(G * Tq))  # tl.dot needs >= 16 rows
     BLOCK_D = triton.next_power_of_2(D)
     num_warps = 8 if BLOCK_D >= 256 else 4
     _swa_decode_kernel[(B * Hkv, num_splits)](
-        q, k, v, q_pos, k_pos, out, ws,
+        q, k, v, q_pos, k_pos, last, out, ws,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        q_pos.stride(0), k_pos.stride(0),
-        Hkv, Tq, S, D, G, keys_per_split, num_splits, window if window is not None else 0,
+        q_pos.stride(0), k_pos.stride(0), stride_last,
+        Hkv, Tq, S, D, G, num_splits, window if window is not None else 0,
         float(scaling) * LOG2E.value, float(softcap) if softcap is not None else 1.0,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, IEEE_DOT=q.dtype == torch.float32,
-        SPLIT=split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=2,
+        SPLIT=split, HAS_BOUND=last_slot is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=num_warps, num_stages=2,
     )
     if split:
-        _swa_decode_reduce_kernel[(B * Hkv, G * Tq)](
-            workspace, out, out.stride(0), out.stride(1), out.stride(2),
-            Hkv, Tq, D, G, num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, num_warps=4,
+        block_d = min(BLOCK_D, _REDUCE_BLOCK_D)
+        _swa_decode_reduce_kernel[(B * Hkv, G * Tq, triton.cdiv(D, block_d))](
+            workspace, last, out, out.stride(0), out.stride(1), out.stride(2), stride_last,
+            Hkv, Tq, S, D, G, num_splits,
+            HAS_BOUND=last_slot is not None, BLOCK_N=BLOCK_N, BLOCK_S=min(_REDUCE_BLOCK_S, triton.next_power_of_2(
+                num_splits)), BLOCK_D=block_d, num_warps=2,
         )
     return out

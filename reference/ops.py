@@ -29,6 +29,15 @@ __all__ = [
     "linear_softcap",
     "dual_linear",
     "sparse_ffn",
+    # fused row-wise chains of the decoder layer
+    "qkv_norm_rope_cache",
+    "post_attention_chain",
+    "altup_inject",
+    "altup_predict_fused",
+    "altup_correct_fused",
+    "altup_make_streams",
+    "altup_collapse_norm",
+    "per_layer_inputs_combine",
 ]
 
 
@@ -230,3 +239,145 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     """
     act = gaussian_topk_gelu_mul(F.linear(x, gate_weight), F.linear(x, up_weight), std_multiplier)
     return F.linear(act, down_weight_t.t())
+
+# ---- fused row-wise chains of the decoder layer
+# Each function below is a chain of the reference decoder's own steps (reference/text.py: DecoderLayer.forward,
+# Attention.forward, Laurel.forward, Gemma3nTextModel.make_streams / collapse / per_layer_inputs), written in the
+# reference's order with its roundings, so that one fused kernel per chain can be tested against it. They are
+# definitions, not fast paths: boolean indexing and the like are allowed here.
+
+def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,
+                        inv_freq: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor | None = None,
+                        v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """After the q|k|v projection: per-head RMSNorms, RoPE, and the K/V cache write. Returns q [B, Hq, T, D].
+
+    qkv: [B, T, (Hq + 2 Hkv) * D], the heads of q, then k, then v (or [B, T, Hq * D]: q only, when k_cache is
+    None: a KV-shared layer). q_norm_weight / k_norm_weight: [D]. inv_freq: [D/2] fp32 RoPE inverse frequencies.
+    positions: [B, T] int; negative (padding) takes position 0's rotation. k_cache, v_cache: [B, Hkv, S, D];
+    slots: [T] int, the cache slot of each of the T columns (the same for every row); a negative slot is not written.
+    q = rope(rms_norm(q; q_norm)), k = rope(rms_norm(k; k_norm)), v = rms_norm(v) without a scale. RoPE is
+    rotate-half: ``x * cos + cat(-x2, x1) * sin``, cos/sin of ``position * inv_freq`` taken in fp32 and rounded
+    to the activation dtype, each product and the sum rounded (the reference's rope_cos_sin / apply_rope).
+    """
+    B, T, W = qkv.shape
+    D = q_norm_weight.shape[0]
+    Hkv = 0 if k_cache is None else k_cache.shape[1]
+    Hq = W // D - 2 * Hkv
+    freqs = positions.clamp(min=0)[..., None].float() * inv_freq.float()  # [B, T, D/2] fp32
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(qkv.dtype)[:, :, None], emb.sin().to(qkv.dtype)[:, :, None]
+
+    def rope(x):  # [B, T, heads, D]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    heads = qkv.unflatten(-1, (W // D, D))
+    q = rope(rms_norm(heads[:, :, :Hq], q_norm_weight, eps)).transpose(1, 2)
+    if k_cache is not None:
+        k = rope(rms_norm(heads[:, :, Hq:Hq + Hkv], k_norm_weight, eps)).transpose(1, 2)  # [B, Hkv, T, D]
+        v = rms_norm(heads[:, :, Hq + Hkv:], None, eps).transpose(1, 2)
+        keep = slots >= 0
+        k_cache[:, :, slots[keep]] = k[:, :, keep]
+        v_cache[:, :, slots[keep]] = v[:, :, keep]
+    return q
+
+
+def post_attention_chain(o: torch.Tensor, a: torch.Tensor, laurel_branch: torch.Tensor, an: torch.Tensor,
+                         post_attention_norm_weight: torch.Tensor, post_laurel_norm_weight: torch.Tensor,
+                         pre_ffn_norm_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Between attention and the MLP: ``att = a + norm(o)``, ``lau = an + norm(laurel_branch)``,
+    ``h = (att + lau) / sqrt(2)``, ``hn = norm(h; pre_ffn)``. All [..., H]; returns (h, hn).
+
+    o: the o_proj output; a: the active stream of the predictions; an: its input norm; laurel_branch: LAuReL's
+    right(left(an)). Each norm and each add rounds to the activation dtype, as the reference does.
+    """
+    att = rms_norm(o, post_attention_norm_weight, eps, residual=a)
+    lau = rms_norm(laurel_branch, post_laurel_norm_weight, eps, residual=an)
+    h = (att + lau) / 2 ** 0.5  # the reference's / math.sqrt(2): the same double
+    return h, rms_norm(h, pre_ffn_norm_weight, eps)
+
+
+def altup_inject(streams: torch.Tensor, proj_raw: torch.Tensor, per_layer_norm_weight: torch.Tensor,
+                 eps: float = 1e-6, active: int = 0) -> torch.Tensor:
+    """The per-layer-input injection that ends a decoder layer: ``S_k + rms_norm(proj_raw; w)`` for k != active.
+
+    streams: [A, ..., H] (the layer's corrected streams); proj_raw: [..., H] (per_layer_projection's output, before
+    post_per_layer_input_norm). Returns [A, ..., H]; stream ``active`` is unchanged.
+    """
+    injection = rms_norm(proj_raw, per_layer_norm_weight, eps)
+    return torch.stack([s if k == active else s + injection for k, s in enumerate(streams)])
+
+
+def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
+                        per_layer_norm_weight: torch.Tensor | None, router_norm_weight: torch.Tensor,
+                        router_weight: torch.Tensor, prediction_coefs: torch.Tensor, input_norm_weight: torch.Tensor,
+                        eps: float = 1e-6, active: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous layer's injection (skipped when proj_raw is None: layer 0), AltUp predict, the input norm.
+
+    streams: [A, ..., H], the previous layer's corrected streams (layer 0: the new streams); the other arguments
+    as ``altup_inject`` and ``altup_predict``; input_norm_weight: [H] (input_layernorm).
+    Returns (predictions [A, ..., H], rms_norm(predictions[active]; input_norm_weight) [..., H]).
+    """
+    if proj_raw is not None:
+        streams = altup_inject(streams, proj_raw, per_layer_norm_weight, eps, active)
+    pred = altup_predict(streams, router_norm_weight, router_weight, prediction_coefs, eps, active)
+    return pred, rms_norm(pred[active], input_norm_weight, eps)
+
+
+def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: torch.Tensor,
+                        post_ffn_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                        router_weight: torch.Tensor, correction_coefs: torch.Tensor,
+                        correct_output_scale: torch.Tensor | None = None, eps: float = 1e-6,
+                        active: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The post-FFN norm with its residual, then AltUp correct: ``altup_correct(P, h + rms_norm(mlp_out; w))``.
+
+    mlp_out: the down projection's output [..., H]; h: the residual [..., H]. Returns altup_correct's
+    (corrected [A, ..., H], scaled gate input [..., H] or None).
+    """
+    out = rms_norm(mlp_out, post_ffn_norm_weight, eps, residual=h)
+    return altup_correct(predictions, out, router_norm_weight, router_weight, correction_coefs,
+                         correct_output_scale, eps, active)
+
+
+def _match_magnitude(y: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
+    """``y * target / sqrt(max(mean(y^2), 1e-5))`` in y.dtype, each op rounded (make_streams / collapse)."""
+    eps = torch.tensor(1e-5, dtype=y.dtype, device=y.device)
+    return y * target_rms / torch.sqrt(torch.maximum(y.pow(2).mean(-1, keepdim=True), eps))
+
+
+def altup_make_streams(x0: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+    """AltUp stream creation after its projections: ``[x0] + [match(y_k, rms(x0))]``.
+
+    x0: [..., H] (the scaled embeddings); projected: [A-1, ..., H], altup_projections[k](x0). Returns [A, ..., H].
+    """
+    target = x0.pow(2).mean(-1, keepdim=True) ** 0.5
+    return torch.stack([x0] + [_match_magnitude(y, target) for y in projected])
+
+
+def altup_collapse_norm(stream0: torch.Tensor, unembedded: torch.Tensor, final_norm_weight: torch.Tensor,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """AltUp collapse after its unembed projections, then the final norm.
+
+    stream0: [..., H], stream 0 of the last layer's output; unembedded: [A-1, ..., H],
+    altup_unembed_projections[k](stream k+1). ``rms_norm(mean([s0] + [match(u_k, rms(s0))]); w)`` -> [..., H].
+    """
+    target = stream0.pow(2).mean(-1, keepdim=True) ** 0.5
+    ys = [stream0] + [_match_magnitude(y, target) for y in unembedded]
+    return rms_norm(torch.stack(ys).mean(0), final_norm_weight, eps)
+
+
+def per_layer_inputs_combine(projection: torch.Tensor, token_inputs: torch.Tensor | None,
+                             norm_weight: torch.Tensor, hidden_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Per-layer inputs from the model projection and the token part.
+
+    projection: [..., L * D], per_layer_model_projection(embeddings); token_inputs: [..., L, D] or None;
+    norm_weight: [D] (per_layer_projection_norm). ``(rms_norm(projection * H^-1/2; w) + token_inputs) * 2^-1/2``
+    with both scales rounded to the activation dtype first; without token_inputs, the norm alone. -> [..., L, D].
+    """
+    dtype = projection.dtype
+    proj = projection * torch.tensor(hidden_size ** -0.5).to(dtype)
+    proj = rms_norm(proj.unflatten(-1, (-1, norm_weight.shape[0])), norm_weight, eps)
+    if token_inputs is None:
+        return proj
+    return (proj + token_inputs) * torch.tensor(2.0 ** -0.5).to(dtype)

@@ -197,7 +197,8 @@ def test_decode_ring_equals_linear_cache():
 def test_decode_workspace_and_splits():
     B, Hq, Hkv, S, D = 1, 4, 2, 600, 64
     assert dec_mod.decode_num_splits(1, 2, 32768) > 1  # long context: flash-decoding
-    assert dec_mod.decode_num_splits(8, 2, 512) == 2 and dec_mod.decode_num_splits(1, 2, 100) == 1
+    assert dec_mod.decode_num_splits(1, 2, 512) == 32  # batch-1 sliding ring: 32 splits x 2 KV heads = 64 programs
+    assert dec_mod.decode_num_splits(8, 2, 512) == 17 and dec_mod.decode_num_splits(1, 2, 16) == 1
     q = torch.randn(B, Hq, 1, D, device=DEVICE)
     k, v = torch.randn(B, Hkv, S, D, device=DEVICE), torch.randn(B, Hkv, S, D, device=DEVICE)
     q_pos, k_pos = build_cache([600], S, 1, False)
@@ -208,6 +209,90 @@ def test_decode_workspace_and_splits():
     assert (out.double() - ref).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="workspace"):
         dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws[:10], num_splits=2)
+
+
+def _bounded_cache(B, Hkv, S, D, dtype, pads, last, ring_window=None):
+    """A static cache whose row b holds columns 0..last[b] (left padding pads[b]; a ring of S slots when
+    ring_window is set) and whose slots past last[b] hold poison: NaN K/V at position 0, which every query sees.
+    Any read of them makes the output NaN. Returns k, v, k_pos, q_pos (the query at column last[b]) and the clean
+    k_pos (poisoned slots empty) for the reference."""
+    k = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dtype)
+    k_pos = torch.full((B, S), -1, dtype=torch.long)
+    q_pos = torch.empty((B, 1), dtype=torch.long)
+    for b, (pad, col) in enumerate(zip(pads, last)):
+        for c in range(max(0, col - S + 1), col + 1):
+            k_pos[b, c % S] = c - pad if c >= pad else -1
+        q_pos[b, 0] = col - pad
+    clean = k_pos.clone()
+    for b, col in enumerate(last):
+        if col + 1 < S:
+            k[b, :, col + 1:], v[b, :, col + 1:] = float("nan"), float("nan")
+            k_pos[b, col + 1:] = 0
+    return k, v, k_pos.to(DEVICE), q_pos.to(DEVICE), clean.to(DEVICE)
+
+
+# (id, B, Hq, Hkv, S, D, window, pads, last column per row, last_slot shape, num_splits)
+BOUNDED_CASES = [
+    ("full_long_cache_short_pos", 1, 4, 2, 700, 64, None, [0], [40], "B", None),
+    ("full_left_padded_split5", 2, 4, 2, 300, 64, None, [0, 3], [61, 61], "1", 5),
+    ("full_batch_rows_differ", 3, 4, 1, 260, 128, None, [0, 2, 0], [200, 7, 0], "B", 4),
+    ("ring_not_full_heuristic", 1, 8, 2, 512, 64, 512, [0], [100], "1", None),
+    ("ring_wrapped_heuristic", 1, 8, 2, 512, 64, 512, [0], [1300], "1", None),
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", BOUNDED_CASES, ids=[c[0] for c in BOUNDED_CASES])
+def test_decode_bounded_by_last_slot(case, dtype):
+    """Slots past ``last_slot`` are never read (they hold NaN keys that every query would see), the answer equals the
+    reference on the clean cache, with the heuristic's splits or explicit ones, per-row bounds or one for all."""
+    name, B, Hq, Hkv, S, D, window, pads, last, last_shape, num_splits = case
+    torch.manual_seed(zlib.crc32(name.encode()))
+    k, v, k_pos, q_pos, clean_pos = _bounded_cache(B, Hkv, S, D, dtype, pads, last)
+    q = torch.randn(B, Hq, 1, D, device=DEVICE, dtype=dtype)
+    last_slot = torch.tensor(last if last_shape == "B" else last[:1], device=DEVICE)
+    kw = dict(window=window, scaling=D ** -0.5)
+    out = torch.full((B, Hq, 1, D), float("nan"), device=DEVICE, dtype=dtype)
+    dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, out=out, num_splits=num_splits,
+                                            last_slot=last_slot, **kw)
+    k0, v0 = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    ref64 = ops.sliding_window_attention_decode(q.double(), k0.double(), v0.double(), q_pos, clean_pos, **kw)
+    ref = ops.sliding_window_attention_decode(q, k0, v0, q_pos, clean_pos, **kw)
+    assert_close_2x(out, ref, ref64, dtype, name)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the unbounded call at the end reads the NaN poison on purpose
+def test_decode_bounded_splits_past_the_bound_write_nothing():
+    """A short bound in a long cache: all splits share the live slots; splits left over read and write nothing
+    (their workspace records stay NaN) and the reduce merges only the splits that ran."""
+    B, Hq, Hkv, S, D, splits = 1, 2, 1, 128, 32, 8  # 8 splits of one 16-key tile at full length
+    k, v, k_pos, q_pos, clean_pos = _bounded_cache(B, Hkv, S, D, torch.float32, [0], [20])
+    q = torch.randn(B, Hq, 1, D, device=DEVICE)
+    ws = torch.full((dec_mod.decode_workspace_size(B, Hq, 1, D, splits),), float("nan"), device=DEVICE)
+    out = dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws, num_splits=splits,
+                                                  last_slot=torch.tensor([20], device=DEVICE))
+    ref = ops.sliding_window_attention(q.double(), k.nan_to_num(0.0).double(), v.nan_to_num(0.0).double(), q_pos,
+                                       clean_pos)
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+    records = ws.view(splits, Hq, D + 2)  # [split, row, acc | m | l]; 21 live slots at 16 keys per split: 2 splits
+    assert not records[:2].isnan().any() and records[2:].isnan().all()
+    # No bound: the same cache read whole sees the poison (the NaN keys at position 0 are visible).
+    assert dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, num_splits=splits).isnan().any()
+
+
+def test_decode_bounded_no_key_gives_zeros():
+    B, Hq, Hkv, S, D = 2, 2, 1, 64, 32
+    q = torch.randn(B, Hq, 1, D, device=DEVICE)
+    k = torch.full((B, Hkv, S, D), float("nan"), device=DEVICE)
+    k_pos = torch.zeros(B, S, dtype=torch.long, device=DEVICE)
+    q_pos = torch.zeros(B, 1, dtype=torch.long, device=DEVICE)
+    for splits in (1, 3):
+        out = dec_mod.sliding_window_attention_decode(q, k, k, q_pos, k_pos, num_splits=splits,
+                                                      last_slot=torch.tensor([-1, -5], device=DEVICE))
+        assert torch.equal(out, torch.zeros_like(out))
+    with pytest.raises(ValueError, match="last_slot must be"):
+        dec_mod.sliding_window_attention_decode(q, k, k, q_pos, k_pos, last_slot=torch.zeros(3, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +455,49 @@ def test_decode_gpu_cuda_graph():
     graph.replay()
     ref = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos)
     assert (out.double() - ref).abs().max().item() <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,window", [(8192, None), (512, 512)], ids=["full8k", "ring512"])
+def test_decode_gpu_bounded_cuda_graph(S, window):
+    """One captured graph, replayed at several decode positions: the bound moves with last_slot on the device."""
+    B, D = 1, 256
+    k = torch.full((B, 2, S, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    v = torch.full_like(k, float("nan"))
+    k_pos = torch.zeros(B, S, dtype=torch.int32, device="cuda")  # poison: visible position 0 in every unwritten slot
+    q = torch.randn(B, 8, 1, 256, device="cuda", dtype=torch.bfloat16)
+    q_pos = torch.zeros(B, 1, dtype=torch.int32, device="cuda")
+    last = torch.zeros(1, dtype=torch.int64, device="cuda")
+    splits = dec_mod.decode_num_splits(B, 2, S)
+    ws = torch.empty(dec_mod.decode_workspace_size(B, 8, 1, D, splits), device="cuda")
+    out = torch.empty_like(q)
+
+    def step():
+        dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, window=window, out=out, workspace=ws,
+                                                last_slot=last)
+
+    def write(col):  # the cache write of column col, then the query at col
+        slot = col % S
+        k[:, :, slot], v[:, :, slot] = torch.randn_like(k[:, :, slot]), torch.randn_like(v[:, :, slot])
+        k_pos[:, slot] = col
+        q_pos.fill_(col)
+        last.fill_(col)
+
+    write(0)
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for col in range(1, 3000 if window else 700):
+        write(col)
+        if col in (1, 77, 511, 512, 699, 2999):
+            out.fill_(float("nan"))
+            graph.replay()
+            live = slice(0, min(col + 1, S))
+            ref = ops.sliding_window_attention(q.double(), k[:, :, live].double(), v[:, :, live].double(), q_pos,
+                                               k_pos[:, live], window=window)
+            assert (out.double() - ref).abs().max().item() <= 2e-2, col
 
 
 @pytest.mark.gpu

@@ -41,15 +41,16 @@ cases = [
         f"{bf} {bf} {bf} *i32 *i32 {bf} {strides(14)} i32 i32 i32 i32 i32 i32 fp32 fp32"),
      dict(HAS_WINDOW=True, HAS_SOFTCAP=True, IEEE_DOT=False, BLOCK_M=64, BLOCK_N=32, BLOCK_D=256), 8),
     (D._swa_decode_kernel, sig(
-        "q_ptr k_ptr v_ptr qpos_ptr kpos_ptr out_ptr ws_ptr stride_qb stride_qh stride_qt stride_kb stride_kh "
-        "stride_kt stride_vb stride_vh stride_vt stride_ob stride_oh stride_ot stride_qpb stride_kpb "
-        "Hkv Tq S D group_size keys_per_split num_splits window qk_scale_log2 softcap",
-        f"{bf} {bf} {bf} *i32 *i32 {bf} *fp32 {strides(14)} i32 i32 i32 i32 i32 i32 i32 i32 fp32 fp32"),
-     dict(HAS_WINDOW=True, HAS_SOFTCAP=True, IEEE_DOT=False, SPLIT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_D=256), 8),
+        "q_ptr k_ptr v_ptr qpos_ptr kpos_ptr last_ptr out_ptr ws_ptr stride_qb stride_qh stride_qt stride_kb "
+        "stride_kh stride_kt stride_vb stride_vh stride_vt stride_ob stride_oh stride_ot stride_qpb stride_kpb "
+        "stride_last Hkv Tq S D group_size num_splits window qk_scale_log2 softcap",
+        f"{bf} {bf} {bf} *i32 *i32 *i64 {bf} *fp32 {strides(15)} i32 i32 i32 i32 i32 i32 i32 fp32 fp32"),
+     dict(HAS_WINDOW=True, HAS_SOFTCAP=True, IEEE_DOT=False, SPLIT=True, HAS_BOUND=True, BLOCK_M=16, BLOCK_N=64,
+          BLOCK_D=256), 8),
     (D._swa_decode_reduce_kernel, sig(
-        "ws_ptr out_ptr stride_ob stride_oh stride_ot Hkv Tq D group_size num_splits",
-        f"*fp32 {bf} {strides(3)} i32 i32 i32 i32 i32"),
-     dict(BLOCK_S=8, BLOCK_D=256), 4),
+        "ws_ptr last_ptr out_ptr stride_ob stride_oh stride_ot stride_last Hkv Tq S D group_size num_splits",
+        f"*fp32 *i64 {bf} {strides(4)} i32 i32 i32 i32 i32 i32"),
+     dict(HAS_BOUND=True, BLOCK_N=64, BLOCK_S=16, BLOCK_D=64), 2),
     (C._chunked_local_attention_kernel, sig(
         "q_ptr k_ptr v_ptr pe_ptr valid_ptr qscale_ptr out_ptr stride_qb stride_qt stride_qn stride_kb stride_kt "
         "stride_kn stride_vb stride_vt stride_vn stride_pf stride_pn stride_validb stride_ob stride_ot stride_on "

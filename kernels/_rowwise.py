@@ -1,0 +1,92 @@
+"""Launcher checks and jit helpers shared by the fused row-wise kernels (one token row per program, held in registers).
+
+- ``row_block(fn, H)``: (BLOCK, num_warps) for a row of H values held in registers; a clear error past ``MAX_HIDDEN``.
+- ``check_rows(fn, pairs, shape, dtype, device)`` / ``check_weights(fn, pairs, H, device)``: activation and weight
+  checks with messages that name the argument.
+- jit ``inv_rms(x, H, eps)``: ``(mean(x^2) + eps)^-1/2`` of a row in fp32 registers, the RMSNorm kernel's expression.
+- jit ``router_modalities(...)``: AltUp's router on a row in registers, rounded like the reference.
+- jit ``pick_row(tile, k, row)``: one row of an [A, BLOCK] register tile.
+- jit ``rms_of(x, H, dtype)`` / ``match_magnitude(y, target, H, eps, dtype)``: AltUp's stream magnitude matching,
+  rounded like the reference (true division and square root: ``div_rn`` / ``sqrt_rn``, as PyTorch computes them).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import check_dtype, round_to, tanh
+
+MAX_HIDDEN = 8192  # a row tensor of 8192 fp32 values is 16 per thread at 16 warps
+
+
+def row_block(fn: str, H: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a kernel that holds one H-wide row in registers."""
+    if H > MAX_HIDDEN:
+        raise ValueError(f"{fn}: rows are held in registers, so H must be <= {MAX_HIDDEN} (Gemma 3n: 2048), got {H}")
+    block = triton.next_power_of_2(H)
+    return block, min(max(block // 256, 1), 16)  # about 8 fp32 values a thread per row tensor
+
+
+def check_rows(fn: str, pairs, shape, dtype, device) -> None:
+    """Each (name, tensor) in ``pairs`` must be a tensor of ``shape`` / ``dtype`` / ``device``."""
+    for name, t in pairs:
+        check_dtype(fn, name, t)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{fn}: {name} dtype {t.dtype} != activation dtype {dtype}")
+        if t.device != device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the activations are on {device}")
+
+
+def check_weights(fn: str, pairs, H: int, device) -> None:
+    """Each (name, tensor) in ``pairs`` must be an [H] fp32/fp16/bf16 tensor on ``device``."""
+    for name, w in pairs:
+        check_dtype(fn, name, w)
+        if tuple(w.shape) != (H,) or w.device != device:
+            raise ValueError(f"{fn}: {name} must be ({H},) on {device}, got {tuple(w.shape)} on {w.device}")
+
+
+@triton.jit
+def inv_rms(x, H, eps):
+    """(mean(x^2) + eps)^-1/2 of one row held in fp32 registers (masked lanes must be 0)."""
+    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+
+
+@triton.jit
+def router_modalities(x, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H, input_scale, eps,
+                      dtype: tl.constexpr, A: tl.constexpr):
+    """AltUp's router on one row held in fp32 registers -> [A] fp32:
+    ``tanh(router_weight @ (rms_norm(x; norm_w) * input_scale))``, each step rounded to ``dtype`` as the reference
+    rounds (norm output, the scaled input, the matvec output, tanh). ``input_scale`` is 1/H in the activation dtype."""
+    w = tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = round_to(x * inv_rms(x, H, eps) * w, dtype).to(tl.float32)
+    scaled = round_to(normed * input_scale, dtype).to(tl.float32)
+    k = tl.arange(0, A)
+    rw = tl.load(router_w_ptr + k[:, None] * router_row_stride + cols[None, :], mask=mask[None, :],
+                 other=0.0).to(tl.float32)  # [A, BLOCK]
+    routed = round_to(tl.sum(rw * scaled[None, :], axis=1), dtype).to(tl.float32)
+    return round_to(tanh(routed), dtype).to(tl.float32)
+
+
+@triton.jit
+def pick_row(tile, k, row):
+    """Row ``row`` of an [A, BLOCK] register tile whose row indices are ``k`` (exact: one non-zero term a column)."""
+    return tl.sum(tl.where(k[:, None] == row, tile, 0.0), axis=0)
+
+
+@triton.jit
+def rms_of(x, H, dtype: tl.constexpr):
+    """``x.pow(2).mean(-1) ** 0.5`` as the reference computes it in the activation dtype: each square rounded, the
+    mean over fp32 sums rounded, the square root rounded. x: a row in fp32 registers (masked lanes 0) -> fp32 scalar."""
+    mean = round_to(tl.div_rn(tl.sum(round_to(x * x, dtype).to(tl.float32), axis=0), H * 1.0), dtype).to(tl.float32)
+    return mean, round_to(tl.sqrt_rn(mean), dtype).to(tl.float32)
+
+
+@triton.jit
+def match_magnitude(y, target, H, eps, dtype: tl.constexpr):
+    """AltUp's magnitude matching of one row: ``y * target / sqrt(max(mean(y^2), eps))``, every op rounded to
+    ``dtype`` as the reference does; eps is 1e-5 already rounded to ``dtype``. y in fp32 registers -> fp32 values."""
+    mean, _ = rms_of(y, H, dtype)
+    denom = round_to(tl.sqrt_rn(tl.maximum(mean, eps)), dtype).to(tl.float32)
+    return round_to(tl.div_rn(round_to(y * target, dtype).to(tl.float32), denom), dtype).to(tl.float32)

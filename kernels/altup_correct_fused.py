@@ -1,0 +1,112 @@
+"""The end of a Gemma 3n decoder layer's MLP in one pass per token: the post-FFN norm with its residual, then AltUp
+correct (router on the layer output, gains, innovation, every corrected stream, the scaled gate input).
+
+Math (the contract is ``reference.ops.altup_correct_fused``), per token with predictions P_0..P_{A-1} [H]:
+    o           = h + rms_norm(mlp_out; post_ffn_norm_weight)           (norm rounded, the add rounded)
+    r           = tanh(router_weight @ (rms_norm(o; router_norm_weight) / H))                      [A]
+    g           = correction_coefs @ r + 1                                                          [A]
+    corrected_k = P_k + g_k * (o - P_active)                           for every k (k = active too)
+    scaled      = corrected_active * correct_output_scale              (None without a scale)
+Returns (corrected [A, ..., H], scaled [..., H] or None), rounded where the reference rounds (``rms_norm`` with a
+residual, then ``altup_correct`` in reference.ops). Coefficient clipping is not done here (the model clips once at
+load).
+Shapes: predictions [A, ..., H] (tokens through a stream stride and a token stride, unit last stride); mlp_out, h
+[..., H]; post_ffn_norm_weight, router_norm_weight [H]; router_weight [A, H]; correction_coefs [A, A];
+correct_output_scale [H] or None.
+One pass: mlp_out, h, the A predictions and the weights are read once into registers (H <= 8192; Gemma 3n: 2048);
+the layer output o never leaves registers. Replaces the post-FFN norm launch and AltUp correct.
+Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation when ``out`` / ``scaled_out`` are given:
+CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DTYPES, check_out, round_to, rows
+from ._rowwise import check_rows, check_weights, inv_rms, pick_row, router_modalities, row_block
+from .altup_predict import _check_router
+from .altup_predict_fused import check_streams, router_input_scale, stream_rows
+
+
+@triton.jit
+def _altup_correct_fused_kernel(
+    p_ptr, m_ptr, h_ptr, ffn_w_ptr, norm_w_ptr, router_w_ptr, coef_ptr, scale_ptr, out_ptr, scaled_ptr,
+    H, p_stream_stride, p_token_stride, m_stride, h_stride, out_stream_stride, out_token_stride, scaled_stride,
+    router_row_stride, coef_row_stride, coef_col_stride, input_scale, eps, active,
+    A: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    dtype = out_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    m = tl.load(m_ptr + token * m_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + token * h_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(ffn_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    o = round_to(m * inv_rms(m, H, eps) * w, dtype).to(tl.float32)
+    o = round_to(h + o, dtype).to(tl.float32)  # the layer output; masked lanes are 0
+
+    modal = router_modalities(o, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H, input_scale, eps,
+                              dtype, A)  # [A]
+    # g_k = sum_a coefs[k, a] * r[a], rounded (F.linear), then + 1 rounded again.
+    k = tl.arange(0, A)
+    coef_w = tl.load(coef_ptr + k[:, None] * coef_row_stride + k[None, :] * coef_col_stride).to(tl.float32)
+    gains = round_to(tl.sum(coef_w * modal[None, :], axis=1), dtype).to(tl.float32)
+    gains = round_to(gains + 1.0, dtype).to(tl.float32)  # [A]
+
+    p = tl.load(p_ptr + token * p_token_stride + k[:, None] * p_stream_stride + cols[None, :],
+                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+    innovation = round_to(o - pick_row(p, k, active), dtype).to(tl.float32)
+    update = round_to(gains[:, None] * innovation[None, :], dtype).to(tl.float32)
+    corrected = round_to(p + update, dtype)
+    tl.store(out_ptr + token * out_token_stride + k[:, None] * out_stream_stride + cols[None, :], corrected,
+             mask=mask[None, :])
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=mask, other=0.0)
+        c_active = pick_row(corrected.to(tl.float32), k, active)
+        # the reference's ``.to(scale.dtype) * scale`` then ``.to(activation dtype)``
+        scaled = round_to(round_to(c_active * scale.to(tl.float32), scale.dtype).to(tl.float32), dtype)
+        tl.store(scaled_ptr + token * scaled_stride + cols, scaled, mask=mask)
+
+
+def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: torch.Tensor,
+                        post_ffn_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                        router_weight: torch.Tensor, correction_coefs: torch.Tensor,
+                        correct_output_scale: torch.Tensor | None = None, eps: float = 1e-6, active: int = 0, *,
+                        out: torch.Tensor | None = None,
+                        scaled_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton version of ``reference.ops.altup_correct_fused``; plus ``out=`` ([A, ..., H]; may be ``predictions``
+    itself) and ``scaled_out=`` ([..., H])."""
+    fn = "altup_correct_fused"
+    A, H = check_streams(fn, predictions, active, name="predictions")
+    dtype, dev = predictions.dtype, predictions.device
+    check_rows(fn, (("mlp_out", mlp_out), ("h", h)), predictions.shape[1:], dtype, dev)
+    check_weights(fn, (("post_ffn_norm_weight", post_ffn_norm_weight),), H, dev)
+    _check_router(fn, dtype, dev, H, A, router_norm_weight, router_weight)
+    if not isinstance(correction_coefs, torch.Tensor) or correction_coefs.shape != (A, A) \
+            or correction_coefs.dtype not in DTYPES or correction_coefs.device != dev:
+        raise ValueError(f"{fn}: correction_coefs must be a ({A}, {A}) fp32/fp16/bf16 tensor on {dev}, got "
+                         f"{getattr(correction_coefs, 'shape', type(correction_coefs).__name__)}")
+    if correct_output_scale is not None:
+        check_weights(fn, (("correct_output_scale", correct_output_scale),), H, dev)
+    block, warps = row_block(fn, H)
+    out = check_out(fn, out, predictions.shape, dtype, dev, view_as=(A, -1, H))
+    scaled = None
+    if correct_output_scale is not None:
+        scaled = check_out(fn, scaled_out, predictions.shape[1:], dtype, dev, name="scaled_out", view_as=(-1, H))
+
+    p3, out3 = stream_rows(predictions, A, H), out.view(A, -1, H)
+    m2, h2 = rows(mlp_out, H), rows(h, H)
+    scaled2 = scaled.view(-1, H) if scaled is not None else m2  # dummy pointer when unused
+    scale = correct_output_scale.contiguous() if correct_output_scale is not None else m2
+    router_w = router_weight if router_weight.stride(-1) == 1 else router_weight.contiguous()
+    _altup_correct_fused_kernel[(p3.shape[1],)](
+        p3, m2, h2, post_ffn_norm_weight.contiguous(), router_norm_weight.contiguous(), router_w, correction_coefs,
+        scale, out3, scaled2,
+        H, p3.stride(0), p3.stride(1), m2.stride(0), h2.stride(0), out3.stride(0), out3.stride(1), scaled2.stride(0),
+        router_w.stride(0), correction_coefs.stride(0), correction_coefs.stride(1),
+        router_input_scale(H, dtype), float(eps), int(active),
+        A=A, HAS_SCALE=correct_output_scale is not None, BLOCK=block, num_warps=warps,
+    )
+    return out, scaled

@@ -1,0 +1,61 @@
+"""The per-layer-input injection that ends a Gemma 3n decoder layer, alone: for the last layer, whose streams go to
+the collapse (every other layer's injection runs inside the next layer's ``altup_predict_fused``).
+
+Math (the contract is ``reference.ops.altup_inject``), per token:
+    u   = rms_norm(proj_raw; per_layer_norm_weight)      (fp32 inside, rounded to the activation dtype)
+    S_k = S_k + u   for k != active, rounded;  S_active unchanged
+Shapes: streams [A, ..., H] (tokens through a stream stride and a token stride, unit last stride); proj_raw [..., H];
+per_layer_norm_weight [H]. Returns [A, ..., H]; ``out=streams`` updates them in place (each program reads its
+token's rows before writing them).
+One pass per token (H <= 8192), instead of a norm launch and an add/cat.
+Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation when ``out`` is given: CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_out, round_to, rows
+from ._rowwise import check_rows, check_weights, inv_rms, row_block
+from .altup_predict_fused import check_streams, stream_rows
+
+
+@triton.jit
+def _altup_inject_kernel(
+    s_ptr, proj_ptr, w_ptr, out_ptr,
+    H, s_stream_stride, s_token_stride, proj_stride, out_stream_stride, out_token_stride, eps, active,
+    A: tl.constexpr, BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    dtype = out_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    k = tl.arange(0, A)
+    s = tl.load(s_ptr + token * s_token_stride + k[:, None] * s_stream_stride + cols[None, :],
+                mask=mask[None, :], other=0.0)  # [A, BLOCK], activation dtype
+    p = tl.load(proj_ptr + token * proj_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    u = round_to(p * inv_rms(p, H, eps) * w, dtype).to(tl.float32)
+    injected = tl.where(k[:, None] == active, s, round_to(s.to(tl.float32) + u[None, :], dtype))
+    tl.store(out_ptr + token * out_token_stride + k[:, None] * out_stream_stride + cols[None, :], injected,
+             mask=mask[None, :])
+
+
+def altup_inject(streams: torch.Tensor, proj_raw: torch.Tensor, per_layer_norm_weight: torch.Tensor,
+                 eps: float = 1e-6, active: int = 0, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of ``reference.ops.altup_inject``; plus ``out=`` ([A, ..., H]; may be ``streams`` itself)."""
+    fn = "altup_inject"
+    A, H = check_streams(fn, streams, active)
+    dtype, dev = streams.dtype, streams.device
+    check_rows(fn, (("proj_raw", proj_raw),), streams.shape[1:], dtype, dev)
+    check_weights(fn, (("per_layer_norm_weight", per_layer_norm_weight),), H, dev)
+    block, warps = row_block(fn, H)
+    out = check_out(fn, out, streams.shape, dtype, dev, view_as=(A, -1, H))
+    s3, out3, p2 = stream_rows(streams, A, H), out.view(A, -1, H), rows(proj_raw, H)
+    _altup_inject_kernel[(s3.shape[1],)](
+        s3, p2, per_layer_norm_weight.contiguous(), out3,
+        H, s3.stride(0), s3.stride(1), p2.stride(0), out3.stride(0), out3.stride(1), float(eps), int(active),
+        A=A, BLOCK=block, num_warps=warps,
+    )
+    return out

@@ -1,0 +1,138 @@
+"""The start of a Gemma 3n decoder layer in one pass per token: the previous layer's per-layer-input injection,
+AltUp predict, and the input norm of the active stream.
+
+Math (the contract is ``reference.ops.altup_predict_fused``), per token, streams S_0..S_{A-1} [H] (A = 4):
+    u      = rms_norm(proj_raw; per_layer_norm_weight)              (skipped for layer 0: proj_raw None)
+    S_k    = S_k + u                  for k != active               (rounded; the active stream is not injected)
+    r      = tanh(router_weight @ (rms_norm(S_active; router_norm_weight) / H))               [A]
+    C      = (prediction_coefs @ r).view(A, A)               [A, A], C[k][j] = out[A*k + j]
+    pred_k = S_k + sum_j C[k][j] S_j                                (the mix in fp32, rounded once, then the add)
+    an     = rms_norm(pred_active; input_norm_weight)
+Returns (pred [A, ..., H], an [..., H]). Every rounding to the activation dtype sits where the reference rounds
+(``altup_inject``, ``altup_predict``, ``rms_norm`` in reference.ops), so results agree to within fp32 summation order.
+Shapes: streams [A, ..., H] (tokens through a stream stride and a token stride, unit last stride); proj_raw [..., H];
+per_layer_norm_weight, router_norm_weight, input_norm_weight [H]; router_weight [A, H]; prediction_coefs [A*A, A].
+One pass: a token's A streams, proj_raw and the weights are read once into registers (H <= 8192; Gemma 3n: 2048),
+pred and an written once. Replaces the previous layer's injection norm and its add/cat, AltUp predict and the
+input norm (3-4 launches).
+Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation when ``out`` / ``normed_out`` are given:
+CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DTYPES, check_dtype, check_out, round_to, rows
+from ._rowwise import check_rows, check_weights, inv_rms, pick_row, router_modalities, row_block
+from .altup_predict import _check_router
+
+
+@triton.jit
+def _altup_predict_fused_kernel(
+    s_ptr, proj_ptr, ppl_w_ptr, norm_w_ptr, router_w_ptr, coef_ptr, in_w_ptr, out_ptr, an_ptr,
+    H, s_stream_stride, s_token_stride, proj_stride, out_stream_stride, out_token_stride, an_stride,
+    router_row_stride, coef_row_stride, coef_col_stride, input_scale, eps, active,
+    A: tl.constexpr, HAS_INJECT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    dtype = out_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    k = tl.arange(0, A)
+    s = tl.load(s_ptr + token * s_token_stride + k[:, None] * s_stream_stride + cols[None, :],
+                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+
+    # The router reads the active stream, which the injection leaves alone.
+    modal = router_modalities(pick_row(s, k, active), mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H,
+                              input_scale, eps, dtype, A)  # [A]
+    kj_rows = k[:, None, None] * A + k[None, :, None]  # [A(k), A(j), 1]
+    coef_w = tl.load(coef_ptr + kj_rows * coef_row_stride + k[None, None, :] * coef_col_stride).to(tl.float32)
+    mix_coefs = round_to(tl.sum(coef_w * modal[None, None, :], axis=2), dtype).to(tl.float32)  # C [A(k), A(j)]
+
+    if HAS_INJECT:
+        p = tl.load(proj_ptr + token * proj_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(ppl_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        u = round_to(p * inv_rms(p, H, eps) * w, dtype).to(tl.float32)
+        s = tl.where(k[:, None] == active, s, round_to(s + u[None, :], dtype).to(tl.float32))
+
+    pred_active = tl.zeros([BLOCK], dtype=tl.float32)
+    for kk in tl.static_range(A):
+        c_k = pick_row(mix_coefs, k, kk)  # C[kk][j], [A(j)]
+        mix = tl.sum(c_k[:, None] * s, axis=0)  # fp32, like the reference's einsum
+        pred = round_to(round_to(mix, dtype).to(tl.float32) + pick_row(s, k, kk), dtype)  # round the mix, then add
+        tl.store(out_ptr + token * out_token_stride + kk * out_stream_stride + cols, pred, mask=mask)
+        pred_active = tl.where(kk == active, pred.to(tl.float32), pred_active)
+
+    w_in = tl.load(in_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    an = round_to(pred_active * inv_rms(pred_active, H, eps) * w_in, dtype)
+    tl.store(an_ptr + token * an_stride + cols, an, mask=mask)
+
+
+def check_streams(fn: str, streams: torch.Tensor, active: int, name: str = "streams") -> tuple[int, int]:
+    """streams must be a non-empty [A, ..., H] float tensor with A a power of two and 0 <= active < A -> (A, H)."""
+    check_dtype(fn, name, streams)
+    if streams.dim() < 2 or streams.numel() == 0:
+        raise ValueError(f"{fn}: {name} must be a non-empty [A, ..., H], got {tuple(streams.shape)}")
+    A, H = streams.shape[0], streams.shape[-1]
+    if A & (A - 1):
+        raise ValueError(f"{fn}: the number of streams A must be a power of two (Gemma 3n: 4), got {A}")
+    if not isinstance(active, int) or not 0 <= active < A:
+        raise ValueError(f"{fn}: active must be an int in [0, {A}), got {active!r}")
+    return A, H
+
+
+def stream_rows(streams: torch.Tensor, A: int, H: int) -> torch.Tensor:
+    """[A, ..., H] -> [A, tokens, H] with a unit last stride (a view when possible, else one copy)."""
+    s3 = streams.reshape(A, -1, H)
+    return s3 if s3.stride(-1) == 1 or H == 1 else s3.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def router_input_scale(H: int, dtype: torch.dtype) -> float:
+    """The router's 1/H as the reference has it: a double rounded to the activation dtype (a host value)."""
+    return float(torch.tensor(1.0 / H, dtype=dtype))
+
+
+def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
+                        per_layer_norm_weight: torch.Tensor | None, router_norm_weight: torch.Tensor,
+                        router_weight: torch.Tensor, prediction_coefs: torch.Tensor, input_norm_weight: torch.Tensor,
+                        eps: float = 1e-6, active: int = 0, *, out: torch.Tensor | None = None,
+                        normed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.ops.altup_predict_fused``; plus ``out=`` (pred, [A, ..., H]) and
+    ``normed_out=`` (an, [..., H]). ``out`` must not overlap ``streams`` unless it is ``streams`` itself."""
+    fn = "altup_predict_fused"
+    A, H = check_streams(fn, streams, active)
+    dtype, dev = streams.dtype, streams.device
+    _check_router(fn, dtype, dev, H, A, router_norm_weight, router_weight)
+    if not isinstance(prediction_coefs, torch.Tensor) or prediction_coefs.shape != (A * A, A) \
+            or prediction_coefs.dtype not in DTYPES or prediction_coefs.device != dev:
+        raise ValueError(f"{fn}: prediction_coefs must be a ({A * A}, {A}) fp32/fp16/bf16 tensor on {dev}, got "
+                         f"{getattr(prediction_coefs, 'shape', type(prediction_coefs).__name__)}")
+    check_weights(fn, (("input_norm_weight", input_norm_weight),), H, dev)
+    if proj_raw is not None:
+        check_rows(fn, (("proj_raw", proj_raw),), streams.shape[1:], dtype, dev)
+        if per_layer_norm_weight is None:
+            raise ValueError(f"{fn}: proj_raw needs its per_layer_norm_weight (post_per_layer_input_norm)")
+        check_weights(fn, (("per_layer_norm_weight", per_layer_norm_weight),), H, dev)
+    block, warps = row_block(fn, H)
+    out = check_out(fn, out, streams.shape, dtype, dev, view_as=(A, -1, H))
+    an = check_out(fn, normed_out, streams.shape[1:], dtype, dev, name="normed_out", view_as=(-1, H))
+
+    s3 = stream_rows(streams, A, H)
+    out3, an2 = out.view(A, -1, H), an.view(-1, H)
+    p2 = rows(proj_raw, H) if proj_raw is not None else an2  # dummy pointer when there is no injection
+    ppl_w = per_layer_norm_weight.contiguous() if proj_raw is not None else input_norm_weight
+    router_w = router_weight if router_weight.stride(-1) == 1 else router_weight.contiguous()
+    _altup_predict_fused_kernel[(s3.shape[1],)](
+        s3, p2, ppl_w, router_norm_weight.contiguous(), router_w, prediction_coefs, input_norm_weight.contiguous(),
+        out3, an2,
+        H, s3.stride(0), s3.stride(1), p2.stride(0), out3.stride(0), out3.stride(1), an2.stride(0),
+        router_w.stride(0), prediction_coefs.stride(0), prediction_coefs.stride(1),
+        router_input_scale(H, dtype), float(eps), int(active),
+        A=A, HAS_INJECT=proj_raw is not None, BLOCK=block, num_warps=warps,
+    )
+    return out, an

@@ -1,0 +1,84 @@
+"""The row-wise chain between attention and the MLP of a Gemma 3n decoder layer, one program per token row.
+
+Math (the contract is ``reference.ops.post_attention_chain``), per row of H values:
+    att = a + rms_norm(o; w_post_attn)                 (norm rounded, then the add rounded)
+    lau = an + rms_norm(laurel_branch; w_post_laurel)  (LAuReL's norm and residual, rounded the same way)
+    h   = (att + lau) * 2^-1/2                         (sum rounded, product rounded)
+    hn  = rms_norm(h; w_pre_ffn)                       -> returns (h, hn)
+Shapes: o, a, laurel_branch, an [..., H] (rows through a row stride, unit last stride; ``a`` may be a view of the
+predictions' active stream), weights [H]; h and hn [..., H] in the activation dtype.
+Numerics: sums of squares and every product in fp32, each result rounded to the activation dtype where the
+reference rounds. ``/ sqrt(2)`` is a product with fp32(1/sqrt(2)), what PyTorch's CUDA kernel does for a division
+by a Python scalar (its CPU kernel divides: the two can differ by one fp32 ulp before rounding).
+One pass: the whole row is held in registers (H <= 8192; Gemma 3n has 2048), each input read once, h and hn written
+once, instead of 3 norm launches and 2 elementwise launches.
+Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation when ``out`` / ``normed_out`` are given:
+CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_dtype, check_out, round_to, rows
+from ._rowwise import check_rows, check_weights, inv_rms, row_block
+
+
+@triton.jit
+def _post_attention_chain_kernel(
+    o_ptr, a_ptr, br_ptr, an_ptr, w_att_ptr, w_lau_ptr, w_ffn_ptr, h_ptr, hn_ptr,
+    H, o_stride, a_stride, br_stride, an_stride, h_stride, hn_stride, eps,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    dtype = h_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    o = tl.load(o_ptr + row * o_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    br = tl.load(br_ptr + row * br_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + row * a_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    an = tl.load(an_ptr + row * an_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w_att = tl.load(w_att_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w_lau = tl.load(w_lau_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+    att = round_to(o * inv_rms(o, H, eps) * w_att, dtype).to(tl.float32)
+    att = round_to(a + att, dtype).to(tl.float32)
+    lau = round_to(br * inv_rms(br, H, eps) * w_lau, dtype).to(tl.float32)
+    lau = round_to(an + lau, dtype).to(tl.float32)
+    h = round_to(round_to(att + lau, dtype).to(tl.float32) * 0.7071067811865476, dtype)  # fp32(1/sqrt(2))
+    tl.store(h_ptr + row * h_stride + cols, h, mask=mask)
+
+    h = h.to(tl.float32)  # masked lanes are 0
+    w_ffn = tl.load(w_ffn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    hn = round_to(h * inv_rms(h, H, eps) * w_ffn, dtype)
+    tl.store(hn_ptr + row * hn_stride + cols, hn, mask=mask)
+
+
+def post_attention_chain(o: torch.Tensor, a: torch.Tensor, laurel_branch: torch.Tensor, an: torch.Tensor,
+                         post_attention_norm_weight: torch.Tensor, post_laurel_norm_weight: torch.Tensor,
+                         pre_ffn_norm_weight: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None,
+                         normed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.ops.post_attention_chain``; plus ``out=`` (h) and ``normed_out=`` (hn),
+    both [..., H] viewable as rows."""
+    fn = "post_attention_chain"
+    check_dtype(fn, "o", o)
+    if o.dim() < 1 or o.numel() == 0:
+        raise ValueError(f"{fn}: o must be a non-empty [..., H], got {tuple(o.shape)}")
+    H = o.shape[-1]
+    check_rows(fn, (("a", a), ("laurel_branch", laurel_branch), ("an", an)), o.shape, o.dtype, o.device)
+    check_weights(fn, (("post_attention_norm_weight", post_attention_norm_weight),
+                       ("post_laurel_norm_weight", post_laurel_norm_weight),
+                       ("pre_ffn_norm_weight", pre_ffn_norm_weight)), H, o.device)
+    block, warps = row_block(fn, H)
+    h = check_out(fn, out, o.shape, o.dtype, o.device, view_as=(-1, H))
+    hn = check_out(fn, normed_out, o.shape, o.dtype, o.device, name="normed_out", view_as=(-1, H))
+    o2, a2, br2, an2 = (rows(t, H) for t in (o, a, laurel_branch, an))
+    h2, hn2 = h.view(-1, H), hn.view(-1, H)
+    _post_attention_chain_kernel[(o2.shape[0],)](
+        o2, a2, br2, an2, post_attention_norm_weight.contiguous(), post_laurel_norm_weight.contiguous(),
+        pre_ffn_norm_weight.contiguous(), h2, hn2,
+        H, o2.stride(0), a2.stride(0), br2.stride(0), an2.stride(0), h2.stride(0), hn2.stride(0), float(eps),
+        BLOCK=block, num_warps=warps,
+    )
+    return h, hn
