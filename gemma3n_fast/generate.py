@@ -106,7 +106,7 @@ class GenerationMixin:
         max_length = min(-(-(T + N) // CACHE_ROUND) * CACHE_ROUND, c.max_position_embeddings)
 
         # N == 1 needs no decode step (no capture; a captured graph of a longer run is kept for the next call)
-        use_graph = self.device.type == "cuda" and self.use_cuda_graph and N > 1
+        use_graph = self.backend.mode == "triton" and self.use_cuda_graph and N > 1  # reference ops may sync
         key = (B, max_length, tuple(eos), pad, sampler)
         st = self._graphs.get(key)
         if st is None:
