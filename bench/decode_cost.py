@@ -18,7 +18,7 @@ through a ``DecodeState`` (one step first as a warm-up, as the graph capture doe
   FFN, ...), and aten ops a launcher issues itself (a ``.contiguous()`` copy) are counted too. A launcher that
   cannot run on meta falls back to its plain op (counted as ``PLAIN_OP_LAUNCHES``, default 1; the output says so);
 * bytes: each launch reads its tensor inputs and writes its outputs at their real sizes (views: their elements
-  only), with the exceptions in ``_aten_traffic`` (gathers read the rows they return, indexed writes write the
+  only), with the exceptions in ``_CountAten._traffic`` (gathers read the rows they return, indexed writes write the
   source's bytes, in-place fills do not read) and ``ARG_TRAFFIC`` (op-table arguments: KV caches are written one
   slot per new token, the sparse FFN reads its active up rows / down columns only). A weight is recognised by its
   storage: the bytes of a read are split over the parameters (or tensor attributes of the modules) whose byte
@@ -51,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 KINDS = ("GEMM", "elementwise", "copy/cat", "indexing", "reduction", "Triton")
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s, read + write, measured by bench/common.py::device_bandwidth on an H100
+H100_SMS = 132  # a Triton grid smaller than this leaves SMs idle (batch-1 row-wise kernels: 1 program)
 
 # ---- aten ops: which launch, and what kind --------------------------------------------------------------------
 _GEMM = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "matmul", "linear", "_scaled_mm",
@@ -73,7 +74,7 @@ _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_st
               "_unsafe_view", "_reshape_alias", "resize_", "resize_as_", "set_", "record_stream", "as_strided_",
               "_assert_async", "_assert_tensor_metadata", "_functional_assert_async"}
 # Host reads of a device value: a sync (and a graph-capture failure). On meta they return 0 and are reported.
-_HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "_assert_async"}
+_HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero"}
 _GATHERS = {"embedding", "index", "_unsafe_index", "index_select", "gather", "take", "masked_select"}
 _WRITE_ONLY = {"copy", "fill", "zero", "normal", "uniform", "exponential", "random", "bernoulli", "geometric",
                "cauchy", "log_normal", "index_copy", "index_put", "_index_put_impl", "_unsafe_index_put",
@@ -330,6 +331,12 @@ class _CountAten(TorchDispatchMode):
                 rec.host_reads.append(f"{func} in {'layer %d' % rec.layer if rec.layer is not None else 'step'}")
             if base == "_local_scalar_dense":
                 return False if flat[0].dtype == torch.bool else 0  # meta has no value; keep going
+            try:
+                return func(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - e.g. nonzero: its output shape depends on device values
+                raise RuntimeError(f"decode_cost: the decode step reads device values on the host ({func}, "
+                                   f"{rec.host_reads[-1] if rec.host_reads else 'warm-up'}): it cannot be counted "
+                                   "on meta, nor captured in a CUDA graph") from e
         out = func(*args, **kwargs)
         if base in _NO_LAUNCH or func.is_view or base in _HOST_READS:
             return out
@@ -356,8 +363,8 @@ class _CountAten(TorchDispatchMode):
         mutated = [a.name for a in schema if a.alias_info is not None and a.alias_info.is_write
                    and a.name in values]
         out_bytes = sum(_nbytes(t) for t in outs)
-        source = next((values[k] for k in ("source", "src", "values", "value") if isinstance(values.get(k), torch.Tensor)),
-                      None)
+        source = next((values[k] for k in ("source", "src", "values", "value")
+                       if isinstance(values.get(k), torch.Tensor)), None)
         for a in schema:
             if a.name not in values:
                 continue
@@ -377,24 +384,37 @@ class _CountAten(TorchDispatchMode):
                 rec.move(name, t, 0, _nbytes(t))
 
 
-@contextlib.contextmanager
-def _record_triton(rec: Recorder):
-    """Replace Triton's kernel launch (compiled and interpreted) by a record of it, for the duration."""
-    classes = []
+def _kernel_name(kernel) -> str:
+    for obj in (kernel, getattr(kernel, "base_fn", None), getattr(kernel, "fn", None)):
+        name = getattr(obj, "__name__", None)
+        if isinstance(name, str):
+            return name
+    return type(kernel).__name__
+
+
+def _launch_classes() -> list:
+    """Triton's launch entry points: compiled and interpreted kernels, and the autotuner (recorded as one launch
+    of its kernel: on meta there is nothing to tune, and its benchmarking would launch every config)."""
     from triton.runtime import jit
 
-    classes.append(jit.JITFunction)
-    try:
-        from triton.runtime import interpreter
+    classes = [jit.JITFunction]
+    for module, name in (("triton.runtime.interpreter", "InterpretedFunction"),
+                         ("triton.runtime.autotuner", "Autotuner")):
+        try:
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return classes
 
-        classes.append(interpreter.InterpretedFunction)
-    except Exception:  # noqa: BLE001 - a triton without the interpreter module
-        pass
 
-    def run(self, *args, grid, warmup=False, **kwargs):
+@contextlib.contextmanager
+def _record_triton(rec: Recorder):
+    """Replace Triton's kernel launch by a record of it (kernel, grid size), for the duration."""
+
+    def run(self, *args, grid=None, warmup=False, **kwargs):
         if warmup:
             return None
-        name = getattr(self, "__name__", None) or getattr(getattr(self, "fn", None), "__name__", "kernel")
+        name = _kernel_name(self)
         try:
             g = grid(kwargs) if callable(grid) else grid
             programs = math.prod(int(x) for x in (g if isinstance(g, (tuple, list)) else (g,)))
@@ -413,6 +433,7 @@ def _record_triton(rec: Recorder):
                     rec.move(name, t, _nbytes(t), 0)
         return None
 
+    classes = _launch_classes()
     saved = [(c, c.__dict__.get("run")) for c in classes]
     try:
         for c in classes:
@@ -694,6 +715,11 @@ def summarize(rec: Recorder, cfg, *, model, how, context, batch, dtype, bandwidt
 
 
 # ---- output ---------------------------------------------------------------------------------------------------
+def _cell(text: str) -> str:
+    """Text for a markdown table cell (group names hold "|")."""
+    return text.replace("|", "\\|")
+
+
 def _mb(b: float) -> str:
     return f"{b / 1e6:,.0f}" if b >= 1e6 else f"{b / 1e6:,.2f}"
 
@@ -722,26 +748,35 @@ def table(results: list[dict]) -> str:
                    + f" | **{la['total']}** |")
         top = Counter({**la["aten_ops"], **la["triton_kernels"]}).most_common(12)
         out += ["", "Largest groups: " + ", ".join(f"{n} {c}" for n, c in top) + "."]
-        small = [f"{k} {v['max']}" for k, v in la["triton_programs"].items() if v["max"] < 132]
+        small = [f"{k} {v['max']}" for k, v in la["triton_programs"].items() if v["max"] < H100_SMS]
         if small:
-            out.append("Triton launches with fewer programs than an H100 has SMs (max programs): "
+            out.append(f"Triton kernels whose largest grid is under {H100_SMS} programs (an H100's SMs): "
                        + ", ".join(small) + ".")
         out += ["", "| bytes per token | MB | share |", "|---|---:|---:|"]
         for g, b in by["by_group"].items():
             if b:
-                out.append(f"| {g} | {_mb(b)} | {b / by['total']:.1%} |")
+                out.append(f"| {_cell(g)} | {_mb(b)} | {b / by['total']:.1%} |")
         out.append(f"| **total** | **{_mb(by['total'])}** | |")
-        if by["weights_partly_read"]:
-            out.append(f"\nWeights read in part (sparse or gathered): {len(by['weights_partly_read'])}.")
+        unread = Counter()
+        for n in by["weights_partly_read"]:
+            w = by["per_weight"][n]
+            unread[w["group"]] += w["size"] - w["read"]
+        why = {"per-layer inputs": " (the token table: one row gathered)", "gate|up": " (sparse FFN: up rows)",
+               "down": " (sparse FFN: down rows)"}
+        if unread:
+            out += ["", "Weights read in part, MB not read: "
+                    + ", ".join(f"{g} {_mb(b)}{why.get(g, '')}" for g, b in unread.items()) + "."]
         notes = []
         if r["host_reads"]:
             notes.append(f"HOST READS of device values ({len(r['host_reads'])}): {r['host_reads'][:3]}")
         if r["plain_op_fallbacks"]:
-            notes.append(f"op-table ops counted from their plain op (launcher failed on meta): {r['plain_op_fallbacks']}")
+            notes.append(f"op-table ops counted from their plain op (their launcher failed on meta): "
+                         f"{r['plain_op_fallbacks']}")
         if r["triton_outside_op_table"]:
             notes.append(f"Triton launches outside the op table: {r['triton_outside_op_table']}")
         if by["weights_not_read"]:
-            notes.append(f"weights never read: {by['weights_not_read'][:5]}{' ...' if len(by['weights_not_read']) > 5 else ''}")
+            more = " ..." if len(by["weights_not_read"]) > 5 else ""
+            notes.append(f"weights never read: {by['weights_not_read'][:5]}{more}")
         out += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
     return "\n".join(out).rstrip() + "\n"
 
