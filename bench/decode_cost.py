@@ -12,8 +12,8 @@ through a ``DecodeState`` (one step first as a warm-up, as the graph capture doe
   allocations and ops on host tensors are not launches); one aten op = one launch (a few aten ops launch more
   on CUDA, e.g. ``isin``: not modelled);
 * every op of the model's op table (``model.backend.<name>`` for each name in ``backend.sources``: whatever the
-  table holds) runs its REAL kernel launcher on meta tensors, with Triton's launch (``JITFunction.run`` and the
-  interpreter's ``InterpretedFunction.run``) replaced by a recorder: the launch count, kernel names and grids are
+  table holds) runs its REAL kernel launcher on meta tensors, with Triton's launch (``JITFunction.run``, the
+  interpreter's and the autotuner's ``run``) replaced by a recorder: the launch count, kernel names and grids are
   the launcher's own decisions at these shapes (split + reduce of decode attention, the 3 launches of the sparse
   FFN, ...), and aten ops a launcher issues itself (a ``.contiguous()`` copy) are counted too. A launcher that
   cannot run on meta falls back to its plain op (counted as ``PLAIN_OP_LAUNCHES``, default 1; the output says so);

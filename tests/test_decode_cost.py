@@ -39,9 +39,8 @@ def test_counts_are_consistent(cost):
     assert len(la["per_layer"]) == L and all(d["total"] > 0 for d in la["per_layer"])
     for k in (*decode_cost.KINDS, "total"):
         assert sum(d[k] for d in la["per_layer"]) == la["by_part"]["layers"][k]
-    # the layer types cover every layer once; layers of one type launch the same
+    # the layer types cover every layer once
     assert sorted(i for t in la["layer_types"] for i in t["layers"]) == list(range(L))
-    assert all(t["uniform"] for t in la["layer_types"])
     # every Triton launch comes from an op-table op whose launcher really ran on meta
     assert sum(v["launches"] for v in la["op_table"].values()) == la["by_kind"]["Triton"]
     assert not cost["triton_outside_op_table"]
