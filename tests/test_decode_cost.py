@@ -113,3 +113,53 @@ def test_command_line(tmp_path, capsys):
     data = json.loads((tmp_path / "cost.json").read_text())
     (r,) = data["results"]
     assert r["model"] == "smoke" and r["bandwidth_Bps"] == 2e12 and r["launches"]["total"] > 0
+
+
+def test_op_table_ops_are_counted_by_their_launchers():
+    """Fused ops as the decode step will call them, on meta: the launcher's own Triton launches (the sparse FFN's 3,
+    split decode attention's 2), the sparse FFN reading 5 % of its up / down rows, the K/V cache written one slot."""
+    from torch import nn
+
+    from gemma3n_fast.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache
+    from gemma3n_fast.kernels.sliding_window_decode import sliding_window_attention_decode
+    from gemma3n_fast.kernels.sparse_ffn import sparse_ffn
+    from gemma3n_fast.reference import ops
+
+    meta, bf16 = torch.device("meta"), torch.bfloat16
+    H, I, Hq, Hkv, D, S = 2048, 8192, 8, 2, 256, 512
+    holder = nn.Module()
+    holder.device = meta
+    for name, shape in (("gate", (I, H)), ("up", (I, H)), ("down_t", (I, H)), ("q_norm", (D,)), ("k_norm", (D,))):
+        holder.register_parameter(name, nn.Parameter(torch.empty(shape, device=meta, dtype=bf16), False))
+    k_cache, v_cache = (torch.empty(1, Hkv, S, D, device=meta, dtype=bf16) for _ in range(2))
+    rec = decode_cost.Recorder(meta, decode_cost.WeightMap(holder), {decode_cost._storage_key(k_cache),
+                                                                     decode_cost._storage_key(v_cache)}, tokens=1)
+    rec.active = True
+    wrap = {name: decode_cost._wrap_op(rec, name, fn, getattr(ops, name)) for name, fn in (
+        ("sparse_ffn", sparse_ffn), ("qkv_norm_rope_cache", qkv_norm_rope_cache),
+        ("sliding_window_attention_decode", sliding_window_attention_decode))}
+    x, qkv = torch.empty(1, 1, H, device=meta, dtype=bf16), torch.empty(1, 1, (Hq + 2 * Hkv) * D, device=meta,
+                                                                         dtype=bf16)
+    positions, k_pos = torch.zeros(1, 1, dtype=torch.int32, device=meta), torch.zeros(1, S, dtype=torch.int32,
+                                                                                        device=meta)
+    inv_freq, slots = torch.empty(D // 2, device=meta), torch.zeros(1, dtype=torch.long, device=meta)
+    with decode_cost._record_triton(rec), decode_cost._CountAten(rec):
+        wrap["sparse_ffn"](x, holder.gate, holder.up, holder.down_t, 1.6448)
+        q = wrap["qkv_norm_rope_cache"](qkv, holder.q_norm, holder.k_norm, inv_freq, positions, k_cache, v_cache,
+                                        slots)
+        wrap["sliding_window_attention_decode"](q, k_cache, v_cache, positions, k_pos, window=S)
+    assert [c.launches for c in rec.op_calls] == [3, 1, 2] and not any(c.plain_fallback for c in rec.op_calls)
+    assert [l.name.split(":")[1] for l in rec.launches if l.kind == "Triton"] == [
+        "_gemv_kernel", "_sparse_up_kernel", "_sparse_down_kernel", "_qkv_norm_rope_cache_kernel", "_swa_decode_kernel",
+        "_swa_decode_reduce_kernel"]
+    # besides, at most the sparse FFN's cached workspace, zeroed on its first call in the process (a warm-up's job)
+    assert {l.name for l in rec.launches if l.kind != "Triton"} <= {"zeros"}
+    read = {}
+    for t in rec.traffic:
+        read[t.weight or t.group] = read.get(t.weight or t.group, 0) + t.read + t.written
+    w = I * H * BF16
+    assert read["gate"] == w and read["up"] == pytest.approx(0.05 * w) and read["down_t"] == pytest.approx(0.05 * w)
+    kv_written = sum(t.written for t in rec.traffic if t.group == "KV")
+    assert kv_written == 2 * Hkv * D * BF16  # one slot of K and of V
+    kv_read = sum(t.read for t in rec.traffic if t.group == "KV")
+    assert kv_read >= 2 * Hkv * S * D * BF16  # attention reads both caches whole (plus their position table)
