@@ -33,7 +33,7 @@ import torch
 if not torch.cuda.is_available():  # CPU: the fast model's kernels run through the Triton interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench import configs, report  # noqa: E402
+from bench import configs, decode_cost, report  # noqa: E402
 from bench.common import device_bandwidth, device_name  # noqa: E402
 from bench.systems import SLOW_SYSTEMS, SYSTEMS, build_hf, make_system  # noqa: E402
 
@@ -312,12 +312,14 @@ def run(args) -> dict:
                 workloads=args.workloads, budget_s=args.budget_s, cell_budget_s=args.cell_budget_s,
                 first_cell_budget_s=args.first_cell_budget_s, new_tokens=args.new_tokens,
                 slow_new_tokens=args.slow_new_tokens, slow_systems=sorted(SLOW_SYSTEMS), smoke=args.smoke)
-    result = dict(meta=meta, rows=[], kernels=report.collect_kernels(args.kernels_json) if args.kernels_json else [])
+    result = dict(meta=meta, rows=[], kernels=report.collect_kernels(args.kernels_json) if args.kernels_json else [],
+                  decode_cost={})
     out = Path(args.out)
     print(f"device {meta['device']}, {meta['dtype']}, copy bandwidth {meta['bandwidth_GBs']:.0f} GB/s", flush=True)
 
     cells = plan(args.models, args.smoke, args.workloads)
     for model_name in dict.fromkeys(m for m, _ in cells):
+        result["decode_cost"][model_name] = decode_step_cost(model_name, bandwidth)
         bench, build_error = None, None
         if time.monotonic() < deadline - 5:
             try:
@@ -351,14 +353,61 @@ def run(args) -> dict:
                         bench.timed_out.add(system)
                 result["rows"].append(row)
                 _print_row(row)
-                report.write_all(result, out)
+                write_report(result, out)
         if bench is not None:
             bench.close()
     if args.smoke:
         _smoke_probes(result, out, args)
     meta["wall_s"] = time.monotonic() - t_start
-    report.write_all(result, out)
+    write_report(result, out)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches and bytes per decode step (bench/decode_cost.py: counted on the meta device, no weights)
+# ---------------------------------------------------------------------------------------------
+DECODE_COST_CONTEXT = 1024  # cache slots of the counted step (the context BENCHMARKS.md's table uses)
+
+
+def decode_step_cost(model: str, bandwidth: float) -> dict:
+    """Launches per batch-1 decode step by kind, bytes per token and the memory floor at the measured bandwidth
+    (bf16, the released dtype, whatever this run's dtype). A failure is recorded, never fatal."""
+    t0 = time.monotonic()
+    try:
+        r = decode_cost.compact(decode_cost.account(model, context=DECODE_COST_CONTEXT, dtype=torch.bfloat16,
+                                                    bandwidth=bandwidth))
+    except Exception as e:  # noqa: BLE001 - the benchmark goes on without it
+        return dict(model=model, error=_error_text(e))
+    print(f"[{model}] decode step: {r['launches_per_step']} launches, {r['bytes_per_token'] / 1e9:.2f} GB/token, "
+          f"floor {r['floor_s'] * 1e3:.2f} ms at {bandwidth / 1e9:.0f} GB/s ({time.monotonic() - t0:.1f} s)",
+          flush=True)
+    return r
+
+
+def decode_cost_markdown(costs: dict) -> str:
+    kinds = decode_cost.KINDS
+    lines = ["", "## Launches and bytes per decode step", "",
+             f"One batch-1 decode step of gemma3n_fast, counted on the meta device by `python -m bench.decode_cost` "
+             f"(bf16, {DECODE_COST_CONTEXT}-slot cache); floor = bytes per token / the measured copy bandwidth.", "",
+             "| model | launches | " + " | ".join(kinds) + " | GB/token | floor ms | floor tok/s |",
+             "|---|---:|" + "---:|" * len(kinds) + "---:|---:|---:|"]
+    for model, r in costs.items():
+        if "error" in r:
+            err = r["error"].replace("|", "\\|")
+            lines.append(f"| {model} | error: {err} |")
+            continue
+        by_kind = " | ".join(str(r["launches_by_kind"][k]) for k in kinds)
+        lines.append(f"| {model} | {r['launches_per_step']} | {by_kind} | {r['bytes_per_token'] / 1e9:.2f} | "
+                     f"{r['floor_s'] * 1e3:.2f} | {r['floor_tok_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, out: Path):
+    """report.write_all, then the decode-step accounting appended to e2e.md (it is in e2e.json already)."""
+    report.write_all(result, out)
+    if result.get("decode_cost"):
+        with open(out / "e2e.md", "a") as f:
+            f.write(decode_cost_markdown(result["decode_cost"]))
 
 
 def _prompt_len(w: Workload, cfg: dict) -> int:
@@ -447,8 +496,12 @@ def check_outputs(out: Path, expect_rows: int):
                 problems.append(f"e2e.json: no {want!r} row (the smoke probes did not run)")
         if not data["kernels"]:
             problems.append("e2e.json: empty kernel table")
+        for model, cost in data.get("decode_cost", {}).items() or [("?", {"error": "missing"})]:
+            if "error" in cost or not cost.get("launches_per_step"):
+                problems.append(f"e2e.json: decode_cost of {model}: {cost.get('error')}")
         md = (out / "e2e.md").read_text()
-        for want in ("| system", "Kernel microbenchmarks", "skipped: time budget"):
+        for want in ("| system", "Kernel microbenchmarks", "skipped: time budget",
+                     "Launches and bytes per decode step"):
             if want not in md:
                 problems.append(f"e2e.md: missing {want!r}")
         with Image.open(out / "e2e.png") as im:
