@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
@@ -359,12 +359,12 @@ def resolve(matformer, config: Gemma3nConfig) -> MatformerSlice | None:
             raise MatformerError("matformer: this MatformerSlice was fitted to another checkpoint's config; pass "
                                  "its spec instead")
         return matformer
-    if getattr(config, "matformer", None) is not None:
-        raise MatformerError(f"matformer: this config is already a slice ({config.matformer.describe()}); "
-                             "slice the checkpoint's own config")
     spec = parse_spec(matformer)
     if spec is None:
         return None
+    if config.matformer is not None:
+        raise MatformerError(f"matformer: this config is already a slice ({config.matformer.describe()}); "
+                             "slice the checkpoint's own config")
     kept = _check_fit(spec, config.text)
     text = slice_text_config(config.text, spec, kept)
     return MatformerSlice(spec, config, dataclasses.replace(config, text=text, matformer=spec), kept)

@@ -308,8 +308,10 @@ def test_e2b_preset_on_an_e2b_checkpoint_is_refused():
 
 
 def test_a_sliced_config_is_not_sliced_again():
+    sliced = slice_config(E4B, "E2B")
+    assert slice_config(sliced, None) is sliced
     with pytest.raises(MatformerError, match="already a slice"):
-        slice_config(slice_config(E4B, "E2B"), "E2B")
+        slice_config(sliced, "E2B")
 
 
 def test_config_json_cannot_carry_a_slice():
