@@ -161,6 +161,13 @@ def test_only_the_kept_parts_are_read(folder):
     assert raw["model.per_layer_model_projection.weight"].shape == (6 * 8, 72)
 
 
+def test_sharded_checkpoint_slices_the_same(folder, tmp_path):
+    sharded = write_tiny_checkpoint(tmp_path, seed=3, multimodal=False, text_overrides=E4B_LIKE, write_sharded=True)
+    a = reference.load(sharded, matformer=SPECS["tail"]).state_dict()
+    b = reference.load(folder, matformer=SPECS["tail"]).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_build_slices_in_memory_tensors_like_load(folder):
     """``build`` with the checkpoint's full tensors in memory (the benchmarks' path) == ``load`` reading slices."""
     from safetensors.torch import load_file
@@ -220,6 +227,17 @@ def test_e2b_preset_of_e4b_is_exactly_e2b():
     e2b = TextConfig(**E2B_TEXT)
     assert sliced == e2b
     assert sliced.first_kv_shared_layer == 20 and {sliced.kv_source(i) for i in range(20, 30)} == {18, 19}
+
+
+@pytest.mark.parametrize("skipped", [[], [20, 21, 22, 23, 24], [3, 12, 25], [0, 9, 10, 33]])
+def test_derived_config_follows_the_matformer_lab_on_e4b(skipped):
+    """The MatFormer Lab's formulas for E4B (hard-coded there: 10 sparse layers, KV sharing from layer 20)."""
+    kept = 35 - len(skipped)
+    text = slice_config(E4B, {"ffn_hidden_dims": [8192] * kept, "layers_skipped": skipped}).text
+    n_sparse_skipped = sum(1 for i in skipped if i <= 9)
+    assert text.activation_sparsity_pattern == [0.95] * (10 - n_sparse_skipped) + [0.0] * (kept - 10 + n_sparse_skipped)
+    assert text.num_kv_shared_layers == 15 - sum(1 for i in skipped if i >= 20)
+    assert text.num_hidden_layers == kept and text.intermediate_size == [8192] * kept
 
 
 def test_sliced_parameter_counts_match_google_effective_sizes():
