@@ -4,6 +4,12 @@ The E2B/E4B text parts come from ``reference/config.py`` (``E2B_TEXT``/``E4B_TEX
 field is the documented default, spec §6.1). Audio and vision towers use their defaults (USM conformer,
 MobileNetV5-300M), which are the same for both sizes. ``SMOKE`` is a tiny multimodal model for the CPU
 smoke run: small vocabulary with the image/audio id ranges moved inside it, a quarter-width vision tower.
+
+MatFormer slices (``MATFORMER``): E4B with a slice applied to its config exactly as ``load(..., matformer=...)``
+derives it (``reference.matformer.slice_config``): ``e4b-as-e2b`` is the E2B preset (its shapes equal E2B's),
+``e4b-mix`` a mixed slice of Google's table, ``smoke-mix`` the smoke model with a layer skipped and narrower FFNs.
+The harness gives every model random weights at its shapes (speed depends on the shapes, not the values); a slice
+loaded from an E4B checkpoint holds exactly these shapes.
 """
 from __future__ import annotations
 
@@ -41,7 +47,28 @@ SMOKE = dict(
     vision_config=dict(model_args={"channel_multiplier": 0.25}, vocab_offset=256),
 )
 
+
+def _sliced(base: dict, matformer) -> dict:
+    """``base`` with a MatFormer slice applied to its text config (the fields ``slice_config`` derives)."""
+    from gemma3n_fast.reference.config import Gemma3nConfig
+    from gemma3n_fast.reference.matformer import slice_config
+
+    out = copy.deepcopy(base)
+    text = slice_config(Gemma3nConfig.from_dict(copy.deepcopy(base)), matformer).text
+    out["text_config"].update(num_hidden_layers=text.num_hidden_layers, intermediate_size=text.intermediate_size,
+                              layer_types=text.layer_types, num_kv_shared_layers=text.num_kv_shared_layers,
+                              activation_sparsity_pattern=text.activation_sparsity_pattern)
+    return out
+
+
+# model name -> (the model it slices, the slice): E2B preset; E2.98B (layer-level): 20 layers at 8192, 15 at 16384.
+MATFORMER = {
+    "e4b-as-e2b": ("e4b", "E2B"),
+    "e4b-mix": ("e4b", "E2.98B"),
+    "smoke-mix": ("smoke", {"ffn_hidden_dims": [64, 100, 128], "layers_skipped": [2]}),
+}
 MODELS = {"e2b": E2B, "e4b": E4B, "smoke": SMOKE}
+MODELS |= {name: _sliced(MODELS[base], spec) for name, (base, spec) in MATFORMER.items()}
 
 
 def model_dict(name: str) -> dict:

@@ -5,7 +5,8 @@
                         [--new-tokens N] [--slow-new-tokens N] [--reps N] [--kernels-json PATH]
 
 Models are the real E2B/E4B shapes (bench/configs.py) with random weights built directly on the device
-(no checkpoint files). Cells run in order of importance (E2B batch 1 prompt 128 first, then batch 8/32,
+(no checkpoint files); ``--models`` also takes MatFormer slices of E4B (``e4b-as-e2b``, ``e4b-mix``), each with its
+decode weight bytes per token printed. Cells run in order of importance (E2B batch 1 prompt 128 first, then batch 8/32,
 long prompts, E4B, multimodal); a cell that does not fit the total budget is recorded as
 "skipped: time budget", a failure (OOM, compile error, timeout) as its error text: no row is dropped.
 Results are rewritten after every cell (e2e.json, e2e.md, e2e.png), so a run cut short keeps what it did.
@@ -60,8 +61,8 @@ SMOKE_INTERPRETED = {"gemma3n_fast"}
 
 def plan(models: list[str], smoke: bool, kinds=("text", "image", "audio")) -> list[tuple[str, Workload]]:
     """(model, workload) cells in run order: all text cells model by model, multimodal last (on the last model)."""
-    if smoke:
-        cells = [("smoke", w) for w in SMOKE_WORKLOADS]
+    if smoke:  # plus one text cell of a MatFormer slice of the smoke model
+        cells = [("smoke", w) for w in SMOKE_WORKLOADS] + [("smoke-mix", SMOKE_WORKLOADS[0])]
     else:
         cells = [(m, w) for m in models for w in TEXT_WORKLOADS] + [(models[-1], w) for w in MM_WORKLOADS]
     return [(m, w) for m, w in cells if w.kind in kinds]
@@ -128,6 +129,18 @@ def weight_bytes_per_step(hf_model, batch: int) -> float:
             continue
         total += p.numel() * p.element_size()  # embed_tokens counted once = the lm_head read
     return float(total + batch * ple_row)
+
+
+def text_decode_bytes(text_cfg: dict, elem: int) -> tuple[float, float]:
+    """(weight bytes one decode step reads, bytes of one per-layer-embedding row) of a text config, by the rule of
+    ``weight_bytes_per_step``, counted on the meta device (no weights made: instant at E4B size)."""
+    from gemma3n_fast.reference.config import TextConfig
+    from gemma3n_fast.reference.text import Gemma3nTextModel
+
+    with torch.device("meta"):
+        model = Gemma3nTextModel(TextConfig.from_dict(text_cfg))
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed_tokens_per_layer."))
+    return float(total * elem), float(model.embed_tokens_per_layer.weight.shape[1] * elem)
 
 
 def kv_bytes_per_step(text_cfg: dict, batch: int, context: int, elem: int) -> float:
@@ -249,8 +262,9 @@ class ModelBench:
         self.weight_bytes = weight_bytes_per_step(self.hf_model, 0)
         self.ple_row_bytes = weight_bytes_per_step(self.hf_model, 1) - self.weight_bytes
         n_params = sum(p.numel() for p in self.hf_model.parameters())
-        print(f"[{name}] random weights on {device} in {time.monotonic() - t0:.1f} s ({n_params / 1e9:.2f} B params)",
-              flush=True)
+        print(f"[{name}] random weights on {device} in {time.monotonic() - t0:.1f} s ({n_params / 1e9:.2f} B params); "
+              f"decode reads {self.weight_bytes / 1e9:.3f} GB of weights per step + {self.ple_row_bytes / 1e3:.1f} kB "
+              "per row", flush=True)
 
     def system(self, name: str):
         if name not in self.systems:
@@ -318,6 +332,13 @@ def run(args) -> dict:
     print(f"device {meta['device']}, {meta['dtype']}, copy bandwidth {meta['bandwidth_GBs']:.0f} GB/s", flush=True)
 
     cells = plan(args.models, args.smoke, args.workloads)
+    if args.smoke:  # the real-shape figures cost nothing: print them for the MatFormer slices of E4B
+        meta["matformer_decode_weight_GB"] = {}
+        for name in ("e4b", *(m for m, (base, _) in configs.MATFORMER.items() if base == "e4b")):
+            weights, row = text_decode_bytes(configs.model_dict(name)["text_config"], 2)
+            meta["matformer_decode_weight_GB"][name] = round((weights + row) / 1e9, 3)
+        print("MatFormer, decode weight bytes per token (real shapes, bf16, batch 1): " + ", ".join(
+            f"{k} {v:.2f} GB" for k, v in meta["matformer_decode_weight_GB"].items()), flush=True)
     for model_name in dict.fromkeys(m for m, _ in cells):
         result["decode_cost"][model_name] = decode_step_cost(model_name, bandwidth)
         bench, build_error = None, None
@@ -520,7 +541,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, every code path, output checks")
     p.add_argument("--out", default=".benchmarks/e2e", help="folder for e2e.json, e2e.md, e2e.png")
-    p.add_argument("--models", default="e2b,e4b", help="comma list from e2b,e4b (ignored with --smoke)")
+    p.add_argument("--models", default="e2b,e4b",
+                   help=f"comma list from {','.join(configs.MODELS)} (ignored with --smoke)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list from {','.join(SYSTEMS)}")
     p.add_argument("--workloads", default="text,image,audio", help="comma list of workload kinds to run")
     p.add_argument("--budget-s", type=float, default=None, help="total seconds for all cells (default 380; smoke 60)")
@@ -544,8 +566,8 @@ def main(argv=None):
         if s not in SYSTEMS:
             p.error(f"--systems: unknown system {s!r}; choose from {','.join(SYSTEMS)}")
     for m in args.models:
-        if m not in ("e2b", "e4b", "smoke"):
-            p.error(f"--models: unknown model {m!r}; choose from e2b,e4b (or smoke: the tiny model)")
+        if m not in configs.MODELS:
+            p.error(f"--models: unknown model {m!r}; choose from {','.join(configs.MODELS)}")
     if not args.smoke and not torch.cuda.is_available():
         print("note: no CUDA device: full-size models on the CPU will be very slow; use --smoke for the CI path")
     d = dict(budget_s=(60, 380), cell_budget_s=(20, 60), first_cell_budget_s=(40, 150), new_tokens=(3, 128),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One round on a lent GPU (see ../shared/GPU.md): offline install, GPU tests, kernel benchmarks, e2e benchmark.
-# Usage (on the device, repo root):  bash bench/gpu_round.sh [tests|kernels|e2e|all] ; results land in $OUT.
+# Usage (on the device, repo root):  bash bench/gpu_round.sh [tests|kernels|e2e|matformer|all] ; results in $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-.device_out}; mkdir -p "$OUT"
@@ -18,4 +18,8 @@ fi
 if [[ $what == e2e || $what == all ]]; then
   kj=(); [[ -f "$OUT/kernels.json" ]] && kj=(--kernels-json "$OUT/kernels.json")
   timeout ${E2E_TIMEOUT:-420} python3 -m bench.e2e --out "$OUT" "${kj[@]}" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -60
+fi
+if [[ $what == matformer ]]; then  # E4B against its E2B preset and a mixed slice (decode tok/s, bytes per step)
+  timeout ${E2E_TIMEOUT:-420} python3 -m bench.e2e --out "$OUT/matformer" --models e4b,e4b-as-e2b,e4b-mix \
+    --systems gemma3n_fast --workloads text ${E2E_ARGS:-} 2>&1 | tee "$OUT/matformer.log" | tail -40
 fi

@@ -2,6 +2,7 @@
 
     python -m gemma3n_fast generate --model google/gemma-3n-E2B-it --prompt "Why is the sky blue?" --stream
     python -m gemma3n_fast generate --prompt "hello"        # the embedded tiny checkpoint (random weights)
+    python -m gemma3n_fast generate --model google/gemma-3n-E4B-it --matformer E2B --prompt "hi"  # a MatFormer slice
     python -m gemma3n_fast demo                             # the fast model on the tiny checkpoint
     python -m gemma3n_fast env                              # versions, device, triton mode
 
@@ -123,12 +124,46 @@ def _peak_memory(device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
+def _matformer_arg(text: str):
+    """--matformer: a preset name, a JSON object, or a JSON file holding one -> what ``load(matformer=)`` takes."""
+    import json
+
+    from gemma3n_fast.reference.matformer import PRESETS, MatformerError, parse_spec
+
+    value, where = text.strip(), "--matformer"
+    if not value.startswith("{"):
+        try:
+            return parse_spec(value).name  # a preset: the loader checks it against the checkpoint
+        except MatformerError:
+            pass
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--matformer {text!r}: neither a preset ({', '.join(PRESETS)}), nor a JSON object, nor "
+                             "a JSON file")
+        value, where = path.read_text(encoding="utf-8"), f"--matformer {path}"
+    try:
+        spec = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise UsageError(f'{where}: expected a JSON object {{"ffn_hidden_dims": [...], "layers_skipped": [...]}}')
+    return spec
+
+
+def _matformer_note(model) -> str:
+    spec = getattr(model.config, "matformer", None)
+    return "" if spec is None else f"; {spec.describe()}"
+
+
 def stats_line(model) -> str:
     s = model.last_stats
     tps = f"{s['decode_tok_s']:.1f} tok/s" if s["decode_tok_s"] else "n/a"
+    spec = getattr(model.config, "matformer", None)
+    sliced = "" if spec is None else (f" | MatFormer {spec.name or 'slice'}: {len(spec.ffn_hidden_dims)}/"
+                                      f"{spec.num_source_layers} layers")
     return (f"[stats] prompt tokens: {s['prompt_tokens']} | new tokens: {s['new_tokens']} | time to first token: "
             f"{s['ttft_s'] * 1e3:.1f} ms | decode: {tps} | peak memory: {_peak_memory(model.device)} | "
-            f"{model.device.type}, {str(model.dtype).replace('torch.', '')}, kernels={model.backend.mode}")
+            f"{model.device.type}, {str(model.dtype).replace('torch.', '')}, kernels={model.backend.mode}{sliced}")
 
 
 class _PrintStreamer:
@@ -172,13 +207,15 @@ def run_prompt(model, prompt: str, images=(), audio=None, max_new_tokens=64, tem
 def cmd_generate(args) -> int:
     _check_device(args.device)
     _check_media(args.image, args.audio)
+    matformer = _matformer_arg(args.matformer) if args.matformer is not None else None
     path = args.model
     if path is None:
         path = tiny_checkpoint()
         print(f"(no --model: using the embedded tiny checkpoint with random weights at {path}; output is gibberish)",
               file=sys.stderr)
-    model = _load(path, device=args.device, dtype=args.dtype, kernels=args.kernels)
-    print(f"(loaded in {model.load_time_s:.2f} s; {model.backend.describe()})", file=sys.stderr)
+    model = _load(path, device=args.device, dtype=args.dtype, kernels=args.kernels, matformer=matformer)
+    print(f"(loaded in {model.load_time_s:.2f} s; {model.backend.describe()}{_matformer_note(model)})",
+          file=sys.stderr)
     run_prompt(model, args.prompt, args.image or (), args.audio, args.max_new_tokens, args.temperature, args.stream,
                args.seed)
     return 0
@@ -262,6 +299,9 @@ def main(argv=None) -> int:
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"])
     g.add_argument("--kernels", choices=["triton", "interpret", "reference"])
+    g.add_argument("--matformer", metavar="SLICE",
+                   help="load a MatFormer slice: a preset (E2B, ... for an E4B checkpoint), a JSON object "
+                        "'{\"ffn_hidden_dims\": [...], \"layers_skipped\": [...]}' or a JSON file holding one")
     g.add_argument("--debug", **debug)
     d = sub.add_parser("demo", help="the fast model on the tiny checkpoint (text + image prompt)")
     d.add_argument("--kernels", choices=["triton", "interpret", "reference"])

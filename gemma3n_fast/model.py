@@ -353,13 +353,17 @@ def check_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, revision=None) -> FastGemma3n:
+def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, revision=None,
+         matformer=None) -> FastGemma3n:
     """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model.
 
     device: default CUDA if available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU; fp16 is refused.
     kernels: "triton" | "interpret" | "reference" | None (see ``gemma3n_fast.backend``); checked before any weight
     is read. The tokenizer, processor and generation defaults come with the checkpoint (``model.tokenizer``,
     ``model.processor``, ``model.generation_config``); ``model.load_time_s`` holds the load time.
+    matformer: a MatFormer slice of the checkpoint, read sliced (``"E2B"`` on an E4B checkpoint, or
+    ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``; see ``gemma3n_fast.reference.matformer``);
+    ``model.config.matformer`` records it.
     """
     t0 = time.perf_counter()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -368,10 +372,13 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
         from gemma3n_fast.backend import enable_interpreter
 
         enable_interpreter()
-    reference = reference_model.load(path_or_hub_id, device=device, dtype=dtype, revision=revision)
+    reference = reference_model.load(path_or_hub_id, device=device, dtype=dtype, revision=revision,
+                                     matformer=matformer)
     model = FastGemma3n(reference, kernels)
     model.load_time_s = time.perf_counter() - t0
-    log.info("gemma3n_fast: loaded %s in %.2f s (%s, %s)", reference.source, model.load_time_s, device, dtype)
+    spec = reference.config.matformer
+    log.info("gemma3n_fast: loaded %s in %.2f s (%s, %s)%s", reference.source, model.load_time_s, device, dtype,
+             f"; {spec.describe()}" if spec is not None else "")
     return model
 
 

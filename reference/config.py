@@ -423,6 +423,9 @@ class Gemma3nConfig:
     eoa_token_id: int = 262_272
     audio_token_id: int = 262_273
     text_only: bool = False  # True when read from a Gemma3nTextConfig file (weights prefixed 'model.')
+    # The MatFormer slice this config was derived with (a ``reference.matformer.MatformerSpec``), set by the loader
+    # (``load(..., matformer=...)``); None for a checkpoint's own config. Never read from config.json.
+    matformer: Any = field(default=None, compare=False)
 
     def __post_init__(self):
         W = "config"
@@ -472,6 +475,9 @@ class Gemma3nConfig:
         audio_d, vision_d = d.pop("audio_config", None), d.pop("vision_config", None)
         audio = AudioConfig.from_dict(audio_d, strict) if audio_d is not None else AudioConfig()
         vision = VisionConfig.from_dict(vision_d, strict) if vision_d is not None else VisionConfig()
+        if "matformer" in d:
+            raise ConfigError("config.matformer: a MatFormer slice is chosen at load time "
+                              "(load(..., matformer=...)), not in config.json")
         top = _pop_known(d, cls, strict, "config")
         top.pop("text", None), top.pop("audio", None), top.pop("vision", None), top.pop("text_only", None)
         return cls(text=text, audio=audio, vision=vision, **top)

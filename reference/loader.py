@@ -8,7 +8,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -92,10 +92,14 @@ def _shard_files(folder: Path) -> list[Path]:
 
 
 def read_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    keep: Callable[[str], bool] | None = None, check_finite: bool = True) -> dict[str, torch.Tensor]:
+                    keep: Callable[[str], bool] | None = None, check_finite: bool = True,
+                    transform: Callable[[str, Any], torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, floating ones cast to ``dtype``.
 
     ``keep(name) -> bool`` filters keys before a tensor is read, so dropped tensors never leave the file.
+    ``transform(name, lazy) -> tensor | None`` reads part of a tensor: ``lazy`` is safetensors' slice object
+    (``lazy.get_shape()``; ``lazy[rows, cols]`` reads only those elements); None reads the tensor whole. The part is
+    cast and moved like a whole tensor, so what a transform drops never reaches ``device``.
     A file that cannot be read (truncated, corrupt) raises ``CheckpointError`` naming it. With
     ``check_finite``, NaN or infinite weights give a ``CheckpointWarning`` naming the first tensors.
     """
@@ -117,7 +121,9 @@ def read_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
                 for name in f.keys():
                     if keep is not None and not keep(name):
                         continue
-                    t = f.get_tensor(name)
+                    t = transform(name, f.get_slice(name)) if transform is not None else None
+                    if t is None:
+                        t = f.get_tensor(name)
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
                     t = t.to(device)

@@ -17,6 +17,8 @@ from gemma3n_fast.reference.config import Gemma3nConfig, load_config
 from gemma3n_fast.reference.embedder import MultimodalEmbedder
 from gemma3n_fast.reference.generation import Sampler, check_prompt, eos_and_pad
 from gemma3n_fast.reference.loader import CheckpointError, assign_state_dict, read_state_dict, resolve_checkpoint
+from gemma3n_fast.reference.matformer import MatformerSlice
+from gemma3n_fast.reference.matformer import resolve as resolve_matformer
 from gemma3n_fast.reference.text import Gemma3nTextModel, KVCache, TextOutput
 
 _VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")
@@ -144,50 +146,75 @@ def _build_tower(kind: str, cfg):
 _CONSUMER_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight$")
 
 
-def _key_rules(config: Gemma3nConfig, with_vision: bool):
+def _key_rules(config: Gemma3nConfig, with_vision: bool, matformer: MatformerSlice | None = None):
     """(keep(file key) -> bool, module key(file key) -> str): which checkpoint tensors are read, and their names.
 
     Dropped: the tied ``lm_head.weight`` (it is the embedding table), the vision tower when not wanted, and the
-    K/V weights Hub files carry for KV-shared layers (those layers reuse an earlier layer's K/V and have none)."""
+    K/V weights Hub files carry for KV-shared layers (those layers reuse an earlier layer's K/V and have none).
+    ``config`` is the checkpoint's own; with a MatFormer slice the skipped layers' tensors are dropped too and the
+    kept layers renumbered (the file's layer numbers, hence the checkpoint's KV-shared layers, decide the rest)."""
     prefix = config.weight_prefix  # "model." (text-only file) or "model.language_model."
     first_shared = config.text.first_kv_shared_layer
 
     def keep(name: str) -> bool:
         if name == "lm_head.weight" or (not with_vision and name.startswith(_VISION_PREFIXES)):
             return False
+        if matformer is not None and not matformer.keeps(name):
+            return False
         m = _CONSUMER_KV.search(name)
         return not (m and name.startswith(prefix) and int(m.group(1)) >= first_shared)
 
     def rename(name: str) -> str:
+        if matformer is not None:
+            name = matformer.renumber(name)
         return "language_model." + name[len(prefix):] if name.startswith(prefix) else name[len("model."):]
 
     return keep, rename
 
 
 def build(config: Gemma3nConfig, state_dict: dict, *, device="cpu", dtype=None, with_vision: bool = True,
-          what: str = "state dict") -> Gemma3nReference:
+          what: str = "state dict", matformer=None) -> Gemma3nReference:
     """Checkpoint-named tensors (``model.language_model.*`` ...) -> the module tree, built on the meta device and
-    given the tensors (moved to ``device``/``dtype``) with ``assign=True``: no weight is ever initialised."""
-    keep, rename = _key_rules(config, with_vision)
-    state = {rename(k): (v.to(device=device, dtype=dtype) if dtype is not None and v.is_floating_point()
-                         else v.to(device)) for k, v in state_dict.items() if keep(k)}
+    given the tensors (moved to ``device``/``dtype``) with ``assign=True``: no weight is ever initialised.
+
+    ``matformer`` (a preset name, ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``, a ``MatformerSpec`` or
+    ``MatformerSlice``; see ``reference.matformer``): build the slice of the model ``config`` describes; tensors at
+    the checkpoint's shapes are sliced here, tensors already sliced (``load`` reads only the kept parts) pass."""
+    sliced = resolve_matformer(matformer, config)
+    keep, rename = _key_rules(config, with_vision, sliced)
+
+    def prepare(name: str, t: torch.Tensor) -> torch.Tensor:
+        if sliced is not None:
+            part = sliced.part(name, t)
+            t = t if part is None else part
+        return t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+
+    state = {rename(k): prepare(k, v) for k, v in state_dict.items() if keep(k)}
     with torch.device("meta"):
-        model = Gemma3nReference(config, with_vision=with_vision)
+        model = Gemma3nReference(config if sliced is None else sliced.config, with_vision=with_vision)
     assign_state_dict(model, state, what=what)
     return model.eval().requires_grad_(False)
 
 
 def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config: bool = True,
-         with_vision: bool = True) -> Gemma3nReference:
+         with_vision: bool = True, matformer=None) -> Gemma3nReference:
     """Checkpoint folder or hub id -> reference model (weights in ``dtype``, default fp32, on ``device``), with its
-    generation defaults (generation_config.json), tokenizer and, for multimodal checkpoints, processor."""
+    generation defaults (generation_config.json), tokenizer and, for multimodal checkpoints, processor.
+
+    ``matformer``: load a MatFormer slice of the checkpoint (``"E2B"`` and the other ``reference.matformer.PRESETS``
+    for an E4B checkpoint, or ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``). It is checked against the
+    config before any weight is read (``MatformerError``), and only the kept parts of the tensors are read from the
+    files; ``model.config`` is the sliced model's, with ``model.config.matformer`` = the spec."""
     t0 = time.perf_counter()
     dtype = dtype or torch.float32
     folder = resolve_checkpoint(path_or_hub_id, revision)
     config = load_config(folder, strict=strict_config)
-    keep, _ = _key_rules(config, with_vision)
-    raw = read_state_dict(folder, dtype=dtype, device=device, keep=keep)
-    model = build(config, raw, device=device, dtype=dtype, with_vision=with_vision, what=f"checkpoint {folder}")
+    sliced = resolve_matformer(matformer, config)
+    keep, _ = _key_rules(config, with_vision, sliced)
+    raw = read_state_dict(folder, dtype=dtype, device=device, keep=keep,
+                          transform=None if sliced is None else sliced.part)
+    model = build(config, raw, device=device, dtype=dtype, with_vision=with_vision, what=f"checkpoint {folder}",
+                  matformer=sliced)
     _attach_files(model, folder)
     model.source = str(folder)
     model.load_seconds = time.perf_counter() - t0
