@@ -127,12 +127,26 @@ def _active_rows(t: torch.Tensor, bound: dict, tokens: int):
     return rows * _sparse_fraction() * t.numel() * t.element_size(), 0
 
 
+def _gathered_rows(t: torch.Tensor, bound: dict, tokens: int):
+    """An embedding table [V, n] argument of ``token_embeddings``: one row per token id is read."""
+    ids = bound.get("input_ids")
+    n = ids.numel() if isinstance(ids, torch.Tensor) else 1
+    return n * t.shape[-1] * t.element_size(), 0
+
+
+def _not_read(t: torch.Tensor, bound: dict, tokens: int):
+    """``token_embeddings``' multimodal hard table: a token reads one row of it OR of the text table (counted there)."""
+    return 0, 0
+
+
 # Op-table arguments for which "read whole" is wrong: op name ("*": any op) -> argument name -> rule
 # (tensor, bound arguments, new tokens) -> (bytes read, bytes written). Arguments named ``out*`` are outputs
 # (counted as written through the result) and ``workspace*`` scratch that stays in L2: neither is read.
 ARG_TRAFFIC = {
     "*": {"k_cache": _one_slot_per_token, "v_cache": _one_slot_per_token},
     "sparse_ffn": {"up_weight": _active_rows, "down_weight_t": _active_rows},
+    "token_embeddings": {"embed_weight": _gathered_rows, "per_layer_weight": _gathered_rows,
+                         "hard_embeddings": _not_read},
 }
 
 # ---- weight groups --------------------------------------------------------------------------------------------
