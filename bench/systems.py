@@ -108,10 +108,25 @@ class OursSystem:
         _sync()
         return time.perf_counter() - t0, out.shape[1] - inputs["input_ids"].shape[1]
 
+    def check_fast_path(self) -> None:
+        """On CUDA, the fast model must have decoded through a captured graph on its kernels: a benchmark of a
+        fallback would measure the wrong thing."""
+        m = self.model
+        if self.name != "gemma3n_fast" or m.device.type != "cuda":
+            return
+        not_kernel = [op for op, src in m.backend.sources.items() if src != "kernel"]
+        if m.backend.mode != "triton" or not_kernel:
+            raise RuntimeError(f"gemma3n_fast is not on its kernels (mode {m.backend.mode}; {not_kernel})")
+        if not any(st.graph is not None for st in m._graphs.values()):
+            raise RuntimeError("gemma3n_fast decoded without a captured CUDA graph")
+        self.info["decode"] = "CUDA graph, Triton kernels"
+
     def generate(self, inputs: dict, n: int):
         if hasattr(self.model, "last_stats"):
             self.model.last_stats = None  # never read a previous call's numbers
         tn, new = self._call(inputs, n)
+        if n > 1:
+            self.check_fast_path()
         stats = getattr(self.model, "last_stats", None) or {}
         if stats.get("ttft_s") is not None:
             self.info["timing"] = "model's last_stats"
