@@ -14,10 +14,12 @@ split count before this heuristic: 4 programs). On CPU this is a smoke run (tiny
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from bench.common import SMOKE, is_gpu, record, time_fn
+from bench.common import SMOKE, is_gpu, record, run_provider, sync, time_fn
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -27,27 +29,11 @@ HEADS = (2, 1, 32) if SMOKE else (8, 2, 256)  # q heads, KV heads, head_dim
 LAYERS, PLE = (3, 16) if SMOKE else (30, 256)  # per-layer inputs: layers x width
 TOKENS = {"decode3": 3} if SMOKE else {"decode1": 1, "decode8": 8, "prefill512": 512}
 PROVIDERS = ["triton", "eager", "compile"]
+_run = functools.partial(run_provider, dtype=DTYPE)
 
 
 def _randn(*shape, scale=1.0, shift=0.0):
     return (torch.randn(*shape, device=DEVICE, dtype=torch.float32) * scale + shift).to(DTYPE)  # never zeros
-
-
-def _sync():
-    if is_gpu():
-        torch.cuda.synchronize()
-
-
-def _run(benchmark, group, provider, triton_fn, ref_fn, args, kwargs, bytes_moved, **info):
-    """Time one provider (median, CUDA events on GPU) and hand a synced callable to pytest-benchmark."""
-    if provider == "compile" and SMOKE:
-        pytest.skip("torch.compile is not benchmarked on the CPU smoke run")
-    fn = {"triton": triton_fn, "eager": ref_fn}.get(provider) or torch.compile(ref_fn, dynamic=False)
-    call = lambda: fn(*args, **kwargs)  # noqa: E731
-    benchmark.group = group
-    seconds = time_fn(call)
-    record(benchmark, seconds=seconds, bytes_moved=bytes_moved, provider=provider, dtype=str(DTYPE), **info)
-    benchmark(lambda: (call(), _sync()))
 
 
 def _altup_weights(H):
@@ -177,7 +163,7 @@ def test_bench_decode_full_layer_bounded(benchmark, slots, position, provider):
     seconds = time_fn(call)
     record(benchmark, seconds=seconds, bytes_moved=2 * Hkv * read * D * k.element_size(), provider=provider,
            slots=slots, position=position, dtype=str(DTYPE))
-    benchmark(lambda: (call(), _sync()))
+    benchmark(lambda: (call(), sync()))
 
 
 @pytest.mark.parametrize("provider", ["default_splits", "2_splits"])
@@ -199,4 +185,4 @@ def test_bench_decode_sliding_batch1(benchmark, provider):
     seconds = time_fn(call)
     record(benchmark, seconds=seconds, bytes_moved=2 * k.numel() * k.element_size(), provider=provider, slots=S,
            dtype=str(DTYPE))
-    benchmark(lambda: (call(), _sync()))
+    benchmark(lambda: (call(), sync()))

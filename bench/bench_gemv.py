@@ -13,12 +13,13 @@ decode step pays, without launch overhead). On CPU this is a smoke run (tiny sha
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
-from bench.common import SMOKE, is_gpu, record, time_fn
+from bench.common import SMOKE, is_gpu, run_provider
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -44,37 +45,12 @@ if SMOKE:  # same kinds, tiny widths that still cross the tile tails
     GEMVS = {name: (kind, min(max(8, n // 64), 60) + 3, max(8, k // 64) + 1, k2 and 5) for name, (kind, n, k, k2) in
              GEMVS.items() if name in ("qkv_laurel", "o_laurel_dual", "gate_up_e2b", "pli_gate", "lm_head")}
 PROVIDERS = ["triton", "eager", "compile"]
+# cpu_reps=1: the CPU smoke run only needs the call to run once after the warm-up
+_run = functools.partial(run_provider, dtype=DTYPE, graph=True, cpu_reps=1)
 
 
 def _randn(*shape, scale=1.0):
     return torch.randn(*shape, device=DEVICE, dtype=torch.float32).mul_(scale).to(DTYPE)  # never zeros
-
-
-def _sync():
-    if is_gpu():
-        torch.cuda.synchronize()
-
-
-def _graph_seconds(call) -> float | None:
-    """Median seconds of the call replayed from a CUDA graph (the decode step's cost), or None on CPU."""
-    if not is_gpu():
-        return None
-    import triton.testing
-
-    return triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") / 1e3
-
-
-def _run(benchmark, group, provider, triton_fn, ref_fn, args, bytes_moved, **info):
-    if provider == "compile" and SMOKE:
-        pytest.skip("torch.compile is not benchmarked on the CPU smoke run")
-    fn = {"triton": triton_fn, "eager": ref_fn}.get(provider) or torch.compile(ref_fn, dynamic=False)
-    call = lambda: fn(*args)  # noqa: E731
-    benchmark.group = group
-    seconds = time_fn(call, cpu_reps=1)  # also the warm-up: compiles and sizes the workspaces before any capture
-    graph = _graph_seconds(call) if provider != "compile" else None
-    record(benchmark, seconds=seconds, bytes_moved=bytes_moved, provider=provider, dtype=str(DTYPE),
-           graph_median_s=graph, graph_GBps=bytes_moved / graph / 1e9 if graph else None, **info)
-    benchmark(lambda: (call(), _sync()))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -99,7 +75,7 @@ def test_bench_gemv(benchmark, name, rows_id, provider):
         triton_fn, ref_fn = gemv.dual_linear, ops.dual_linear
         args = (x, w, _randn(M, K2), _randn(N, K2, scale=1 / math.sqrt(K2)))
     cfg = gemv.gemv_config(M, N, max(K, K2), DTYPE, gate_up=kind == "gelu_mul", pairs=2 if kind == "dual" else 1)
-    _run(benchmark, f"gemv_{name}", provider, triton_fn, ref_fn, args, gemv.gemv_bytes(kind, M, N, K, DTYPE, K2=K2),
+    _run(benchmark, f"gemv_{name}", provider, triton_fn, ref_fn, args, {}, gemv.gemv_bytes(kind, M, N, K, DTYPE, K2=K2),
          shape=[M, N, K, K2], kind=kind, rows=rows_id, config=str(cfg))
 
 
@@ -134,6 +110,6 @@ def test_bench_sparse_ffn(benchmark, model, rows_id, provider):
         def triton_fn(x, wg, wu, wdt, z):
             return sparse_ffn(x, wg, wu, wdt, z, workspace=ws)
         provider_fn, ref_fn = provider, ops.sparse_ffn
-    _run(benchmark, f"sparse_ffn_{model}", provider_fn, triton_fn, ref_fn, args, bytes_moved,
+    _run(benchmark, f"sparse_ffn_{model}", provider_fn, triton_fn, ref_fn, args, {}, bytes_moved,
          shape=[M, I, H], model=model, rows=rows_id, variant=provider, active_fraction=active,
          dense_bytes=nbytes["dense"], sparse_bytes=nbytes["total"])

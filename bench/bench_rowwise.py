@@ -9,10 +9,12 @@ smoke run (tiny shapes, fp32, run with ``--benchmark-disable``) so the harness n
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from bench.common import SMOKE, is_gpu, record, time_fn
+from bench.common import SMOKE, is_gpu, run_provider
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -22,28 +24,12 @@ INTERMEDIATE = {"E2B": 200, "E4B": 264} if SMOKE else {"E2B": 8192, "E4B": 16384
 TOKENS = {"decode1": 1, "decode8": 3} if SMOKE else {"decode1": 1, "decode8": 8, "prefill512": 512,
                                                      "prefill2048": 2048}
 PROVIDERS = ["triton", "eager", "compile"]
+_run = functools.partial(run_provider, dtype=DTYPE)
 Z_95 = 1.6448535919189453
 
 
 def _randn(*shape, scale=1.0):
     return torch.randn(*shape, device=DEVICE, dtype=torch.float32).mul_(scale).to(DTYPE)  # never zeros
-
-
-def _sync():
-    if is_gpu():
-        torch.cuda.synchronize()
-
-
-def _run(benchmark, group, provider, triton_fn, ref_fn, args, kwargs, bytes_moved, **info):
-    """Time one provider (median, CUDA events on GPU) and hand a synced callable to pytest-benchmark."""
-    if provider == "compile" and SMOKE:
-        pytest.skip("torch.compile is not benchmarked on the CPU smoke run")
-    fn = {"triton": triton_fn, "eager": ref_fn}.get(provider) or torch.compile(ref_fn, dynamic=False)
-    call = lambda: fn(*args, **kwargs)  # noqa: E731
-    benchmark.group = group
-    seconds = time_fn(call)
-    record(benchmark, seconds=seconds, bytes_moved=bytes_moved, provider=provider, dtype=str(DTYPE), **info)
-    benchmark(lambda: (call(), _sync()))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -9,6 +9,7 @@ import functools
 import os
 import time
 
+import pytest
 import torch
 
 SMOKE = not torch.cuda.is_available()  # CPU: tiny shapes, the harness must run, numbers mean little
@@ -60,3 +61,38 @@ def record(benchmark, *, seconds: float, bytes_moved: float | None = None, flops
         extra["TFLOP/s"] = flops / seconds / 1e12
     benchmark.extra_info.update(extra)
     return extra
+
+
+def sync() -> None:
+    """Wait for the GPU (nothing on CPU): a call handed to pytest-benchmark is timed to its end, not its launch."""
+    if is_gpu():
+        torch.cuda.synchronize()
+
+
+def graph_seconds(call) -> float | None:
+    """Median seconds of ``call()`` replayed from a CUDA graph (what the decode step pays), or None on CPU."""
+    if not is_gpu():
+        return None
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") / 1e3
+
+
+def run_provider(benchmark, group, provider, triton_fn, ref_fn, args, kwargs, bytes_moved, *, dtype,
+                 graph=False, cpu_reps=3, **info):
+    """Time one provider of a kernel benchmark and hand a synced callable to pytest-benchmark.
+
+    ``provider``: "triton" calls ``triton_fn(*args, **kwargs)``, "eager" ``ref_fn``, "compile" ``ref_fn`` under
+    torch.compile (skipped on the CPU smoke run). The median (CUDA events on GPU) goes to ``extra_info`` with
+    ``bytes_moved``, ``dtype`` and ``info``; ``graph=True`` adds the CUDA-graph replay median (not for "compile")."""
+    if provider == "compile" and SMOKE:
+        pytest.skip("torch.compile is not benchmarked on the CPU smoke run")
+    fn = {"triton": triton_fn, "eager": ref_fn}.get(provider) or torch.compile(ref_fn, dynamic=False)
+    call = lambda: fn(*args, **kwargs)  # noqa: E731
+    benchmark.group = group
+    seconds = time_fn(call, cpu_reps=cpu_reps)  # also the warm-up: compiles and sizes workspaces before a capture
+    if graph:
+        replay = graph_seconds(call) if provider != "compile" else None
+        info.update(graph_median_s=replay, graph_GBps=bytes_moved / replay / 1e9 if replay else None)
+    record(benchmark, seconds=seconds, bytes_moved=bytes_moved, provider=provider, dtype=str(dtype), **info)
+    benchmark(lambda: (call(), sync()))

@@ -9,6 +9,7 @@ run compiled kernels at Gemma 3n E2B shapes.
 """
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 
@@ -20,28 +21,17 @@ from gemma3n_fast.kernels import chunked_local_attention as cla_mod
 from gemma3n_fast.kernels import sliding_window_attention as swa_mod
 from gemma3n_fast.kernels import sliding_window_decode as dec_mod
 from gemma3n_fast.reference import ops
+from kernel_checks import DEVICE, assert_2x_torch, nans, nans_like
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Absolute slack on top of 2x torch's own error: fp32 -> a few ulps of O(1) outputs after a softmax-weighted
 # sum; fp16 / bf16 -> about one ulp at |out| ~ 2 (the kernels round P to the input dtype like the reference).
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+assert_2x = functools.partial(assert_2x_torch, atol=ATOL)
 CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def dtype_id(dt):
     return str(dt).replace("torch.", "")
-
-
-def assert_close_2x(ours, ref_dtype, ref64, dtype, what=""):
-    assert not torch.isnan(ours).any(), f"{what}: {int(torch.isnan(ours).sum())} output elements not written / NaN"
-    ours64, torch64 = ours.double(), ref_dtype.double()
-    err = (ours64 - ref64).abs()
-    torch_err = (torch64 - ref64).abs().max().item()
-    bound = 2 * torch_err + ATOL[dtype]
-    where = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-    assert err.max().item() <= bound, (
-        f"{what}: max err {err.max().item():.3e} (mean {err.mean().item():.3e}, at {where}) > bound {bound:.3e} "
-        f"(torch {dtype_id(dtype)} err {torch_err:.3e})")
 
 
 def test_kernels_run_through_triton():
@@ -107,12 +97,12 @@ def test_prefill_parity(case, dtype):
     q_pos, k_pos = left_padded_positions(pads, Tq, Tk, qpad)
     scaling = D ** -0.5
     kw = dict(window=window, scaling=scaling, softcap=softcap)
-    out = torch.full((B, Hq, Tq, D), float("nan"), device=DEVICE, dtype=dtype)
+    out = nans((B, Hq, Tq, D), dtype)
     res = swa_mod.sliding_window_attention(q, k, v, q_pos, k_pos, out=out, **kw)
     assert res is out
     ref64 = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos, **kw)
     ref = ops.sliding_window_attention(q, k, v, q_pos, k_pos, **kw)
-    assert_close_2x(out, ref, ref64, dtype, case[0])
+    assert_2x(out, ref, ref64, case[0])
 
 
 def test_prefill_noncontiguous_views():
@@ -168,11 +158,11 @@ def test_decode_parity(case, dtype):
     v = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dtype)
     q_pos, k_pos = build_cache(lengths, S, Tq, ring)
     kw = dict(window=window, scaling=D ** -0.5, softcap=softcap)
-    out = torch.full((B, Hq, Tq, D), float("nan"), device=DEVICE, dtype=dtype)
+    out = nans((B, Hq, Tq, D), dtype)
     dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, out=out, num_splits=num_splits, **kw)
     ref64 = ops.sliding_window_attention_decode(q.double(), k.double(), v.double(), q_pos, k_pos, **kw)
     ref = ops.sliding_window_attention_decode(q, k, v, q_pos, k_pos, **kw)
-    assert_close_2x(out, ref, ref64, dtype, case[0])
+    assert_2x(out, ref, ref64, case[0])
 
 
 def test_decode_ring_equals_linear_cache():
@@ -253,13 +243,13 @@ def test_decode_bounded_by_last_slot(case, dtype):
     q = torch.randn(B, Hq, 1, D, device=DEVICE, dtype=dtype)
     last_slot = torch.tensor(last if last_shape == "B" else last[:1], device=DEVICE)
     kw = dict(window=window, scaling=D ** -0.5)
-    out = torch.full((B, Hq, 1, D), float("nan"), device=DEVICE, dtype=dtype)
+    out = nans((B, Hq, 1, D), dtype)
     dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, out=out, num_splits=num_splits,
                                             last_slot=last_slot, **kw)
     k0, v0 = k.nan_to_num(0.0), v.nan_to_num(0.0)
     ref64 = ops.sliding_window_attention_decode(q.double(), k0.double(), v0.double(), q_pos, clean_pos, **kw)
     ref = ops.sliding_window_attention_decode(q, k0, v0, q_pos, clean_pos, **kw)
-    assert_close_2x(out, ref, ref64, dtype, name)
+    assert_2x(out, ref, ref64, name)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the unbounded call at the end reads the NaN poison on purpose
@@ -326,14 +316,14 @@ def test_chunked_local_attention_parity(case, dtype):
     if name == "T37_pad_hole":
         valid[0, 13] = False  # an invalid frame in the middle
     kw = dict(chunk_size=12, max_past=P, max_future=R, logit_cap=50.0)
-    out = torch.full((B, T, N, Dh), float("nan"), device=DEVICE, dtype=dtype)
+    out = nans((B, T, N, Dh), dtype)
     cla_mod.chunked_local_attention(q, k, v, pos_emb, valid, q_scale=q_scale.to(dtype), out=out, **kw)
     # The fp64 reference turns rows with no visible key into NaN (finfo(fp64).min -> -inf in its fp32 softmax);
     # the contract says those rows are 0.
     ref64 = ops.chunked_local_attention(q.double(), k.double(), v.double(), pos_emb.double(), valid,
                                         q_scale=q_scale.to(dtype).double(), **kw).nan_to_num(0.0)
     ref = ops.chunked_local_attention(q, k, v, pos_emb, valid, q_scale=q_scale.to(dtype), **kw)
-    assert_close_2x(out, ref, ref64, dtype, name)
+    assert_2x(out, ref, ref64, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,11 +399,11 @@ def test_prefill_gpu_e2b(T, window, pads, dtype):
     v = torch.randn(B, 2, T, 256, device="cuda", dtype=dtype)
     q_pos, k_pos = left_padded_positions(pads, T, T, "zero")
     kw = dict(window=window, scaling=1.0 / 16)
-    out = torch.full_like(q, float("nan"))
+    out = nans_like(q)
     swa_mod.sliding_window_attention(q, k, v, q_pos, k_pos, out=out, **kw)
     ref64 = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos, **kw)
     ref = ops.sliding_window_attention(q, k, v, q_pos, k_pos, **kw)
-    assert_close_2x(out, ref, ref64, dtype, f"prefill T={T}")
+    assert_2x(out, ref, ref64, f"prefill T={T}")
 
 
 @pytest.mark.gpu
@@ -429,11 +419,11 @@ def test_decode_gpu_e2b(S, window, lengths, dtype):
     k = torch.randn(B, 2, S, 256, device="cuda", dtype=dtype)
     v = torch.randn(B, 2, S, 256, device="cuda", dtype=dtype)
     q_pos, k_pos = build_cache(lengths, S, 1, ring=window is not None)
-    out = torch.full_like(q, float("nan"))
+    out = nans_like(q)
     dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, window=window, out=out)
     ref64 = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos, window=window)
     ref = ops.sliding_window_attention(q, k, v, q_pos, k_pos, window=window)
-    assert_close_2x(out, ref, ref64, dtype, f"decode S={S}")
+    assert_2x(out, ref, ref64, f"decode S={S}")
 
 
 @pytest.mark.gpu
@@ -510,9 +500,9 @@ def test_chunked_local_attention_gpu_30s_clip(dtype):
     q_scale = (torch.rand(Dh, device="cuda") + 0.5) * Dh ** -0.5
     valid = torch.ones(B, T, dtype=torch.bool, device="cuda")
     valid[1, 500:] = False
-    out = torch.full_like(q, float("nan"))
+    out = nans_like(q)
     cla_mod.chunked_local_attention(q, k, v, pos_emb, valid, q_scale=q_scale.to(dtype), out=out)
     ref64 = ops.chunked_local_attention(q.double(), k.double(), v.double(), pos_emb.double(), valid,
                                         q_scale=q_scale.to(dtype).double()).nan_to_num(0.0)
     ref = ops.chunked_local_attention(q, k, v, pos_emb, valid, q_scale=q_scale.to(dtype))
-    assert_close_2x(out, ref, ref64, dtype, "conformer 30 s")
+    assert_2x(out, ref, ref64, "conformer 30 s")

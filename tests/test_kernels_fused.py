@@ -12,6 +12,7 @@ Two layers of proof:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import zlib
@@ -22,13 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from gemma3n_fast.reference import ops
+from kernel_checks import CUDA, DEVICE, DTYPES, assert_2x_torch, nans, randn, spy  # noqa: F401 (spy: fixture)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Absolute slack on top of 2x torch's own error: a few fp32 ulps at |y| ~ 10 (summation order); a fraction of an ulp
 # at |y| ~ 1 for the 16-bit types (as in test_kernels_rowwise).
 ATOL = {torch.float32: 2e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+assert_2x = functools.partial(assert_2x_torch, atol=ATOL)
 
 
 def _seed(*parts) -> int:
@@ -36,55 +36,8 @@ def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
-def _randn(shape, dtype, seed, scale=1.0, shift=0.0):
-    """Fresh non-zero values from a seeded generator (reproducible per case)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
-    x = torch.where(x == 0, torch.full_like(x, 0.5), x)
-    return x.to(dtype).to(DEVICE)
-
-
-def _nan(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-
-
 def _f64(*ts):
     return tuple(None if t is None else t.double() for t in ts)
-
-
-def assert_2x(ours, ref_lowp, ref_64, what):
-    """max |ours - fp64| <= 2 * max |torch same dtype - fp64| + ATOL, with a readable failure message."""
-    assert ours.dtype == ref_lowp.dtype and ours.shape == ref_lowp.shape, (what, ours.dtype, ours.shape)
-    assert not ours.isnan().any(), f"{what}: {int(ours.isnan().sum())} NaN in the output (an element not written)"
-    err = (ours.double() - ref_64).abs()
-    torch_err = (ref_lowp.double() - ref_64).abs().max().item()
-    bound = 2 * torch_err + ATOL[ours.dtype]
-    where = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    assert err.max().item() <= bound, (f"{what}: max err {err.max().item():.3g} at {where} > bound {bound:.3g} "
-                                       f"(torch's own {torch_err:.3g}); mean err {err.mean().item():.3g}")
-
-
-class _LaunchSpy:
-    """Stands in for a @triton.jit kernel in its module and counts launches (one launch, no PyTorch fallback)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    import importlib
-
-    def install(module_name, kernel_name):
-        mod = importlib.import_module(f"gemma3n_fast.kernels.{module_name}")
-        s = _LaunchSpy(getattr(mod, kernel_name))
-        monkeypatch.setattr(mod, kernel_name, s)
-        return s
-    return install
 
 
 def _inv_freq(D, base):
@@ -94,7 +47,7 @@ def _inv_freq(D, base):
 
 def _altup_params(H, dtype, seed):
     """(router_norm_weight, router_weight): the router's matvec is O(1), tanh neither saturated nor linear."""
-    return _randn((H,), dtype, seed, scale=0.3, shift=1.0), _randn((4, H), dtype, seed + 1, scale=math.sqrt(H))
+    return randn((H,), dtype, seed, scale=0.3, shift=1.0), randn((4, H), dtype, seed + 1, scale=math.sqrt(H))
 
 
 # ---------------------------------------------------------------------------------------------- 1. plain == reference
@@ -245,19 +198,19 @@ def test_qkv_norm_rope_cache_parity(dtype_id, case_id, spy):
     B, T, Hq, Hkv, D, base, pos0, slots = QKV_CASES[case_id]
     seed = _seed("qkv", dtype_id, case_id)
     S = 11
-    qkv = _randn((B, T, (Hq + 2 * Hkv) * D), dtype, seed, scale=3.0, shift=0.3)
-    qw, kw = _randn((D,), dtype, seed + 1, shift=1.0), _randn((D,), dtype, seed + 2, shift=1.0)
+    qkv = randn((B, T, (Hq + 2 * Hkv) * D), dtype, seed, scale=3.0, shift=0.3)
+    qw, kw = randn((D,), dtype, seed + 1, shift=1.0), randn((D,), dtype, seed + 2, shift=1.0)
     inv_freq = _inv_freq(D, base)
     positions = torch.tensor([pos0] + [[p + 3 for p in pos0]] * (B - 1), device=DEVICE)
     if Hkv:
         slots = torch.tensor(slots, device=DEVICE)
-        caches = [_nan((B, Hkv, S, D), dtype) for _ in range(4)]  # ours k, v; the plain op's k, v (fp64 below)
-        k64, v64 = (_nan((B, Hkv, S, D), torch.float64) for _ in range(2))
+        caches = [nans((B, Hkv, S, D), dtype) for _ in range(4)]  # ours k, v; the plain op's k, v (fp64 below)
+        k64, v64 = (nans((B, Hkv, S, D), torch.float64) for _ in range(2))
     else:
         slots, caches, k64, v64 = None, [None] * 4, None, None
     s = spy("qkv_norm_rope_cache", "_qkv_norm_rope_cache_kernel")
     q = qkv_norm_rope_cache(qkv, qw, kw if Hkv else None, inv_freq, positions, caches[0], caches[1], slots,
-                            out=_nan((B, Hq, T, D), dtype))
+                            out=nans((B, Hq, T, D), dtype))
     assert s.launches == 1
     q_ref = ops.qkv_norm_rope_cache(qkv, qw, kw if Hkv else None, inv_freq, positions, caches[2], caches[3], slots)
     q64 = ops.qkv_norm_rope_cache(*_f64(qkv, qw, kw if Hkv else None), inv_freq, positions, k64, v64, slots)
@@ -275,12 +228,12 @@ def test_qkv_norm_rope_cache_views_and_out_layout():
     from gemma3n_fast.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache
 
     B, T, Hq, Hkv, D = 2, 2, 2, 1, 24
-    wide = _randn((B, T, (Hq + 2 * Hkv) * D + 40), torch.float16, 3)
+    wide = randn((B, T, (Hq + 2 * Hkv) * D + 40), torch.float16, 3)
     qkv = wide[..., 40:]  # e.g. [laurel_left | q | k | v] from one GEMV
-    qw, kw, inv_freq = _randn((D,), torch.float16, 4), _randn((D,), torch.float16, 5), _inv_freq(D, 10_000.0)
+    qw, kw, inv_freq = randn((D,), torch.float16, 4), randn((D,), torch.float16, 5), _inv_freq(D, 10_000.0)
     pos = torch.tensor([[3, 4], [0, 1]], device=DEVICE, dtype=torch.int32)
-    kc, vc = _nan((B, Hkv, 6, D), torch.float16), _nan((B, Hkv, 6, D), torch.float16)
-    out = _nan((B, T, Hq, D), torch.float16).transpose(1, 2)
+    kc, vc = nans((B, Hkv, 6, D), torch.float16), nans((B, Hkv, 6, D), torch.float16)
+    out = nans((B, T, Hq, D), torch.float16).transpose(1, 2)
     qkv_norm_rope_cache(qkv, qw, kw, inv_freq, pos, kc, vc, torch.tensor([4, 5], device=DEVICE), out=out)
     kr, vr = kc.clone().fill_(float("nan")), vc.clone().fill_(float("nan"))
     ref = ops.qkv_norm_rope_cache(qkv, qw, kw, inv_freq, pos, kr, vr, torch.tensor([4, 5], device=DEVICE))
@@ -298,11 +251,11 @@ def test_post_attention_chain_parity(dtype_id, shape_id, spy):
 
     dtype, (B, T, H) = DTYPES[dtype_id], ROW_SHAPES[shape_id]
     seed = _seed("chain", dtype_id, shape_id)
-    o, br = _randn((B, T, H), dtype, seed, scale=3.0, shift=0.5), _randn((B, T, H), dtype, seed + 1, scale=0.2)
-    a, an = _randn((B, T, H), dtype, seed + 2), _randn((B, T, H), dtype, seed + 3)
-    ws = [_randn((H,), dtype, seed + 4 + i, scale=0.5, shift=1.0) for i in range(3)]
+    o, br = randn((B, T, H), dtype, seed, scale=3.0, shift=0.5), randn((B, T, H), dtype, seed + 1, scale=0.2)
+    a, an = randn((B, T, H), dtype, seed + 2), randn((B, T, H), dtype, seed + 3)
+    ws = [randn((H,), dtype, seed + 4 + i, scale=0.5, shift=1.0) for i in range(3)]
     s = spy("post_attention_chain", "_post_attention_chain_kernel")
-    h, hn = post_attention_chain(o, a, br, an, *ws, 1e-6, out=_nan(o.shape, dtype), normed_out=_nan(o.shape, dtype))
+    h, hn = post_attention_chain(o, a, br, an, *ws, 1e-6, out=nans(o.shape, dtype), normed_out=nans(o.shape, dtype))
     assert s.launches == 1
     h_ref, hn_ref = ops.post_attention_chain(o, a, br, an, *ws, 1e-6)
     h64, hn64 = ops.post_attention_chain(*_f64(o, a, br, an, *ws), 1e-6)
@@ -322,14 +275,14 @@ def test_altup_predict_fused_parity(dtype_id, shape_id, active, inject, spy):
 
     dtype, (B, T, H) = DTYPES[dtype_id], ROW_SHAPES[shape_id]
     seed = _seed("predict_fused", dtype_id, shape_id, active, inject)
-    streams = _randn((4, B, T, H), dtype, seed)
-    proj = _randn((B, T, H), dtype, seed + 1, scale=5.0) if inject else None
-    ppl_w = _randn((H,), dtype, seed + 2, scale=0.3, shift=0.5)
+    streams = randn((4, B, T, H), dtype, seed)
+    proj = randn((B, T, H), dtype, seed + 1, scale=5.0) if inject else None
+    ppl_w = randn((H,), dtype, seed + 2, scale=0.3, shift=0.5)
     nw, rw = _altup_params(H, dtype, seed + 3)
-    coefs, in_w = _randn((16, 4), dtype, seed + 5, scale=0.5), _randn((H,), dtype, seed + 6, scale=0.5, shift=1.0)
+    coefs, in_w = randn((16, 4), dtype, seed + 5, scale=0.5), randn((H,), dtype, seed + 6, scale=0.5, shift=1.0)
     s = spy("altup_predict_fused", "_altup_predict_fused_kernel")
     pred, an = altup_predict_fused(streams, proj, ppl_w, nw, rw, coefs, in_w, 1e-6, active,
-                                   out=_nan(streams.shape, dtype), normed_out=_nan((B, T, H), dtype))
+                                   out=nans(streams.shape, dtype), normed_out=nans((B, T, H), dtype))
     assert s.launches == 1
     pred_ref, an_ref = ops.altup_predict_fused(streams, proj, ppl_w, nw, rw, coefs, in_w, 1e-6, active)
     pred64, an64 = ops.altup_predict_fused(*_f64(streams, proj, ppl_w, nw, rw, coefs, in_w), 1e-6, active)
@@ -344,12 +297,12 @@ def test_altup_inject_parity_in_place(dtype_id, spy):
 
     dtype, (B, T, H) = DTYPES[dtype_id], ROW_SHAPES["2x3x137"]
     seed = _seed("inject", dtype_id)
-    streams, proj = _randn((4, B, T, H), dtype, seed), _randn((B, T, H), dtype, seed + 1, scale=5.0)
-    w = _randn((H,), dtype, seed + 2, scale=0.3, shift=0.5)
+    streams, proj = randn((4, B, T, H), dtype, seed), randn((B, T, H), dtype, seed + 1, scale=5.0)
+    w = randn((H,), dtype, seed + 2, scale=0.3, shift=0.5)
     ref = ops.altup_inject(streams, proj, w, 1e-6, 1)
     ref64 = ops.altup_inject(*_f64(streams, proj, w), 1e-6, 1)
     s = spy("altup_inject", "_altup_inject_kernel")
-    ours = _nan(streams.shape, dtype)
+    ours = nans(streams.shape, dtype)
     assert altup_inject(streams, proj, w, 1e-6, 1, out=ours) is ours
     assert_2x(ours, ref, ref64, f"altup_inject {dtype_id}")
     altup_inject(streams, proj, w, 1e-6, 1, out=streams)  # in place
@@ -368,15 +321,15 @@ def test_altup_correct_fused_parity(dtype_id, shape_id, active, scale, spy):
 
     dtype, (B, T, H) = DTYPES[dtype_id], ROW_SHAPES[shape_id]
     seed = _seed("correct_fused", dtype_id, shape_id, active, scale)
-    preds, m = _randn((4, B, T, H), dtype, seed), _randn((B, T, H), dtype, seed + 1, scale=4.0, shift=0.2)
-    h, ffn_w = _randn((B, T, H), dtype, seed + 2), _randn((H,), dtype, seed + 3, scale=0.5, shift=1.0)
+    preds, m = randn((4, B, T, H), dtype, seed), randn((B, T, H), dtype, seed + 1, scale=4.0, shift=0.2)
+    h, ffn_w = randn((B, T, H), dtype, seed + 2), randn((H,), dtype, seed + 3, scale=0.5, shift=1.0)
     nw, rw = _altup_params(H, dtype, seed + 4)
-    coefs = _randn((4, 4), dtype, seed + 6, scale=0.5)
-    out_scale = {"noscale": None, "scale": _randn((H,), dtype, seed + 7),
-                 "fp32scale": _randn((H,), torch.float32, seed + 7)}[scale]
+    coefs = randn((4, 4), dtype, seed + 6, scale=0.5)
+    out_scale = {"noscale": None, "scale": randn((H,), dtype, seed + 7),
+                 "fp32scale": randn((H,), torch.float32, seed + 7)}[scale]
     s = spy("altup_correct_fused", "_altup_correct_fused_kernel")
     ours, ours_scaled = altup_correct_fused(preds, m, h, ffn_w, nw, rw, coefs, out_scale, 1e-6, active,
-                                            out=_nan(preds.shape, dtype), scaled_out=_nan((B, T, H), dtype))
+                                            out=nans(preds.shape, dtype), scaled_out=nans((B, T, H), dtype))
     assert s.launches == 1
     ref, ref_scaled = ops.altup_correct_fused(preds, m, h, ffn_w, nw, rw, coefs, out_scale, 1e-6, active)
     ref64, ref64_scaled = ops.altup_correct_fused(*_f64(preds, m, h, ffn_w, nw, rw, coefs, out_scale), 1e-6, active)
@@ -396,18 +349,18 @@ def test_altup_make_streams_and_collapse_parity(dtype_id, shape_id, spy):
 
     dtype, (B, T, H) = DTYPES[dtype_id], ROW_SHAPES[shape_id]
     seed = _seed("streams", dtype_id, shape_id)
-    x0 = _randn((B, T, H), dtype, seed, scale=6.0)
-    fused = _randn((B, T, 3 * H), dtype, seed + 1, scale=0.3)
+    x0 = randn((B, T, H), dtype, seed, scale=6.0)
+    fused = randn((B, T, 3 * H), dtype, seed + 1, scale=0.3)
     projected = fused.unflatten(-1, (3, H)).movedim(-2, 0)  # [3, B, T, H], strides (H, T*3H, 3H, 1)
     s = spy("altup_make_streams", "_altup_make_streams_kernel")
-    streams = altup_make_streams(x0, projected, out=_nan((4, B, T, H), dtype))
+    streams = altup_make_streams(x0, projected, out=nans((4, B, T, H), dtype))
     assert s.launches == 1
     assert_2x(streams, ops.altup_make_streams(x0, projected), ops.altup_make_streams(*_f64(x0, projected)),
               f"altup_make_streams {dtype_id} {shape_id}")
 
-    w = _randn((H,), dtype, seed + 2, scale=0.5, shift=1.0)
+    w = randn((H,), dtype, seed + 2, scale=0.5, shift=1.0)
     s = spy("altup_collapse_norm", "_altup_collapse_norm_kernel")
-    hidden = altup_collapse_norm(x0, projected, w, 1e-6, out=_nan((B, T, H), dtype))
+    hidden = altup_collapse_norm(x0, projected, w, 1e-6, out=nans((B, T, H), dtype))
     assert s.launches == 1
     assert_2x(hidden, ops.altup_collapse_norm(x0, projected, w, 1e-6),
               ops.altup_collapse_norm(*_f64(x0, projected, w), 1e-6), f"altup_collapse_norm {dtype_id} {shape_id}")
@@ -420,11 +373,11 @@ def test_per_layer_inputs_combine_parity(dtype_id, with_tokens, spy):
 
     dtype, (B, T, L, D, H) = DTYPES[dtype_id], (2, 3, 5, 24, 2000)
     seed = _seed("ple", dtype_id, with_tokens)
-    proj = _randn((B, T, L * D), dtype, seed, scale=40.0)  # ~ sqrt(H) before the H^-1/2 scale
-    tokens = _randn((B, T, L, D), dtype, seed + 1) if with_tokens else None
-    w = _randn((D,), dtype, seed + 2, scale=0.5, shift=1.0)
+    proj = randn((B, T, L * D), dtype, seed, scale=40.0)  # ~ sqrt(H) before the H^-1/2 scale
+    tokens = randn((B, T, L, D), dtype, seed + 1) if with_tokens else None
+    w = randn((D,), dtype, seed + 2, scale=0.5, shift=1.0)
     s = spy("per_layer_inputs_combine", "_per_layer_inputs_combine_kernel")
-    ours = per_layer_inputs_combine(proj, tokens, w, H, 1e-6, out=_nan((B, T, L, D), dtype))
+    ours = per_layer_inputs_combine(proj, tokens, w, H, 1e-6, out=nans((B, T, L, D), dtype))
     assert s.launches == 1
     assert_2x(ours, ops.per_layer_inputs_combine(proj, tokens, w, H, 1e-6),
               ops.per_layer_inputs_combine(*_f64(proj, tokens, w), H, 1e-6),
@@ -441,7 +394,7 @@ def test_fused_bad_inputs():
 
     f32 = torch.float32
     H, D = 40, 8
-    x, w = _randn((3, H), f32, 0), _randn((H,), f32, 1)
+    x, w = randn((3, H), f32, 0), randn((H,), f32, 1)
     with pytest.raises(ValueError, match="post_attention_chain: an must have shape"):
         post_attention_chain(x, x, x, x[:2], w, w, w)
     with pytest.raises(TypeError, match="laurel_branch dtype"):
@@ -449,27 +402,27 @@ def test_fused_bad_inputs():
     with pytest.raises(ValueError, match="pre_ffn_norm_weight must be"):
         post_attention_chain(x, x, x, x, w, w, w[:-1])
     with pytest.raises(ValueError, match="H must be <= 8192"):
-        post_attention_chain(*(_randn((1, 9000), f32, 2),) * 4, *(_randn((9000,), f32, 3),) * 3)
-    s = _randn((4, 3, H), f32, 4)
+        post_attention_chain(*(randn((1, 9000), f32, 2),) * 4, *(randn((9000,), f32, 3),) * 3)
+    s = randn((4, 3, H), f32, 4)
     nw, rw = _altup_params(H, f32, 5)
     with pytest.raises(ValueError, match="needs its per_layer_norm_weight"):
-        altup_predict_fused(s, x, None, nw, rw, _randn((16, 4), f32, 6), w)
+        altup_predict_fused(s, x, None, nw, rw, randn((16, 4), f32, 6), w)
     with pytest.raises(ValueError, match="prediction_coefs"):
-        altup_predict_fused(s, None, None, nw, rw, _randn((4, 4), f32, 6), w)
+        altup_predict_fused(s, None, None, nw, rw, randn((4, 4), f32, 6), w)
     with pytest.raises(ValueError, match="active must be"):
-        altup_correct_fused(s, x, x, w, nw, rw, _randn((4, 4), f32, 7), active=4)
+        altup_correct_fused(s, x, x, w, nw, rw, randn((4, 4), f32, 7), active=4)
     with pytest.raises(ValueError, match="mlp_out must have shape"):
-        altup_correct_fused(s, x[:1], x, w, nw, rw, _randn((4, 4), f32, 7))
+        altup_correct_fused(s, x[:1], x, w, nw, rw, randn((4, 4), f32, 7))
     with pytest.raises(ValueError, match="projected must have shape"):
-        altup_make_streams(x, _randn((3, 3, H + 1), f32, 8))
+        altup_make_streams(x, randn((3, 3, H + 1), f32, 8))
     with pytest.raises(ValueError, match="D = 8"):
-        per_layer_inputs_combine(_randn((2, 20), f32, 9), None, _randn((D,), f32, 10), 64)
-    qkv = _randn((1, 2, 4 * D), f32, 11)
-    qw, inv = _randn((D,), f32, 12), _inv_freq(D, 10_000.0)
+        per_layer_inputs_combine(randn((2, 20), f32, 9), None, randn((D,), f32, 10), 64)
+    qkv = randn((1, 2, 4 * D), f32, 11)
+    qw, inv = randn((D,), f32, 12), _inv_freq(D, 10_000.0)
     pos = torch.zeros(1, 2, dtype=torch.long, device=DEVICE)
-    kc = _randn((1, 1, 5, D), f32, 13)
+    kc = randn((1, 1, 5, D), f32, 13)
     with pytest.raises(ValueError, match="even"):
-        qkv_norm_rope_cache(_randn((1, 2, 4 * 7), f32, 11), _randn((7,), f32, 12), None, inv[:3], pos)
+        qkv_norm_rope_cache(randn((1, 2, 4 * 7), f32, 11), randn((7,), f32, 12), None, inv[:3], pos)
     with pytest.raises(ValueError, match="together"):
         qkv_norm_rope_cache(qkv, qw, qw, inv, pos, kc, None, None)
     with pytest.raises(ValueError, match="slots must be"):
@@ -486,7 +439,7 @@ def test_fused_bad_inputs():
 def _decode_step_inputs(T, dtype):
     """Gemma 3n E2B widths: hidden 2048, 8 q heads / 2 KV heads of 256, 30 layers of 256 per-layer inputs."""
     H, Hq, Hkv, D, L, P = 2048, 8, 2, 256, 30, 256
-    r = lambda shape, seed, **kw: _randn(shape, dtype, seed, **kw)  # noqa: E731
+    r = lambda shape, seed, **kw: randn(shape, dtype, seed, **kw)  # noqa: E731
     nw, rw = _altup_params(H, dtype, 1)
     return SimpleNamespace(
         H=H, Hq=Hq, Hkv=Hkv, D=D, T=T, streams=r((4, 1, T, H), 2), proj_raw=r((1, T, H), 3, scale=5.0),
@@ -581,10 +534,10 @@ def test_gpu_fused_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    x.streams.copy_(_randn(x.streams.shape, dtype, 100))
+    x.streams.copy_(randn(x.streams.shape, dtype, 100))
     x.positions.fill_(7000)
     x.slots.fill_(333)
-    x.ple_proj.copy_(_randn(x.ple_proj.shape, dtype, 101, scale=40.0))
+    x.ple_proj.copy_(randn(x.ple_proj.shape, dtype, 101, scale=40.0))
     graph.replay()
     torch.cuda.synchronize()
     pred, _ = ops.altup_predict_fused(x.streams, x.proj_raw, w[0], x.nw, x.rw, x.pc, w[1])

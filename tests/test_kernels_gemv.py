@@ -9,63 +9,24 @@ interpreter's bf16 tl.dot is wrong). The ``gpu`` tests run compiled kernels in b
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 from gemma3n_fast.reference import ops
+from kernel_checks import DEVICE, DTYPES, assert_2x_torch, nans, randn, spy  # noqa: F401 (spy: fixture)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # On top of 2x torch's own error: ~8 fp32 ulps at |y| ~ 4 for fp32 (another summation order over K), a fraction
 # of an ulp at |y| ~ 1 for the 16-bit types (a gelu or tanh a rounding step away from torch's).
 ATOL = {torch.float32: 4e-6 * 8, torch.float16: 5e-4, torch.bfloat16: 4e-3}
-
-
-def _randn(shape, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
-    x = torch.where(x == 0, torch.full_like(x, 0.5), x)  # never an exact zero
-    return x.to(dtype).to(DEVICE)
-
-
-def _nan(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-
-
-def assert_2x_torch(ours, ref_lowp, ref_64, what):
-    """max |ours - fp64| <= 2 * max |torch same dtype - fp64| + ATOL, with a readable failure message."""
-    assert ours.dtype == ref_lowp.dtype and ours.shape == ref_lowp.shape, (what, ours.dtype, ours.shape)
-    assert not ours.isnan().any(), f"{what}: NaN in output (an element was not written)"
-    err = (ours.double() - ref_64).abs()
-    torch_err = (ref_lowp.double() - ref_64).abs().max().item()
-    bound = 2 * torch_err + ATOL[ours.dtype]
-    where = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    assert err.max().item() <= bound, (
-        f"{what}: max err {err.max().item():.3g} at {where} > bound {bound:.3g} (torch's own {torch_err:.3g}); "
-        f"mean err {err.mean().item():.3g}")
-
-
-class _LaunchSpy:
-    """Stands in for a @triton.jit kernel in its module and counts launches (proves no PyTorch fallback)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+assert_2x = functools.partial(assert_2x_torch, atol=ATOL)
 
 
 @pytest.fixture
-def spy(monkeypatch):
-    from gemma3n_fast.kernels import gemv
-
-    s = _LaunchSpy(gemv._gemv_kernel)
-    monkeypatch.setattr(gemv, "_gemv_kernel", s)
-    return s
+def gemv_spy(spy):
+    return spy("gemv", "_gemv_kernel")
 
 
 def _config(kind, M):
@@ -88,8 +49,8 @@ N, K = 37, 300  # odd: masked column tile and a K tail
 
 def _inputs(dtype_id, lead, seed, n=N, k=K, w_rows=None):
     dtype = DTYPES[dtype_id]
-    x = _randn((*lead, k), dtype, seed)
-    w = _randn((w_rows or n, k), dtype, seed + 1, scale=1 / math.sqrt(k))
+    x = randn((*lead, k), dtype, seed)
+    w = randn((w_rows or n, k), dtype, seed + 1, scale=1 / math.sqrt(k))
     return x, w
 
 
@@ -98,63 +59,63 @@ def _m(lead):
 
 
 @pytest.mark.parametrize("dtype_id,lead,cfg", CASES, ids=IDS)
-def test_linear(dtype_id, lead, cfg, spy):
+def test_linear(dtype_id, lead, cfg, gemv_spy):
     from gemma3n_fast.kernels.gemv import linear
 
     x, w = _inputs(dtype_id, lead, 1)
-    ours = linear(x, w, out=_nan((*lead, N), x.dtype), config=_config(cfg, _m(lead)))
-    assert spy.launches == 1
-    assert_2x_torch(ours, ops.linear(x, w), ops.linear(x.double(), w.double()), f"linear {dtype_id} {lead} {cfg}")
+    ours = linear(x, w, out=nans((*lead, N), x.dtype), config=_config(cfg, _m(lead)))
+    assert gemv_spy.launches == 1
+    assert_2x(ours, ops.linear(x, w), ops.linear(x.double(), w.double()), f"linear {dtype_id} {lead} {cfg}")
 
 
 @pytest.mark.parametrize("dtype_id,lead,cfg", CASES, ids=IDS)
-def test_linear_gelu_mul(dtype_id, lead, cfg, spy):
+def test_linear_gelu_mul(dtype_id, lead, cfg, gemv_spy):
     from gemma3n_fast.kernels.gemv import linear_gelu_mul
 
     x, w = _inputs(dtype_id, lead, 2, w_rows=2 * N)  # [gate; up], 37 channels
-    ours = linear_gelu_mul(x, w, out=_nan((*lead, N), x.dtype), config=_config(cfg, _m(lead)))
-    assert spy.launches == 1
-    assert_2x_torch(ours, ops.linear_gelu_mul(x, w), ops.linear_gelu_mul(x.double(), w.double()),
-                    f"linear_gelu_mul {dtype_id} {lead} {cfg}")
+    ours = linear_gelu_mul(x, w, out=nans((*lead, N), x.dtype), config=_config(cfg, _m(lead)))
+    assert gemv_spy.launches == 1
+    assert_2x(ours, ops.linear_gelu_mul(x, w), ops.linear_gelu_mul(x.double(), w.double()),
+              f"linear_gelu_mul {dtype_id} {lead} {cfg}")
 
 
 @pytest.mark.parametrize("dtype_id,lead,cfg", CASES, ids=IDS)
-def test_linear_gelu_aux(dtype_id, lead, cfg, spy):
+def test_linear_gelu_aux(dtype_id, lead, cfg, gemv_spy):
     from gemma3n_fast.kernels.gemv import linear_gelu_aux
 
     x, w = _inputs(dtype_id, lead, 3)
-    aux = _randn((*lead, N), x.dtype, 4)
-    ours = linear_gelu_aux(x, w, aux, out=_nan((*lead, N), x.dtype), config=_config(cfg, _m(lead)))
-    assert spy.launches == 1
-    assert_2x_torch(ours, ops.linear_gelu_aux(x, w, aux), ops.linear_gelu_aux(x.double(), w.double(), aux.double()),
-                    f"linear_gelu_aux {dtype_id} {lead} {cfg}")
+    aux = randn((*lead, N), x.dtype, 4)
+    ours = linear_gelu_aux(x, w, aux, out=nans((*lead, N), x.dtype), config=_config(cfg, _m(lead)))
+    assert gemv_spy.launches == 1
+    assert_2x(ours, ops.linear_gelu_aux(x, w, aux), ops.linear_gelu_aux(x.double(), w.double(), aux.double()),
+              f"linear_gelu_aux {dtype_id} {lead} {cfg}")
 
 
 @pytest.mark.parametrize("dtype_id,lead,cfg", CASES, ids=IDS)
-def test_linear_softcap(dtype_id, lead, cfg, spy):
+def test_linear_softcap(dtype_id, lead, cfg, gemv_spy):
     from gemma3n_fast.kernels.gemv import linear_softcap
 
     x, w = _inputs(dtype_id, lead, 5)
     x = x * 3  # logits ~ N(0, 9) against cap 2.5: both the linear and the saturated part of tanh
-    ours = linear_softcap(x, w, 2.5, out=_nan((*lead, N), x.dtype), config=_config(cfg, _m(lead)))
-    assert spy.launches == 1
-    assert_2x_torch(ours, ops.linear_softcap(x, w, 2.5), ops.linear_softcap(x.double(), w.double(), 2.5),
-                    f"linear_softcap {dtype_id} {lead} {cfg}")
+    ours = linear_softcap(x, w, 2.5, out=nans((*lead, N), x.dtype), config=_config(cfg, _m(lead)))
+    assert gemv_spy.launches == 1
+    assert_2x(ours, ops.linear_softcap(x, w, 2.5), ops.linear_softcap(x.double(), w.double(), 2.5),
+              f"linear_softcap {dtype_id} {lead} {cfg}")
 
 
 @pytest.mark.parametrize("dtype_id,lead,cfg", CASES, ids=IDS)
-def test_dual_linear(dtype_id, lead, cfg, spy):
+def test_dual_linear(dtype_id, lead, cfg, gemv_spy):
     from gemma3n_fast.kernels.gemv import dual_linear
 
     x1, w1 = _inputs(dtype_id, lead, 6, n=45, k=K)
     x2, w2 = _inputs(dtype_id, lead, 8, n=45, k=23)  # the LAuReL side: a short K
-    o1, o2 = dual_linear(x1, w1, x2, w2, out1=_nan((*lead, 45), x1.dtype), out2=_nan((*lead, 45), x1.dtype),
+    o1, o2 = dual_linear(x1, w1, x2, w2, out1=nans((*lead, 45), x1.dtype), out2=nans((*lead, 45), x1.dtype),
                          config=_config(cfg, _m(lead)))
-    assert spy.launches == 1  # both projections in one launch
+    assert gemv_spy.launches == 1  # both projections in one launch
     r1, r2 = ops.dual_linear(x1, w1, x2, w2)
     f1, f2 = ops.dual_linear(x1.double(), w1.double(), x2.double(), w2.double())
-    assert_2x_torch(o1, r1, f1, f"dual_linear first {dtype_id} {lead} {cfg}")
-    assert_2x_torch(o2, r2, f2, f"dual_linear second {dtype_id} {lead} {cfg}")
+    assert_2x(o1, r1, f1, f"dual_linear first {dtype_id} {lead} {cfg}")
+    assert_2x(o2, r2, f2, f"dual_linear second {dtype_id} {lead} {cfg}")
 
 
 def test_split_k_is_deterministic_and_leaves_counters_at_zero():
@@ -193,8 +154,8 @@ def test_many_rows_use_torch_and_match():
     from gemma3n_fast.kernels.gemv import dual_linear, linear, linear_gelu_aux, linear_gelu_mul, linear_softcap
 
     x, w = _inputs("fp32", (3, 7), 10)  # 21 rows > 16: the prefill path
-    wgu = _randn((2 * N, K), torch.float32, 11, scale=0.05)
-    aux = _randn((3, 7, N), torch.float32, 12)
+    wgu = randn((2 * N, K), torch.float32, 11, scale=0.05)
+    aux = randn((3, 7, N), torch.float32, 12)
     torch.testing.assert_close(linear(x, w), ops.linear(x, w))
     torch.testing.assert_close(linear_gelu_mul(x, wgu), ops.linear_gelu_mul(x, wgu))
     torch.testing.assert_close(linear_gelu_aux(x, w, aux), ops.linear_gelu_aux(x, w, aux))
@@ -243,14 +204,14 @@ def test_gpu_linear_real_shapes(name, M):
     from gemma3n_fast.kernels.gemv import linear, linear_softcap
 
     n, k = GPU_SHAPES[name]
-    x, w = _randn((M, k), torch.bfloat16, 20), _randn((n, k), torch.bfloat16, 21, scale=1 / math.sqrt(k))
+    x, w = randn((M, k), torch.bfloat16, 20), randn((n, k), torch.bfloat16, 21, scale=1 / math.sqrt(k))
     if name == "lm_head":
         x = x * 10  # logits of a few tens against the real cap 30
-        ours = linear_softcap(x, w, 30.0, out=_nan((M, n), x.dtype))
-        assert_2x_torch(ours, ops.linear_softcap(x, w, 30.0), ops.linear_softcap(x.double(), w.double(), 30.0), name)
+        ours = linear_softcap(x, w, 30.0, out=nans((M, n), x.dtype))
+        assert_2x(ours, ops.linear_softcap(x, w, 30.0), ops.linear_softcap(x.double(), w.double(), 30.0), name)
     else:
-        ours = linear(x, w, out=_nan((M, n), x.dtype))
-        assert_2x_torch(ours, ops.linear(x, w), ops.linear(x.double(), w.double()), name)
+        ours = linear(x, w, out=nans((M, n), x.dtype))
+        assert_2x(ours, ops.linear(x, w), ops.linear(x.double(), w.double()), name)
 
 
 @pytest.mark.gpu
@@ -259,20 +220,20 @@ def test_gpu_linear_real_shapes(name, M):
 def test_gpu_gate_up_real_shapes(I, M):
     from gemma3n_fast.kernels.gemv import dual_linear, linear_gelu_aux, linear_gelu_mul
 
-    x, w = _randn((M, 2048), torch.bfloat16, 22), _randn((2 * I, 2048), torch.bfloat16, 23, scale=2048 ** -0.5)
-    ours = linear_gelu_mul(x, w, out=_nan((M, I), x.dtype))
-    assert_2x_torch(ours, ops.linear_gelu_mul(x, w), ops.linear_gelu_mul(x.double(), w.double()), f"gate_up {I}")
-    wp, aux = _randn((256, 2048), torch.bfloat16, 24, scale=2048 ** -0.5), _randn((M, 256), torch.bfloat16, 25)
-    ours = linear_gelu_aux(x, wp, aux, out=_nan((M, 256), x.dtype))
-    assert_2x_torch(ours, ops.linear_gelu_aux(x, wp, aux), ops.linear_gelu_aux(x.double(), wp.double(), aux.double()),
-                    "pli gate")
-    xl, wr = _randn((M, 64), torch.bfloat16, 26), _randn((2048, 64), torch.bfloat16, 27, scale=0.125)
-    wo = _randn((2048, 2048), torch.bfloat16, 28, scale=2048 ** -0.5)
+    x, w = randn((M, 2048), torch.bfloat16, 22), randn((2 * I, 2048), torch.bfloat16, 23, scale=2048 ** -0.5)
+    ours = linear_gelu_mul(x, w, out=nans((M, I), x.dtype))
+    assert_2x(ours, ops.linear_gelu_mul(x, w), ops.linear_gelu_mul(x.double(), w.double()), f"gate_up {I}")
+    wp, aux = randn((256, 2048), torch.bfloat16, 24, scale=2048 ** -0.5), randn((M, 256), torch.bfloat16, 25)
+    ours = linear_gelu_aux(x, wp, aux, out=nans((M, 256), x.dtype))
+    assert_2x(ours, ops.linear_gelu_aux(x, wp, aux), ops.linear_gelu_aux(x.double(), wp.double(), aux.double()),
+              "pli gate")
+    xl, wr = randn((M, 64), torch.bfloat16, 26), randn((2048, 64), torch.bfloat16, 27, scale=0.125)
+    wo = randn((2048, 2048), torch.bfloat16, 28, scale=2048 ** -0.5)
     o1, o2 = dual_linear(x, wo, xl, wr)
     r1, r2 = ops.dual_linear(x, wo, xl, wr)
     f1, f2 = ops.dual_linear(x.double(), wo.double(), xl.double(), wr.double())
-    assert_2x_torch(o1, r1, f1, "o_proj")
-    assert_2x_torch(o2, r2, f2, "laurel right")
+    assert_2x(o1, r1, f1, "o_proj")
+    assert_2x(o2, r2, f2, "laurel right")
 
 
 # ---- sm_90 compile: the interpreter accepts code the compiler rejects ------------------------------------

@@ -8,6 +8,7 @@ compiled kernels in bf16 at the real Gemma 3n E2B/E4B shapes.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -16,14 +17,13 @@ import pytest
 import torch
 
 from gemma3n_fast.reference import ops
+from kernel_checks import CUDA, DEVICE, DTYPES, assert_2x_torch, nans_like, randn, spy  # noqa: F401 (spy: fixture)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-# bf16 runs under the interpreter too: the kernels cast to fp32 on load and round to bf16 explicitly.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# bf16 runs under the interpreter too (DTYPES): the kernels cast to fp32 on load and round to bf16 explicitly.
 # Absolute slack per dtype on top of 2x torch's own error: about 4 fp32 ulps at |y| ~ 10 for fp32
 # (different summation order over H), a fraction of one ulp at |y| ~ 1 for the 16-bit types.
 ATOL = {torch.float32: 2e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+assert_2x = functools.partial(assert_2x_torch, atol=ATOL)
 Z_95 = 1.6448535919189453  # Phi^-1(0.95), the model's sparsity (layers 0-9)
 Z_60 = 0.25334715843200684  # Phi^-1(0.6), a mid sparsity: about 40 % of channels stay active
 SPARSITY = {"dense": None, "p95": Z_95, "p60": Z_60}
@@ -31,53 +31,6 @@ SPARSITY = {"dense": None, "p95": Z_95, "p60": Z_60}
 
 def _kernel_module(name):
     return importlib.import_module(f"gemma3n_fast.kernels.{name}")
-
-
-def _randn(shape, dtype, seed, scale=1.0, shift=0.0):
-    """Fresh non-zero values (a seeded generator per case, so a failure is reproducible)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
-    x = torch.where(x == 0, torch.full_like(x, 0.5), x)
-    return x.to(dtype).to(DEVICE)
-
-
-def _nan_like(t):
-    return torch.full_like(t, float("nan"))
-
-
-def assert_2x_torch(ours, ref_lowp, ref_64, what):
-    """max |ours - fp64| <= 2 * max |torch same dtype - fp64| + ATOL, with a readable failure message."""
-    assert ours.dtype == ref_lowp.dtype and ours.shape == ref_lowp.shape, (what, ours.dtype, ours.shape)
-    assert not ours.isnan().any(), f"{what}: NaN in output (an element was not written)"
-    ours_err = (ours.double() - ref_64).abs()
-    torch_err = (ref_lowp.double() - ref_64).abs().max().item()
-    bound = 2 * torch_err + ATOL[ours.dtype]
-    worst = ours_err.max().item()
-    where = tuple(int(i) for i in torch.unravel_index(ours_err.argmax(), ours_err.shape))
-    assert worst <= bound, (f"{what}: max err {worst:.3g} at {where} > bound {bound:.3g} (torch's own "
-                            f"{torch_err:.3g}); mean err {ours_err.mean().item():.3g}, "
-                            f"vs torch same dtype {(ours.double() - ref_lowp.double()).abs().max().item():.3g}")
-
-
-class _LaunchSpy:
-    """Stands in for a @triton.jit kernel in its module and counts launches (proves no PyTorch fallback)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    def install(module_name, kernel_name):
-        mod = _kernel_module(module_name)
-        s = _LaunchSpy(getattr(mod, kernel_name))
-        monkeypatch.setattr(mod, kernel_name, s)
-        return s
-    return install
 
 
 def test_kernels_run_through_triton():
@@ -115,33 +68,33 @@ def test_rms_norm_parity(dtype_id, shape_id, with_weight, residual, spy):
 
     dtype, (lead, H) = DTYPES[dtype_id], RMS_SHAPES[shape_id]
     seed = hash((dtype_id, shape_id, with_weight, residual)) % 2**31
-    x = _randn((*lead, H), dtype, seed, scale=3.0, shift=0.5)
-    w = _randn((H,), dtype, seed + 1) if with_weight else None
-    r = _randn((*lead, H), dtype, seed + 2) if residual else None
+    x = randn((*lead, H), dtype, seed, scale=3.0, shift=0.5)
+    w = randn((H,), dtype, seed + 1) if with_weight else None
+    r = randn((*lead, H), dtype, seed + 2) if residual else None
     s = spy("rms_norm", "_rms_norm_kernel")
-    ours = rms_norm(x, w, 1e-6, r, out=_nan_like(x))
+    ours = rms_norm(x, w, 1e-6, r, out=nans_like(x))
     assert s.launches == 1
     ref = ops.rms_norm(x, w, 1e-6, r)
     ref64 = ops.rms_norm(x.double(), None if w is None else w.double(), 1e-6, None if r is None else r.double())
-    assert_2x_torch(ours, ref, ref64, f"rms_norm {dtype_id} {shape_id}")
+    assert_2x(ours, ref, ref64, f"rms_norm {dtype_id} {shape_id}")
 
 
 def test_rms_norm_strided_and_copied_inputs():
     from gemma3n_fast.kernels.rms_norm import rms_norm
 
-    wide = _randn((5, 3000), torch.float16, 11)
+    wide = randn((5, 3000), torch.float16, 11)
     x = wide[:, 1000:2539]  # row stride 3000, read in place
-    w = _randn((1539,), torch.float16, 12)
-    xt = _randn((1539, 5), torch.float16, 13).t()  # last dim not contiguous: copied once
+    w = randn((1539,), torch.float16, 12)
+    xt = randn((1539, 5), torch.float16, 13).t()  # last dim not contiguous: copied once
     for inp in (x, xt):
         ours = rms_norm(inp, w, 1e-6, out=torch.full((5, 1539), float("nan"), dtype=torch.float16, device=DEVICE))
-        assert_2x_torch(ours, ops.rms_norm(inp, w), ops.rms_norm(inp.double(), w.double()), "rms_norm strided")
+        assert_2x(ours, ops.rms_norm(inp, w), ops.rms_norm(inp.double(), w.double()), "rms_norm strided")
 
 
 def test_rms_norm_bad_inputs():
     from gemma3n_fast.kernels.rms_norm import rms_norm
 
-    x = _randn((3, 64), torch.float32, 0)
+    x = randn((3, 64), torch.float32, 0)
     with pytest.raises(ValueError, match="weight must have shape"):
         rms_norm(x, torch.ones(63, device=DEVICE))
     with pytest.raises(TypeError, match="unsupported dtype"):
@@ -164,7 +117,7 @@ ALTUP_SHAPES = {"1tok x2048": (1, 1, 2048), "7tok x1000": (1, 7, 1000), "2x37tok
 
 def _altup_params(H, dtype, seed):
     # Router weight scaled so router_weight @ (norm(x)/H) is O(1): tanh neither saturated nor linear.
-    return (_randn((H,), dtype, seed, scale=0.3, shift=1.0), _randn((4, H), dtype, seed + 1, scale=math.sqrt(H)))
+    return (randn((H,), dtype, seed, scale=0.3, shift=1.0), randn((4, H), dtype, seed + 1, scale=math.sqrt(H)))
 
 
 # (dtype, shape, active): every dtype at 1 and 7 tokens; 2 x 37 tokens in fp16 (~65 ms per program interpreted).
@@ -179,15 +132,15 @@ def test_altup_predict_parity(dtype_id, shape_id, active, spy):
 
     dtype, (B, T, H) = DTYPES[dtype_id], ALTUP_SHAPES[shape_id]
     seed = hash(("predict", dtype_id, shape_id, active)) % 2**31
-    streams = _randn((4, B, T, H), dtype, seed)
+    streams = randn((4, B, T, H), dtype, seed)
     norm_w, router_w = _altup_params(H, dtype, seed + 10)
-    coefs = _randn((16, 4), dtype, seed + 20, scale=0.5)
+    coefs = randn((16, 4), dtype, seed + 20, scale=0.5)
     s = spy("altup_predict", "_altup_predict_kernel")
-    ours = altup_predict(streams, norm_w, router_w, coefs, 1e-6, active, out=_nan_like(streams))
+    ours = altup_predict(streams, norm_w, router_w, coefs, 1e-6, active, out=nans_like(streams))
     assert s.launches == 1
     ref = ops.altup_predict(streams, norm_w, router_w, coefs, 1e-6, active)
     ref64 = ops.altup_predict(streams.double(), norm_w.double(), router_w.double(), coefs.double(), 1e-6, active)
-    assert_2x_torch(ours, ref, ref64, f"altup_predict {dtype_id} {shape_id} active={active}")
+    assert_2x(ours, ref, ref64, f"altup_predict {dtype_id} {shape_id} active={active}")
 
 
 # (dtype, shape, active, scale): the scale as None / activation dtype / fp32 (a different rounding chain).
@@ -204,26 +157,26 @@ def test_altup_correct_parity(dtype_id, shape_id, active, scale, spy):
 
     dtype, (B, T, H) = DTYPES[dtype_id], ALTUP_SHAPES[shape_id]
     seed = hash(("correct", dtype_id, shape_id, active, scale)) % 2**31
-    preds = _randn((4, B, T, H), dtype, seed)
-    activated = _randn((B, T, H), dtype, seed + 1)
+    preds = randn((4, B, T, H), dtype, seed)
+    activated = randn((B, T, H), dtype, seed + 1)
     norm_w, router_w = _altup_params(H, dtype, seed + 10)
-    coefs = _randn((4, 4), dtype, seed + 20, scale=0.5)
-    out_scale = {"noscale": None, "scale": _randn((H,), dtype, seed + 30),
-                 "fp32scale": _randn((H,), torch.float32, seed + 30)}[scale]
+    coefs = randn((4, 4), dtype, seed + 20, scale=0.5)
+    out_scale = {"noscale": None, "scale": randn((H,), dtype, seed + 30),
+                 "fp32scale": randn((H,), torch.float32, seed + 30)}[scale]
     s = spy("altup_correct", "_altup_correct_kernel")
     ours, ours_scaled = altup_correct(preds, activated, norm_w, router_w, coefs, out_scale, 1e-6, active,
-                                      out=_nan_like(preds), scaled_out=_nan_like(activated))
+                                      out=nans_like(preds), scaled_out=nans_like(activated))
     assert s.launches == 1
     ref, ref_scaled = ops.altup_correct(preds, activated, norm_w, router_w, coefs, out_scale, 1e-6, active)
     ref64, ref64_scaled = ops.altup_correct(preds.double(), activated.double(), norm_w.double(), router_w.double(),
                                             coefs.double(), None if out_scale is None else out_scale.double(),
                                             1e-6, active)
     what = f"altup_correct {dtype_id} {shape_id} active={active} {scale}"
-    assert_2x_torch(ours, ref, ref64, what)
+    assert_2x(ours, ref, ref64, what)
     if out_scale is None:
         assert ours_scaled is None
     else:
-        assert_2x_torch(ours_scaled, ref_scaled, ref64_scaled.to(torch.float64), what + " scaled")
+        assert_2x(ours_scaled, ref_scaled, ref64_scaled.to(torch.float64), what + " scaled")
 
 
 def test_altup_bad_inputs():
@@ -231,9 +184,9 @@ def test_altup_bad_inputs():
     from gemma3n_fast.kernels.altup_predict import altup_predict
 
     H = 40
-    s = _randn((4, 3, H), torch.float32, 0)
+    s = randn((4, 3, H), torch.float32, 0)
     nw, rw = _altup_params(H, torch.float32, 1)
-    pc, cc = _randn((16, 4), torch.float32, 2), _randn((4, 4), torch.float32, 3)
+    pc, cc = randn((16, 4), torch.float32, 2), randn((4, 4), torch.float32, 3)
     with pytest.raises(ValueError, match="router_weight must be"):
         altup_predict(s, nw, rw[:, :-1], pc)
     with pytest.raises(ValueError, match="prediction_coefs"):
@@ -260,18 +213,18 @@ def test_altup_strided_streams():
     from gemma3n_fast.kernels.altup_predict import altup_predict
 
     H = 300
-    buf = _randn((4, 5, 2 * H), torch.float16, 5)
+    buf = randn((4, 5, 2 * H), torch.float16, 5)
     streams = buf[..., :H]
     nw, rw = _altup_params(H, torch.float16, 6)
-    pc, cc = _randn((16, 4), torch.float16, 7, scale=0.5), _randn((4, 4), torch.float16, 8, scale=0.5)
+    pc, cc = randn((16, 4), torch.float16, 7, scale=0.5), randn((4, 4), torch.float16, 8, scale=0.5)
     ours = altup_predict(streams, nw, rw, pc)
-    assert_2x_torch(ours, ops.altup_predict(streams, nw, rw, pc),
-                    ops.altup_predict(streams.double(), nw.double(), rw.double(), pc.double()), "predict strided")
+    assert_2x(ours, ops.altup_predict(streams, nw, rw, pc),
+              ops.altup_predict(streams.double(), nw.double(), rw.double(), pc.double()), "predict strided")
     act = buf[0, :, H:]
     ours, _ = altup_correct(streams, act, nw, rw, cc)
     ref, _ = ops.altup_correct(streams, act, nw, rw, cc)
     ref64, _ = ops.altup_correct(streams.double(), act.double(), nw.double(), rw.double(), cc.double())
-    assert_2x_torch(ours, ref, ref64, "correct strided")
+    assert_2x(ours, ref, ref64, "correct strided")
 
 
 # ---------------------------------------------------------------------------------------------- Gaussian top-k
@@ -293,15 +246,15 @@ def test_gaussian_topk_parity(dtype_id, shape_id, sparsity, spy):
     dtype, (lead, I) = DTYPES[dtype_id], TOPK_SHAPES[shape_id]
     z = SPARSITY[sparsity]
     seed = hash(("topk", dtype_id, shape_id, sparsity)) % 2**31
-    gate = _randn((*lead, I), dtype, seed, scale=2.0, shift=0.7)  # non-zero mean: the shifted statistics matter
-    up = _randn((*lead, I), dtype, seed + 1)
+    gate = randn((*lead, I), dtype, seed, scale=2.0, shift=0.7)  # non-zero mean: the shifted statistics matter
+    up = randn((*lead, I), dtype, seed + 1)
     count = torch.full(gate.shape[:-1], -1, dtype=torch.int32, device=DEVICE)
     s = spy("gaussian_topk", "_gaussian_topk_gelu_mul_kernel")
-    ours = gaussian_topk_gelu_mul(gate, up, z, out=_nan_like(gate), active_count=count)
+    ours = gaussian_topk_gelu_mul(gate, up, z, out=nans_like(gate), active_count=count)
     assert s.launches == 1
     ref = ops.gaussian_topk_gelu_mul(gate, up, z)
     ref64 = ops.gaussian_topk_gelu_mul(gate.double(), up.double(), z)
-    assert_2x_torch(ours, ref, ref64, f"gaussian_topk {dtype_id} {shape_id} {sparsity}")
+    assert_2x(ours, ref, ref64, f"gaussian_topk {dtype_id} {shape_id} {sparsity}")
     # The count is of non-zero activations gelu(gate') (before the product with up, which may underflow to 0);
     # a dense call counts every channel.
     if z is None:
@@ -318,18 +271,18 @@ def test_gaussian_topk_fused_gate_up_views():
     from gemma3n_fast.kernels.gaussian_topk import gaussian_topk_gelu_mul
 
     I = 1000
-    fused = _randn((2, 37, 2 * I), torch.float16, 21, scale=2.0)
+    fused = randn((2, 37, 2 * I), torch.float16, 21, scale=2.0)
     gate, up = fused[..., :I], fused[..., I:]
     assert gate.reshape(-1, I).data_ptr() == gate.data_ptr()  # the launcher's reshape is a view
-    ours = gaussian_topk_gelu_mul(gate, up, Z_95, out=_nan_like(gate))
-    assert_2x_torch(ours, ops.gaussian_topk_gelu_mul(gate, up, Z_95),
-                    ops.gaussian_topk_gelu_mul(gate.double(), up.double(), Z_95), "gaussian_topk fused views")
+    ours = gaussian_topk_gelu_mul(gate, up, Z_95, out=nans_like(gate))
+    assert_2x(ours, ops.gaussian_topk_gelu_mul(gate, up, Z_95),
+              ops.gaussian_topk_gelu_mul(gate.double(), up.double(), Z_95), "gaussian_topk fused views")
 
 
 def test_gaussian_topk_bad_inputs():
     from gemma3n_fast.kernels.gaussian_topk import gaussian_topk_gelu_mul
 
-    g = _randn((3, 50), torch.float32, 0)
+    g = randn((3, 50), torch.float32, 0)
     with pytest.raises(ValueError, match="up shape"):
         gaussian_topk_gelu_mul(g, g[:, :-1], Z_95)
     with pytest.raises(TypeError, match="up dtype"):
@@ -359,34 +312,34 @@ def test_gpu_rowwise_real_shapes(dtype_id, tokens_id):
     from gemma3n_fast.kernels.rms_norm import rms_norm
 
     dtype, T, H = DTYPES[dtype_id], GPU_TOKENS[tokens_id], 2048
-    x = _randn((1, T, H), dtype, 1, scale=3.0)
-    w = _randn((H,), dtype, 2)
-    r = _randn((1, T, H), dtype, 3)
-    assert_2x_torch(rms_norm(x, w, 1e-6, r, out=_nan_like(x)), ops.rms_norm(x, w, 1e-6, r),
-                    ops.rms_norm(x.double(), w.double(), 1e-6, r.double()), "gpu rms_norm")
-    q = _randn((1, T, 8, 256), dtype, 4)
-    assert_2x_torch(rms_norm(q, out=_nan_like(q)), ops.rms_norm(q), ops.rms_norm(q.double()), "gpu v_norm heads")
+    x = randn((1, T, H), dtype, 1, scale=3.0)
+    w = randn((H,), dtype, 2)
+    r = randn((1, T, H), dtype, 3)
+    assert_2x(rms_norm(x, w, 1e-6, r, out=nans_like(x)), ops.rms_norm(x, w, 1e-6, r),
+              ops.rms_norm(x.double(), w.double(), 1e-6, r.double()), "gpu rms_norm")
+    q = randn((1, T, 8, 256), dtype, 4)
+    assert_2x(rms_norm(q, out=nans_like(q)), ops.rms_norm(q), ops.rms_norm(q.double()), "gpu v_norm heads")
 
-    streams = _randn((4, 1, T, H), dtype, 5)
+    streams = randn((4, 1, T, H), dtype, 5)
     nw, rw = _altup_params(H, dtype, 6)
-    pc, cc = _randn((16, 4), dtype, 7, scale=0.5), _randn((4, 4), dtype, 8, scale=0.5)
-    assert_2x_torch(altup_predict(streams, nw, rw, pc, out=_nan_like(streams)), ops.altup_predict(streams, nw, rw, pc),
-                    ops.altup_predict(streams.double(), nw.double(), rw.double(), pc.double()), "gpu predict")
-    act, sc = _randn((1, T, H), dtype, 9), _randn((H,), dtype, 10)
-    ours, ours_s = altup_correct(streams, act, nw, rw, cc, sc, out=_nan_like(streams), scaled_out=_nan_like(act))
+    pc, cc = randn((16, 4), dtype, 7, scale=0.5), randn((4, 4), dtype, 8, scale=0.5)
+    assert_2x(altup_predict(streams, nw, rw, pc, out=nans_like(streams)), ops.altup_predict(streams, nw, rw, pc),
+              ops.altup_predict(streams.double(), nw.double(), rw.double(), pc.double()), "gpu predict")
+    act, sc = randn((1, T, H), dtype, 9), randn((H,), dtype, 10)
+    ours, ours_s = altup_correct(streams, act, nw, rw, cc, sc, out=nans_like(streams), scaled_out=nans_like(act))
     ref, ref_s = ops.altup_correct(streams, act, nw, rw, cc, sc)
     ref64, ref64_s = ops.altup_correct(streams.double(), act.double(), nw.double(), rw.double(), cc.double(),
                                        sc.double())
-    assert_2x_torch(ours, ref, ref64, "gpu correct")
-    assert_2x_torch(ours_s, ref_s, ref64_s, "gpu correct scaled")
+    assert_2x(ours, ref, ref64, "gpu correct")
+    assert_2x(ours_s, ref_s, ref64_s, "gpu correct scaled")
 
     for I in (8192, 16384):
-        fused = _randn((1, T, 2 * I), dtype, 11 + I, scale=2.0)
+        fused = randn((1, T, 2 * I), dtype, 11 + I, scale=2.0)
         gate, up = fused[..., :I], fused[..., I:]
         for z in (None, Z_95):
-            assert_2x_torch(gaussian_topk_gelu_mul(gate, up, z, out=_nan_like(gate)),
-                            ops.gaussian_topk_gelu_mul(gate, up, z),
-                            ops.gaussian_topk_gelu_mul(gate.double(), up.double(), z), f"gpu topk I={I} z={z}")
+            assert_2x(gaussian_topk_gelu_mul(gate, up, z, out=nans_like(gate)),
+                      ops.gaussian_topk_gelu_mul(gate, up, z),
+                      ops.gaussian_topk_gelu_mul(gate.double(), up.double(), z), f"gpu topk I={I} z={z}")
 
 
 @pytest.mark.gpu
@@ -398,11 +351,11 @@ def test_gpu_rowwise_cuda_graph_capture():
     from gemma3n_fast.kernels.rms_norm import rms_norm
 
     dtype, T, H, I = torch.bfloat16, 8, 2048, 8192
-    x, w = _randn((T, H), dtype, 1), _randn((H,), dtype, 2)
-    streams = _randn((4, T, H), dtype, 3)
+    x, w = randn((T, H), dtype, 1), randn((H,), dtype, 2)
+    streams = randn((4, T, H), dtype, 3)
     nw, rw = _altup_params(H, dtype, 4)
-    pc, cc, sc = _randn((16, 4), dtype, 5, scale=0.5), _randn((4, 4), dtype, 6, scale=0.5), _randn((H,), dtype, 7)
-    gate, up = _randn((T, I), dtype, 8), _randn((T, I), dtype, 9)
+    pc, cc, sc = randn((16, 4), dtype, 5, scale=0.5), randn((4, 4), dtype, 6, scale=0.5), randn((H,), dtype, 7)
+    gate, up = randn((T, I), dtype, 8), randn((T, I), dtype, 9)
     outs = [torch.empty_like(x), torch.empty_like(streams), torch.empty_like(streams), torch.empty_like(x),
             torch.empty_like(gate), torch.empty(T, dtype=torch.int32, device=DEVICE)]
 
@@ -417,16 +370,16 @@ def test_gpu_rowwise_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    x.copy_(_randn((T, H), dtype, 100))
-    gate.copy_(_randn((T, I), dtype, 101))
+    x.copy_(randn((T, H), dtype, 100))
+    gate.copy_(randn((T, I), dtype, 101))
     graph.replay()
     torch.cuda.synchronize()
     # The replay must see the new x and gate (pointers captured, values read at replay time).
-    assert_2x_torch(outs[0], ops.rms_norm(x, w), ops.rms_norm(x.double(), w.double()), "graph rms_norm")
+    assert_2x(outs[0], ops.rms_norm(x, w), ops.rms_norm(x.double(), w.double()), "graph rms_norm")
     pred = ops.altup_predict(streams, nw, rw, pc)
-    assert_2x_torch(outs[1], pred, ops.altup_predict(streams.double(), nw.double(), rw.double(), pc.double()),
-                    "graph predict")
-    assert_2x_torch(outs[4], ops.gaussian_topk_gelu_mul(gate, up, Z_95),
-                    ops.gaussian_topk_gelu_mul(gate.double(), up.double(), Z_95), "graph topk")
+    assert_2x(outs[1], pred, ops.altup_predict(streams.double(), nw.double(), rw.double(), pc.double()),
+              "graph predict")
+    assert_2x(outs[4], ops.gaussian_topk_gelu_mul(gate, up, Z_95),
+              ops.gaussian_topk_gelu_mul(gate.double(), up.double(), Z_95), "graph topk")
     activation = ops.gaussian_topk_gelu_mul(gate, torch.ones_like(up), Z_95)
     assert torch.equal(outs[5].long(), (activation != 0).sum(-1))

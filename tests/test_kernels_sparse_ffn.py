@@ -10,39 +10,26 @@ E2B/E4B shapes in bf16.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 from gemma3n_fast.reference import ops
+from kernel_checks import DEVICE, DTYPES, assert_2x_torch, nans_like, randn, spy  # noqa: F401 (spy: fixture)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # On top of 2x torch's own error: fp32 summation-order noise over I (|y| ~ 1); for the 16-bit types a fraction of
 # an ulp at |y| ~ 1 (the down sum is rounded once, as F.linear does).
 ATOL = {torch.float32: 2e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+assert_2x = functools.partial(assert_2x_torch, atol=ATOL)
 Z_95 = 1.6448535919189453  # Phi^-1(0.95): the model's sparsity on layers 0-9
 I, H = 301, 75
 
 
 def _randn(shape, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
-    return torch.where(x == 0, torch.full_like(x, 0.5), x)
-
-
-def assert_2x_torch(ours, ref_lowp, ref_64, what):
-    assert ours.dtype == ref_lowp.dtype and ours.shape == ref_lowp.shape, (what, ours.dtype, ours.shape)
-    assert not ours.isnan().any(), f"{what}: NaN in output (an element was not written, or a stale value read)"
-    err = (ours.double() - ref_64).abs()
-    torch_err = (ref_lowp.double() - ref_64).abs().max().item()
-    bound = 2 * torch_err + ATOL[ours.dtype]
-    where = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    assert err.max().item() <= bound, (
-        f"{what}: max err {err.max().item():.3g} at {where} > bound {bound:.3g} (torch's own {torch_err:.3g}); "
-        f"mean err {err.mean().item():.3g}")
+    """fp64 on the CPU: gate targets are solved for by least squares before the cast to the test dtype."""
+    return randn(shape, torch.float64, seed, scale, device="cpu")
 
 
 def _gate_rows(kind, seed):
@@ -78,35 +65,21 @@ def _poisoned_workspace(M, dtype, config=None):
     return ws
 
 
-class _LaunchSpy:
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.fixture
-def spies(monkeypatch):
-    from gemma3n_fast.kernels import gemv, sparse_ffn
-
-    out = {}
-    for mod, name in ((gemv, "_gemv_kernel"), (sparse_ffn, "_sparse_up_kernel"), (sparse_ffn, "_sparse_down_kernel")):
-        out[name] = _LaunchSpy(getattr(mod, name))
-        monkeypatch.setattr(mod, name, out[name])
-    return out
+def spies(spy):
+    return {name: spy(mod, name) for mod, name in
+            (("gemv", "_gemv_kernel"), ("sparse_ffn", "_sparse_up_kernel"), ("sparse_ffn", "_sparse_down_kernel"))}
 
 
 def _check(x, weights, z, dtype_id, what, ws=None, config=None):
     from gemma3n_fast.kernels.sparse_ffn import sparse_ffn
 
-    out = torch.full_like(x, float("nan"))
+    out = nans_like(x)
     ours = sparse_ffn(x, *weights, z, out=out, workspace=ws, config=config)
     assert ours is out
     ref = ops.sparse_ffn(x, *weights, z)
     ref64 = ops.sparse_ffn(x.double(), *[w.double() for w in weights], z)
-    assert_2x_torch(ours, ref, ref64, f"sparse_ffn {dtype_id} {what}")
+    assert_2x(ours, ref, ref64, f"sparse_ffn {dtype_id} {what}")
     return ours
 
 
@@ -224,10 +197,10 @@ def test_gpu_real_shapes(inter, M):
     wg, wu, wdt = [(torch.randn(inter, hidden, device="cuda", generator=g) / math.sqrt(s)).to(dtype)
                    for s in (hidden, hidden, inter)]
     ws = sparse_ffn_workspace(M, inter, hidden, dtype, "cuda")
-    ours = sparse_ffn(x, wg, wu, wdt, Z_95, out=torch.full_like(x, float("nan")), workspace=ws)
+    ours = sparse_ffn(x, wg, wu, wdt, Z_95, out=nans_like(x), workspace=ws)
     ref = ops.sparse_ffn(x, wg, wu, wdt, Z_95)
     ref64 = ops.sparse_ffn(x.double(), wg.double(), wu.double(), wdt.double(), Z_95)
-    assert_2x_torch(ours, ref, ref64, f"sparse_ffn gpu I={inter} M={M}")
+    assert_2x(ours, ref, ref64, f"sparse_ffn gpu I={inter} M={M}")
     frac = ws.count[:M].float().mean().item() / inter
     assert 0.03 < frac < 0.07, frac
 
