@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 __all__ = ["load", "__version__"]
 
 
-def load(path_or_hub_id, device=None, dtype=None, kernels=None, revision=None):
+def load(path_or_hub_id, device=None, dtype=None, kernels=None, revision=None, num_threads=None):
     """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model; see ``gemma3n_fast.model.load``."""
     from gemma3n_fast.model import load as _load
 
-    return _load(path_or_hub_id, device=device, dtype=dtype, kernels=kernels, revision=revision)
+    return _load(path_or_hub_id, device=device, dtype=dtype, kernels=kernels, revision=revision,
+                 num_threads=num_threads)
