@@ -525,3 +525,27 @@ def test_math_of_the_default_length(fast):
     assert resolve_generation({"max_length": 10}, fast.config.text, 3, {}).max_new_tokens == 7
     assert math.isclose(resolve_generation({}, fast.config.text, 3, {"do_sample": True, "temperature": 0.5})
                         .sampler.temperature, 0.5)
+
+
+def test_cli_threads_flag(folder, capsys):
+    from gemma3n_fast.__main__ import main
+
+    n = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(folder), "--prompt", "hello world", "--max-new-tokens", "3",
+                     "--kernels", "reference", "--threads", "1"]) == 0
+        assert "| cpu (1 thread), float32" in capsys.readouterr().out.strip().splitlines()[-1]
+    finally:
+        torch.set_num_threads(n)
+    assert main(["generate", "--prompt", "x", "--threads", "0"]) == 2
+    assert "--threads: must be >= 1" in capsys.readouterr().err
+
+
+def test_hf_streamers_work(fast, folder):
+    """HF's TextIteratorStreamer (and so TextStreamer: the same put/end protocol) over our generate()."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    streamer = transformers.TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    ids = _ids(1, 6, seed=9)
+    out = fast.generate(ids, streamer=streamer, do_sample=False, max_new_tokens=8, eos_token_id=None)
+    text = "".join(streamer)
+    assert text.strip() == tokenizer.decode(out[0, 6:], skip_special_tokens=True).strip() and text.strip()
