@@ -226,7 +226,6 @@ class Sampler:
                   min_new_tokens=0) -> "Sampler":
         """Validate HF-meaning values (temperature 0 with do_sample is greedy; top_k 0 / None and top_p 1 / None
         are off); when greedy the sampling values are dropped, so equal behaviour gives equal samplers."""
-        where = ""
         if temperature is not None and not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {temperature!r}")
         if top_k is not None and not (_is_int(top_k) and top_k >= 0):
@@ -236,8 +235,8 @@ class Sampler:
         rp = 1.0 if repetition_penalty is None else repetition_penalty
         if not (_is_real(rp) and math.isfinite(rp) and rp > 0):
             raise ValueError(f"repetition_penalty: expected a finite number > 0 (1 = off), got {repetition_penalty!r}")
-        min_new = _int_at_least("min_new_tokens", 0 if min_new_tokens is None else min_new_tokens, 0, where)
-        do_sample = _flag("do_sample", do_sample, where)
+        min_new = _int_at_least("min_new_tokens", 0 if min_new_tokens is None else min_new_tokens, 0, "")
+        do_sample = _flag("do_sample", do_sample, "")
         if do_sample and temperature == 0:
             do_sample = False  # a common convention (HF raises here); the CLI maps --temperature 0 to greedy
         if not do_sample:

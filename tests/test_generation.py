@@ -126,6 +126,8 @@ GREEDY_CASES = {
     "repetition_penalty": dict(do_sample=False, repetition_penalty=1.6, max_new_tokens=16),
     "max_length": dict(do_sample=False, max_length=15, eos_token_id=None),
     "min_length": dict(do_sample=False, min_length=13, max_new_tokens=8),
+    "hf-generation-config": dict(generation_config=transformers.GenerationConfig(do_sample=False, max_new_tokens=6,
+                                                                                 repetition_penalty=1.4)),
 }
 
 
@@ -233,6 +235,23 @@ def test_num_return_sequences(fast, ref, hf):
     assert torch.equal(out[:, :9], ids.repeat_interleave(3, 0))  # HF's row order
     with pytest.raises(ValueError, match="num_return_sequences=2 .*do_sample"):
         fast.generate(ids, num_return_sequences=2, do_sample=False)
+
+
+def test_expanded_rows_keep_their_own_media():
+    """Row 0 holds two audio segments, row 1 one: each copy of a row gets that row's segments, in order."""
+    from types import SimpleNamespace
+
+    from gemma3n_fast.reference.generation import expand_rows
+
+    cfg = SimpleNamespace(image_token_id=7, audio_token_id=9, vision_soft_tokens_per_image=2,
+                          audio_soft_tokens_per_image=3)
+    ids = torch.tensor([[9] * 6 + [1], [0] * 4 + [9] * 3])
+    feats = torch.arange(3.0)[:, None, None].expand(3, 4, 2).clone()  # segment k filled with k
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    out_ids, _, media = expand_rows(2, cfg, ids, None, {"input_features": feats, "input_features_mask": mask})
+    assert torch.equal(out_ids, ids.repeat_interleave(2, 0))
+    assert media["input_features"][:, 0, 0].tolist() == [0, 1, 0, 1, 2, 2]
+    assert media["input_features_mask"].shape == (6, 4)
 
 
 class _FakeTokenizer:
