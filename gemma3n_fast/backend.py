@@ -24,12 +24,26 @@ log = logging.getLogger("gemma3n_fast")
 
 # op name -> module under gemma3n_fast.kernels holding a launcher of the same name
 KERNEL_MODULES = {
-    "rms_norm": "rms_norm",
-    "altup_predict": "altup_predict",
-    "altup_correct": "altup_correct",
-    "gaussian_topk_gelu_mul": "gaussian_topk",
-    "sliding_window_attention": "sliding_window_attention",
+    # the decoder layer, in the order one layer calls them
+    "altup_predict_fused": "altup_predict_fused",  # previous layer's injection + AltUp predict + input norm
+    "linear": "gemv",  # q|k|v|LAuReL-left, the per-layer projection, the streams' projections
+    "qkv_norm_rope_cache": "qkv_norm_rope_cache",
+    "sliding_window_attention": "sliding_window_attention",  # prefill
     "sliding_window_attention_decode": "sliding_window_decode",
+    "dual_linear": "gemv",  # o_proj and LAuReL-right in one launch
+    "post_attention_chain": "post_attention_chain",
+    "linear_gelu_mul": "gemv",  # dense MLP: gate|up with the gelu * up epilogue
+    "sparse_ffn": "sparse_ffn",  # MLP of the layers with a sparsity target
+    "altup_correct_fused": "altup_correct_fused",
+    "linear_gelu_aux": "gemv",  # per-layer-input gate with the gelu * per-layer-input epilogue
+    # the step's prologue and epilogue
+    "token_embeddings": "token_embeddings",  # decode: text / multimodal-hard embedding + per-layer token part
+    "per_layer_inputs_combine": "per_layer_inputs_combine",
+    "altup_make_streams": "altup_make_streams",
+    "altup_inject": "altup_inject",
+    "altup_collapse_norm": "altup_collapse_norm",
+    "linear_softcap": "gemv",  # the LM head
+    # the audio tower's attention core
     "chunked_local_attention": "chunked_local_attention",
 }
 MODES = ("triton", "interpret", "reference")

@@ -131,7 +131,7 @@ class GenerationMixin:
         record = -(-N // RECORD_ROUND) * RECORD_ROUND if recording else 0
 
         # N == 1 needs no decode step (no capture; a captured graph of a longer run is kept for the next call)
-        use_graph = self.device.type == "cuda" and self.use_cuda_graph and N > 1
+        use_graph = self.backend.mode == "triton" and self.use_cuda_graph and N > 1  # reference ops may sync
         key = (B, max_length, tuple(plan.eos), plan.pad, plan.sampler, record, plan.return_dict and
                plan.output_scores, plan.return_dict and plan.output_logits)
         st = self._graphs.get(key)

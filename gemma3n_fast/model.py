@@ -17,13 +17,11 @@ D head dim, V vocab.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gemma3n_fast.backend import Backend, pick_mode
@@ -31,7 +29,6 @@ from gemma3n_fast.cache import StaticKVCache
 from gemma3n_fast.generate import GenerationMixin
 from gemma3n_fast.reference import model as reference_model
 from gemma3n_fast.reference.generation import check_media, check_prompt
-from gemma3n_fast.reference.text import apply_rope, rope_cos_sin
 
 log = logging.getLogger("gemma3n_fast")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -48,7 +45,8 @@ class _KV:
     * no cache: each owner layer attends over the forward's own K/V (full-sequence logits);
     * prefill: a chunk written into ``cache`` at columns ``[col0, col0 + T)`` (``col0`` a Python int: prefill is
       never captured);
-    * decode: one column given as a device tensor ``col`` [1] (static shapes, graph-safe).
+    * decode: one column given as a device tensor ``col`` [1] (static shapes, graph-safe): the q|k|v kernel writes
+      K/V straight into the cache slot.
     ``shared[type]`` holds the last owner's (K, V, k_pos) of each layer type: what the KV-shared layers read.
     """
 
@@ -76,8 +74,17 @@ class _KV:
                 cache.pos[t].index_copy_(1, s, positions)
             self.k_pos = dict(cache.pos)
 
+    def target(self, i: int, layer_type: str, like: torch.Tensor, heads: int, head_dim: int):
+        """(k, v, slots) for the q|k|v kernel to write owner layer i's new K/V into: the cache slot at decode, a
+        [B, Hkv, T, D] scratch pair (slots 0..T-1) otherwise (``keys`` then places them)."""
+        if self.col is not None:
+            return self.cache.k[i], self.cache.v[i], self.slot[layer_type]
+        B, T = like.shape[:2]
+        k = torch.empty(B, heads, T, head_dim, device=like.device, dtype=like.dtype)
+        return k, torch.empty_like(k), torch.arange(T, device=like.device)
+
     def keys(self, i: int, layer_type: str, k, v):
-        """Store owner layer i's K/V [B, Hkv, T, D]; return the (K, V, k_pos) it attends over."""
+        """After the write: store a prefill chunk's K/V [B, Hkv, T, D] in the cache; -> (K, V, k_pos) to attend."""
         c = self.cache
         if c is None:
             K, V = k, v
@@ -92,15 +99,16 @@ class _KV:
                 dst = (self.chunk_tail + c0) % c.window
                 ck[:, :, dst], cv[:, :, dst] = k[:, :, self.chunk_tail], v[:, :, self.chunk_tail]
         else:
-            c.k[i].index_copy_(2, self.slot[layer_type], k)
-            c.v[i].index_copy_(2, self.slot[layer_type], v)
-            K, V = c.k[i], c.v[i]
+            K, V = k, v  # the cache itself, already written
         self.shared[layer_type] = (K, V, self.k_pos[layer_type])
         return self.shared[layer_type]
 
 
 class FastGemma3n(GenerationMixin, nn.Module):
-    """The fast model around a loaded ``reference.model.Gemma3nReference`` (kept as ``self.model``)."""
+    """The fast model around a loaded ``reference.model.Gemma3nReference`` (kept as ``self.model``).
+
+    Every layer, at prefill and decode alike, is one chain of fused ops (see backend.py for the list): 12 launches
+    per layer with a dense MLP, 13 with a sparse one, at batch-1 decode."""
 
     def __init__(self, reference: reference_model.Gemma3nReference, kernels: str | None = None):
         super().__init__()
@@ -115,6 +123,10 @@ class FastGemma3n(GenerationMixin, nn.Module):
         self.num_threads: int | None = None  # torch's CPU thread count set by load() (None: not on the CPU)
         self.use_cuda_graph = True  # decode steps are captured into a CUDA graph on CUDA devices
         self._graphs: dict = {}
+        c = self.text_config
+        # RoPE inverse frequencies per layer type, fp32, as the reference's rope_cos_sin computes them
+        self.inv_freq = {t: 1.0 / (base ** (torch.arange(0, c.head_dim, 2, dtype=torch.float, device=self.device)
+                                            / c.head_dim)) for t, base in c.rope_base.items()}
         with torch.no_grad():
             self._fuse_weights()
             self._precompute_hard_embeddings()
@@ -126,11 +138,22 @@ class FastGemma3n(GenerationMixin, nn.Module):
                     m.attention_op = self.backend.chunked_local_attention
 
     def _fuse_weights(self) -> None:
-        """q|k|v -> ``layer.qkv_weight`` [(Hq + 2 Hkv) D, H], gate|up -> ``layer.gate_up_weight`` [2 I, H]."""
-        for layer in self.model.language_model.layers:
+        """Weights laid out for the fused ops, once; each HF-named weight becomes a view (one copy in memory):
+        q|k|v|LAuReL-left -> ``layer.qkv_weight`` (one GEMV, same input); gate|up -> ``layer.gate_up_weight``;
+        sparse layers' down weight stored transposed (``layer.down_weight_t`` [I, H]: the kernel gathers the active
+        channels' rows); the A-1 AltUp projections -> one [(A-1) H, H] matrix, the unembed ones -> [A-1, H, H]."""
+        lm = self.model.language_model
+        for layer in lm.layers:
             at, mlp = layer.self_attn, layer.mlp
-            layer.qkv_weight = _fuse([at.q_proj] + ([] if at.is_consumer else [at.k_proj, at.v_proj]))
+            layer.qkv_weight = _fuse([at.q_proj] + ([] if at.is_consumer else [at.k_proj, at.v_proj])
+                                     + [layer.laurel.linear_left])
             layer.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
+            if mlp.std_multiplier is not None:
+                layer.down_weight_t = mlp.down_proj.weight.data.t().contiguous()
+                mlp.down_proj.weight = nn.Parameter(layer.down_weight_t.t(), requires_grad=False)
+        H = self.text_config.hidden_size
+        lm.altup_projection_weight = _fuse(list(lm.altup_projections))
+        lm.altup_unembed_weight = _fuse(list(lm.altup_unembed_projections)).view(-1, H, H)
 
     def _precompute_hard_embeddings(self) -> None:
         """Every multimodal id's hard embedding [V - first multimodal id, H] (decode embeds with one gather)."""
@@ -145,11 +168,16 @@ class FastGemma3n(GenerationMixin, nn.Module):
             self.hard_embeddings = embed_hard_tokens(ids, zeros, ev, ea)[0]
 
     # ---- embeddings --------------------------------------------------------------------------------------
+    def _per_layer_inputs(self, x, token_part):
+        lm, c = self.model.language_model, self.text_config
+        projection = self.backend.linear(x, lm.per_layer_model_projection.weight)
+        return self.backend.per_layer_inputs_combine(projection, token_part, lm.per_layer_projection_norm.weight,
+                                                     c.hidden_size, c.rms_norm_eps)
+
     def _embed(self, input_ids, pixel_values=None, input_features=None, input_features_mask=None):
         """Prefill: ids (+ media) -> inputs_embeds [B, T, H], per-layer inputs [B, T, L, P] (the reference merge).
         With media, the time of the embedding (the vision / audio towers, synchronised on CUDA) and the number of
         images and audio segments go to ``self._media_stats`` (the stats of generate())."""
-        lm = self.model.language_model
         timed = pixel_values is not None or input_features is not None
         if timed:
             self._sync()
@@ -160,89 +188,105 @@ class FastGemma3n(GenerationMixin, nn.Module):
             self._media_stats = {"media_encode_s": time.perf_counter() - t0,
                                  "images": 0 if pixel_values is None else int(pixel_values.shape[0]),
                                  "audio_segments": 0 if input_features is None else int(input_features.shape[0])}
-        return x, lm.per_layer_inputs(x, token_part, rms_norm=self.backend.rms_norm)
+        return x, self._per_layer_inputs(x, token_part)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _embed_decode(self, input_ids):
-        """Decode: the same for any id with static shapes and no host sync (text table or the hard-embedding table)."""
-        lm = self.model.language_model
-        x = lm.embed(input_ids)
-        if self.hard_embeddings is not None:
-            mm = input_ids >= self.mm_offset
-            x = torch.where(mm[..., None], self.hard_embeddings[(input_ids - self.mm_offset).clamp(min=0)], x)
-        return x, lm.per_layer_inputs(x, lm.per_layer_token_inputs(input_ids), rms_norm=self.backend.rms_norm)
+        """Decode: the same for any id in one gather launch (text table or the hard-embedding table), no host sync."""
+        lm, c = self.model.language_model, self.text_config
+        # sqrt(H) and sqrt(P) rounded to the weight dtype, as the reference's embed / per_layer_token_inputs do
+        scale = [float(torch.tensor(n ** 0.5).to(self.dtype)) for n in (c.hidden_size, c.hidden_size_per_layer_input)]
+        x, token_part = self.backend.token_embeddings(input_ids, lm.embed_tokens.weight, scale[0],
+                                                      lm.embed_tokens_per_layer.weight, scale[1],
+                                                      self.hard_embeddings, self.mm_offset or 0)
+        return x, self._per_layer_inputs(x, token_part.unflatten(-1, (c.num_hidden_layers, -1)))
 
     # ---- the decoder ---------------------------------------------------------------------------------------
-    def _layer(self, i: int, streams, per_layer_input, positions, rope, kv: _KV, decode: bool):
-        """One decoder layer, the reference's ``DecoderLayer.forward`` on the op table with fused weights."""
+    def _layer(self, i: int, carry, per_layer_input, positions, kv: _KV, decode: bool):
+        """One decoder layer: the reference's ``DecoderLayer.forward`` as a chain of fused ops.
+
+        carry = (streams [A, B, T, H], the previous layer's per-layer projection before its norm, or None): the
+        injection that ends a layer runs at the start of the next one (or before the collapse). -> the new carry."""
         c, ops = self.text_config, self.backend
-        layer = self.model.language_model.layers[i]
+        layers = self.model.language_model.layers
+        layer, t = layers[i], c.layer_types[i]
         eps, active = c.rms_norm_eps, c.altup_active_idx
-        au, at, lr = layer.altup, layer.self_attn, layer.laurel
-        B, T = streams.shape[1:3]
+        au, at = layer.altup, layer.self_attn
         Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        streams, proj_raw = carry
+        prev_norm = layers[i - 1].post_per_layer_input_norm.weight if proj_raw is not None else None
 
-        pred = ops.altup_predict(streams, au.router_norm.weight, au.modality_router.weight,
-                                 au.prediction_coefs.weight, eps, active)  # [A, B, T, H]
-        a = pred[active]
-        an = ops.rms_norm(a, layer.input_layernorm.weight, eps)
-        lau = ops.rms_norm(F.linear(F.linear(an, lr.linear_left.weight), lr.linear_right.weight),
-                           lr.post_laurel_norm.weight, eps, residual=an)  # an + norm(right(left(an)))
-
-        qkv = F.linear(an, layer.qkv_weight)
-        cos, sin = rope
-        q = apply_rope(ops.rms_norm(qkv[..., :Hq * D].unflatten(-1, (Hq, D)), at.q_norm.weight, eps), cos, sin)
-        if at.is_consumer:
-            K, V, k_pos = kv.shared[c.layer_types[i]]
+        pred, an = ops.altup_predict_fused(streams, proj_raw, prev_norm, au.router_norm.weight,
+                                           au.modality_router.weight, au.prediction_coefs.weight,
+                                           layer.input_layernorm.weight, eps, active)
+        B, T = an.shape[:2]
+        qkv_left = ops.linear(an, layer.qkv_weight)  # [B, T, (Hq + 2 Hkv) D + laurel_rank]
+        n_qkv = (Hq + (0 if at.is_consumer else 2 * Hkv)) * D
+        k = v = slots = None
+        if not at.is_consumer:
+            k, v, slots = kv.target(i, t, an, Hkv, D)
+        q = ops.qkv_norm_rope_cache(qkv_left[..., :n_qkv], at.q_norm.weight, None if at.is_consumer else
+                                    at.k_norm.weight, self.inv_freq[t], positions, k, v, slots, eps)
+        K, V, k_pos = kv.shared[t] if at.is_consumer else kv.keys(i, t, k, v)
+        if decode:
+            o = ops.sliding_window_attention_decode(q, K, V, positions, k_pos, window=at.window, scaling=1.0,
+                                                    softcap=None, last_slot=kv.col)
         else:
-            k = ops.rms_norm(qkv[..., Hq * D:(Hq + Hkv) * D].unflatten(-1, (Hkv, D)), at.k_norm.weight, eps)
-            v = ops.rms_norm(qkv[..., (Hq + Hkv) * D:].unflatten(-1, (Hkv, D)), None, eps)
-            K, V, k_pos = kv.keys(i, c.layer_types[i], apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
-        attend = ops.sliding_window_attention_decode if decode else ops.sliding_window_attention
-        o = attend(q.transpose(1, 2), K, V, positions, k_pos, window=at.window, scaling=1.0, softcap=None)
-        o = F.linear(o.transpose(1, 2).reshape(B, T, Hq * D), at.o_proj.weight)
-        attn = ops.rms_norm(o, layer.post_attention_layernorm.weight, eps, residual=a)  # a + norm(o)
-        h = (attn + lau) / math.sqrt(2)
-
-        I = layer.mlp.down_proj.weight.shape[1]
-        gate_up = F.linear(ops.rms_norm(h, layer.pre_feedforward_layernorm.weight, eps), layer.gate_up_weight)
-        act = ops.gaussian_topk_gelu_mul(gate_up[..., :I], gate_up[..., I:], layer.mlp.std_multiplier)
-        out = ops.rms_norm(F.linear(act, layer.mlp.down_proj.weight), layer.post_feedforward_layernorm.weight, eps,
-                           residual=h)  # h + norm(mlp)
-
-        corrected, scaled = ops.altup_correct(pred, out, au.router_norm.weight, au.modality_router.weight,
-                                              au.correction_coefs.weight,
-                                              au.correct_output_scale if au.use_scale else None, eps, active)
-        gate_in = scaled if scaled is not None else corrected[active]
-        g = F.gelu(F.linear(gate_in, layer.per_layer_input_gate.weight), approximate="tanh") * per_layer_input
-        u = ops.rms_norm(F.linear(g, layer.per_layer_projection.weight), layer.post_per_layer_input_norm.weight, eps)
-        # the per-layer injection goes into streams 1..A-1 only (the active stream keeps its corrected value)
-        return torch.cat([corrected[:active], corrected[active:active + 1], corrected[active + 1:] + u])
+            o = ops.sliding_window_attention(q, K, V, positions, k_pos, window=at.window, scaling=1.0, softcap=None)
+        o, laurel_branch = ops.dual_linear(o.transpose(1, 2).reshape(B, T, Hq * D), at.o_proj.weight,
+                                           qkv_left[..., n_qkv:], layer.laurel.linear_right.weight)
+        h, hn = ops.post_attention_chain(o, pred[active], laurel_branch, an, layer.post_attention_layernorm.weight,
+                                         layer.laurel.post_laurel_norm.weight, layer.pre_feedforward_layernorm.weight,
+                                         eps)
+        mlp = layer.mlp
+        if mlp.std_multiplier is None:
+            m = ops.linear(ops.linear_gelu_mul(hn, layer.gate_up_weight), mlp.down_proj.weight)
+        else:
+            I = layer.down_weight_t.shape[0]
+            m = ops.sparse_ffn(hn, layer.gate_up_weight[:I], layer.gate_up_weight[I:], layer.down_weight_t,
+                               mlp.std_multiplier)
+        corrected, scaled = ops.altup_correct_fused(pred, m, h, layer.post_feedforward_layernorm.weight,
+                                                    au.router_norm.weight, au.modality_router.weight,
+                                                    au.correction_coefs.weight,
+                                                    au.correct_output_scale if au.use_scale else None, eps, active)
+        g = ops.linear_gelu_aux(scaled if scaled is not None else corrected[active], layer.per_layer_input_gate.weight,
+                                per_layer_input)
+        return corrected, ops.linear(g, layer.per_layer_projection.weight)
 
     def _decoder(self, x, per_layer, positions, kv: _KV, *, last_only=False, owners_only=False, decode=False):
-        """Run the layers -> streams [A, B, T, H]. owners_only: stop after the KV-owning layers (a non-final prefill
+        """Run the layers -> the last carry. owners_only: stop after the KV-owning layers (a non-final prefill
         chunk: only their K/V matter). last_only: KV-shared layers run on the last column only (they write no K/V,
         so the last token's output is exact)."""
-        c, lm = self.text_config, self.model.language_model
-        streams = lm.make_streams(x)
-        ropes = {t: rope_cos_sin(positions, c.head_dim, base, self.dtype) for t, base in c.rope_base.items()}
+        c, lm, ops = self.text_config, self.model.language_model, self.backend
+        A, H = c.altup_num_inputs, c.hidden_size
+        projected = ops.linear(x, lm.altup_projection_weight).unflatten(-1, (A - 1, H)).movedim(-2, 0)
+        carry = (ops.altup_make_streams(x, projected), None)
         for i in range(c.num_hidden_layers):
             if i == c.first_kv_shared_layer:
                 if owners_only:
                     return None
-                if last_only and streams.shape[2] > 1:
-                    streams, per_layer, positions = streams[:, :, -1:], per_layer[:, -1:], positions[:, -1:]
-                    ropes = {t: (cos[:, -1:], sin[:, -1:]) for t, (cos, sin) in ropes.items()}
-            streams = self._layer(i, streams, per_layer[:, :, i], positions, ropes[c.layer_types[i]], kv, decode)
-        return streams
+                if last_only and x.shape[1] > 1:
+                    carry = (carry[0][:, :, -1:], carry[1][:, -1:])
+                    per_layer, positions = per_layer[:, -1:], positions[:, -1:]
+            carry = self._layer(i, carry, per_layer[:, :, i], positions, kv, decode)
+        return carry
 
-    def _logits(self, streams):
-        lm = self.model.language_model
-        hidden = self.backend.rms_norm(lm.collapse(streams), lm.norm.weight, self.text_config.rms_norm_eps)
-        return lm.logits(hidden)
+    def _logits(self, carry, last_only=False):
+        """The last layer's injection, AltUp collapse, final norm, tied LM head with softcap -> logits."""
+        c, lm, ops = self.text_config, self.model.language_model, self.backend
+        eps, A = c.rms_norm_eps, c.altup_num_inputs
+        corrected, proj_raw = carry
+        if last_only:
+            corrected, proj_raw = corrected[:, :, -1:], proj_raw[:, -1:]
+        streams = ops.altup_inject(corrected, proj_raw, lm.layers[-1].post_per_layer_input_norm.weight, eps,
+                                   c.altup_active_idx)
+        others = streams[1:].flatten(1, 2)  # [A-1, B*T, H]
+        unembedded = torch.bmm(others, lm.altup_unembed_weight.transpose(1, 2)).view(streams[1:].shape)
+        hidden = ops.altup_collapse_norm(streams[0], unembedded, lm.norm.weight, eps)
+        return ops.linear_softcap(hidden, lm.embed_tokens.weight, c.final_logit_softcapping)
 
     # ---- public forward, prefill and decode step ----------------------------------------------------------
     @torch.no_grad()
@@ -266,10 +310,10 @@ class FastGemma3n(GenerationMixin, nn.Module):
         T = input_ids.shape[1]
         for col0 in range(0, T, chunk):
             col1, last = min(col0 + chunk, T), col0 + chunk >= T
-            streams = self._decoder(x[:, col0:col1], per_layer[:, col0:col1], positions[:, col0:col1],
-                                    _KV(positions[:, col0:col1], cache, col0=col0), last_only=last,
-                                    owners_only=not last)
-        return self._logits(streams)[:, -1]
+            carry = self._decoder(x[:, col0:col1], per_layer[:, col0:col1], positions[:, col0:col1],
+                                  _KV(positions[:, col0:col1], cache, col0=col0), last_only=last,
+                                  owners_only=not last)
+        return self._logits(carry, last_only=True)[:, -1]
 
     def decode_step(self, tokens, positions, col, cache: StaticKVCache) -> torch.Tensor:
         """tokens [B, 1] at ``positions`` [B, 1], cache column ``col`` [1] (device) -> logits [B, V]; writes K/V.

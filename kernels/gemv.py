@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, dot, round_to, rows, tanh
+from ._common import INTERPRETING, check_dtype, check_out, dot, round_to, rows, tanh
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
 EPILOGUE_NONE, EPILOGUE_GELU_MUL, EPILOGUE_GELU_AUX, EPILOGUE_SOFTCAP = 0, 1, 2, 3
@@ -232,6 +232,13 @@ def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, *, gate_up: bool = F
     return GemvConfig(block_m, block_n, block_k, split_k, num_warps)
 
 
+def _interpreter_config(M: int, N: int, K: int) -> GemvConfig:
+    """Under the interpreter programs run one by one, each tile as one numpy op: the fewest, largest tiles run
+    fastest there. (The GPU settings of ``gemv_config`` are exercised under the interpreter by the kernel tests.)"""
+    return GemvConfig(1 if M == 1 else 16, min(max(triton.next_power_of_2(N), 16), 128),
+                      min(max(triton.next_power_of_2(K), 16), 256), 1, 4)
+
+
 _WORKSPACES: dict = {}  # device -> (fp32 partials, int32 counters); grown outside graph capture only
 
 
@@ -293,8 +300,9 @@ def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, c
     M, K = x_rows.shape
     N = out_rows.shape[1]
     dual = x2_rows is not None
-    cfg = config or gemv_config(M, N, max(K, x2_rows.shape[1]) if dual else K, x_rows.dtype,
-                                gate_up=epilogue == EPILOGUE_GELU_MUL, pairs=2 if dual else 1)
+    K_max = max(K, x2_rows.shape[1]) if dual else K
+    cfg = config or (_interpreter_config(M, N, K_max) if INTERPRETING.value else
+                     gemv_config(M, N, K_max, x_rows.dtype, gate_up=epilogue == EPILOGUE_GELU_MUL, pairs=2 if dual else 1))
     if (cfg.BLOCK_M == 1) != (M == 1):
         raise ValueError(f"{fn}: config BLOCK_M={cfg.BLOCK_M} does not fit {M} rows (1 for one row, 16 else)")
     tiles = triton.cdiv(N, cfg.BLOCK_N) * (2 if dual else 1)

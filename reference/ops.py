@@ -38,6 +38,7 @@ __all__ = [
     "altup_make_streams",
     "altup_collapse_norm",
     "per_layer_inputs_combine",
+    "token_embeddings",
 ]
 
 
@@ -145,8 +146,14 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.matmul(probs.to(q.dtype), v)
 
 
-# Decode is the same math with few queries against a (possibly ring-buffered) static cache.
-sliding_window_attention_decode = sliding_window_attention
+def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                                    k_pos: torch.Tensor, *, window: int | None = None, scaling: float = 1.0,
+                                    softcap: float | None = None, last_slot: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode: the same math with few queries against a (possibly ring-buffered) static cache.
+
+    ``last_slot`` ([B] or [1] int, the highest cache slot written so far) lets a kernel skip the slots above it;
+    they are empty (k_pos = -1), so reading every slot, as here, gives the same result."""
+    return sliding_window_attention(q, k, v, q_pos, k_pos, window=window, scaling=scaling, softcap=softcap)
 
 
 def chunked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_emb: torch.Tensor,
@@ -277,9 +284,15 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
     if k_cache is not None:
         k = rope(rms_norm(heads[:, :, Hq:Hq + Hkv], k_norm_weight, eps)).transpose(1, 2)  # [B, Hkv, T, D]
         v = rms_norm(heads[:, :, Hq + Hkv:], None, eps).transpose(1, 2)
+        # A masked write without boolean indexing (no host sync: the fast model's reference mode and graph capture
+        # run this): a skipped column rewrites the value a kept column writes (with none kept, slot 0's own old
+        # value), so repeated indices always carry equal values.
         keep = slots >= 0
-        k_cache[:, :, slots[keep]] = k[:, :, keep]
-        v_cache[:, :, slots[keep]] = v[:, :, keep]
+        j = torch.where(keep, torch.arange(T, device=slots.device), -1).argmax().view(1)
+        idx = torch.where(keep, slots, slots.index_select(0, j)).clamp(min=0)
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            fill = torch.where(keep.any(), new.index_select(2, j), cache[:, :, :1])  # [B, Hkv, 1, D]
+            cache.index_copy_(2, idx, torch.where(keep[:, None], new, fill))
     return q
 
 
@@ -342,8 +355,7 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
 
 def _match_magnitude(y: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
     """``y * target / sqrt(max(mean(y^2), 1e-5))`` in y.dtype, each op rounded (make_streams / collapse)."""
-    eps = torch.tensor(1e-5, dtype=y.dtype, device=y.device)
-    return y * target_rms / torch.sqrt(torch.maximum(y.pow(2).mean(-1, keepdim=True), eps))
+    return y * target_rms / torch.sqrt(y.pow(2).mean(-1, keepdim=True).clamp(min=1e-5))  # no device tensor: capturable
 
 
 def altup_make_streams(x0: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
@@ -381,3 +393,22 @@ def per_layer_inputs_combine(projection: torch.Tensor, token_inputs: torch.Tenso
     if token_inputs is None:
         return proj
     return (proj + token_inputs) * torch.tensor(2.0 ** -0.5).to(dtype)
+
+
+def token_embeddings(input_ids: torch.Tensor, embed_weight: torch.Tensor, embed_scale: float,
+                     per_layer_weight: torch.Tensor, per_layer_scale: float, hard_embeddings: torch.Tensor | None = None,
+                     hard_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode step's embeddings: (x [..., H], per-layer token part [..., L * P]).
+
+    x = ``embed[t] * embed_scale`` (rounded), or for t >= hard_offset the precomputed multimodal hard embedding
+    ``hard[t - hard_offset]`` (unscaled) when ``hard_embeddings`` is given; token part =
+    ``per_layer[t] * per_layer_scale`` with ids outside [0, V_ple) reading row 0. The scales are Python floats
+    already rounded to the table dtype (the reference model rounds sqrt(H), sqrt(P) to the weight dtype)."""
+    dtype = embed_weight.dtype
+    x = F.embedding(input_ids, embed_weight) * torch.tensor(embed_scale, dtype=dtype)
+    if hard_embeddings is not None:
+        is_hard = input_ids >= hard_offset
+        hard = F.embedding((input_ids - hard_offset).clamp(min=0), hard_embeddings)
+        x = torch.where(is_hard[..., None], hard, x)
+    rows = torch.where((input_ids >= 0) & (input_ids < per_layer_weight.shape[0]), input_ids, 0)
+    return x, F.embedding(rows, per_layer_weight) * torch.tensor(per_layer_scale, dtype=dtype)
