@@ -11,10 +11,11 @@ __version__ = "0.1.0"
 __all__ = ["load", "__version__"]
 
 
-def load(path_or_hub_id, device=None, dtype=None, kernels=None, revision=None, matformer=None):
+def load(path_or_hub_id, device=None, dtype=None, kernels=None, revision=None, matformer=None, num_threads=None):
     """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model; see ``gemma3n_fast.model.load``.
     ``matformer="E2B"`` (on an E4B checkpoint) or ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}`` loads a
     MatFormer slice, reading only its part of the weights."""
     from gemma3n_fast.model import load as _load
 
-    return _load(path_or_hub_id, device=device, dtype=dtype, kernels=kernels, revision=revision, matformer=matformer)
+    return _load(path_or_hub_id, device=device, dtype=dtype, kernels=kernels, revision=revision, matformer=matformer,
+                 num_threads=num_threads)

@@ -6,7 +6,8 @@
     python -m gemma3n_fast demo                             # the fast model on the tiny checkpoint
     python -m gemma3n_fast env                              # versions, device, triton mode
 
-``generate`` prints the reply, then one stats line: prompt tokens, time to first token, decode tok/s, peak memory.
+``generate`` prints the reply, then one stats line: prompt tokens, new tokens, time to first token, media encode
+time (with images / audio), decode tok/s, peak memory, device (CPU threads), dtype, kernels.
 Notes (which checkpoint, load time) go to stderr. A usage error (bad path, bad image, a value out of range)
 prints one line to stderr and exits with status 2; ``--debug`` prints the full traceback instead.
 """
@@ -156,14 +157,26 @@ def _matformer_note(model) -> str:
 
 
 def stats_line(model) -> str:
+    """One line about the model's last generate()/stream()/chat() call (``model.last_stats``)."""
     s = model.last_stats
-    tps = f"{s['decode_tok_s']:.1f} tok/s" if s["decode_tok_s"] else "n/a"
+    if not s:
+        return "[stats] no generation yet"
+    tps = f"{s['decode_tok_s']:.1f} tok/s" if s.get("decode_tok_s") else "n/a"
+    ttft = f"{s['ttft_s'] * 1e3:.1f} ms" if s.get("ttft_s") is not None else "n/a"
+    media = ""
+    if s.get("media_encode_s") is not None:
+        what = [f"{n} {name}{'s' if n != 1 else ''}" for n, name in ((s.get("images", 0), "image"),
+                                                                    (s.get("audio_segments", 0), "audio segment"))
+                if n]
+        media = f" | media encode: {s['media_encode_s'] * 1e3:.1f} ms ({', '.join(what)})"
+    threads = getattr(model, "num_threads", None)
+    where = model.device.type + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else "")
     spec = getattr(model.config, "matformer", None)
     sliced = "" if spec is None else (f" | MatFormer {spec.name or 'slice'}: {len(spec.ffn_hidden_dims)}/"
                                       f"{spec.num_source_layers} layers")
     return (f"[stats] prompt tokens: {s['prompt_tokens']} | new tokens: {s['new_tokens']} | time to first token: "
-            f"{s['ttft_s'] * 1e3:.1f} ms | decode: {tps} | peak memory: {_peak_memory(model.device)} | "
-            f"{model.device.type}, {str(model.dtype).replace('torch.', '')}, kernels={model.backend.mode}{sliced}")
+            f"{ttft}{media} | decode: {tps} | peak memory: {_peak_memory(model.device)} | "
+            f"{where}, {str(model.dtype).replace('torch.', '')}, kernels={model.backend.mode}{sliced}")
 
 
 class _PrintStreamer:
@@ -213,7 +226,8 @@ def cmd_generate(args) -> int:
         path = tiny_checkpoint()
         print(f"(no --model: using the embedded tiny checkpoint with random weights at {path}; output is gibberish)",
               file=sys.stderr)
-    model = _load(path, device=args.device, dtype=args.dtype, kernels=args.kernels, matformer=matformer)
+    model = _load(path, device=args.device, dtype=args.dtype, kernels=args.kernels, matformer=matformer,
+                  num_threads=args.threads)
     print(f"(loaded in {model.load_time_s:.2f} s; {model.backend.describe()}{_matformer_note(model)})",
           file=sys.stderr)
     run_prompt(model, args.prompt, args.image or (), args.audio, args.max_new_tokens, args.temperature, args.stream,
@@ -225,7 +239,7 @@ def cmd_demo(args) -> int:
     """The FAST model on the tiny checkpoint: one text prompt, then one image prompt (when the checkpoint has one)."""
     path = tiny_checkpoint()
     print(f"demo: gemma3n_fast on the tiny random checkpoint at {path} (random weights: the text is gibberish)")
-    model = _load(path, kernels=args.kernels)
+    model = _load(path, kernels=args.kernels, num_threads=args.threads)
     print(f"demo: loaded in {model.load_time_s:.2f} s; {model.backend.describe()}")
     print("demo: text prompt ->")
     run_prompt(model, "what is in this picture", max_new_tokens=24, stream=True)
@@ -287,6 +301,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     # --debug is also accepted after the command; SUPPRESS keeps a subcommand from resetting the top-level value.
     debug = dict(action="store_true", default=argparse.SUPPRESS, help="print the full traceback on errors")
+    threads_help = ("torch CPU threads when running on the CPU (default: 1 on <= 2 CPUs, else the physical cores; "
+                    "$GEMMA3N_FAST_NUM_THREADS also sets it)")
     g = sub.add_parser("generate", help="generate a reply to one prompt")
     g.add_argument("--model", help="local checkpoint folder or hub id (default: the embedded tiny checkpoint)")
     g.add_argument("--prompt", required=True)
@@ -302,9 +318,11 @@ def main(argv=None) -> int:
     g.add_argument("--matformer", metavar="SLICE",
                    help="load a MatFormer slice: a preset (E2B, ... for an E4B checkpoint), a JSON object "
                         "'{\"ffn_hidden_dims\": [...], \"layers_skipped\": [...]}' or a JSON file holding one")
+    g.add_argument("--threads", type=_positive_int, help=threads_help)
     g.add_argument("--debug", **debug)
     d = sub.add_parser("demo", help="the fast model on the tiny checkpoint (text + image prompt)")
     d.add_argument("--kernels", choices=["triton", "interpret", "reference"])
+    d.add_argument("--threads", type=_positive_int, help=threads_help)
     d.add_argument("--debug", **debug)
     e = sub.add_parser("env", help="versions, device, triton mode")
     e.add_argument("--debug", **debug)

@@ -1,15 +1,21 @@
 """generate(), stream() and chat() for the fast model (a mixin: the model calls no code here, so no import cycle).
 
+Arguments, defaults and checks are HF's and shared with the reference model (``reference.generation``:
+``prepare_generation`` resolves them, ``TokenState`` selects tokens, ``finish`` builds the result).
+
 Decode loop (gpt-fast style):
   * ``prefill`` runs once (chunked for long prompts); the KV-shared layers see only the last prompt token;
-  * every ``decode_step`` reads and writes static buffers only (token, position, column, done flags, output buffer,
-    KV cache), samples on the device and has no host synchronisation;
+  * every ``decode_step`` reads and writes static buffers only (token, position, column, done flags, step
+    counter, seen-ids buffer of the repetition penalty, score buffers, output buffer, KV cache), selects the token
+    on the device and has no host synchronisation;
   * on CUDA the step is captured once into a CUDA graph (after a warm-up that compiles the kernels) and replayed;
-    the graph and its buffers are kept for the next call with the same batch size, cache length and sampler;
-  * the eos check (a host sync) runs every ``EOS_CHECK_EVERY`` steps; finished rows emit pad_token_id and the
-    output is cut where the last row finished, so the result equals HF's.
-Sampling: the reference's ``Sampler`` (shared); its Exp(1) noise is drawn from the seeded generator into a static
-buffer before each step, so a seed reproduces the same tokens (and the reference model's, for equal logits).
+    the graph and its buffers are kept for the next call with the same batch size, cache length and settings;
+  * the host looks at the device every ``EOS_CHECK_EVERY`` steps (every step when streaming): whether every row
+    has finished (eos), and, with ``stop_strings``, whether a new token completed one (host-side: a row found
+    stopped gets its done flag set then, and its tokens after the stop become pad, so the result equals HF's).
+    Finished rows emit pad_token_id and the output is cut where the last row finished, as HF stops.
+Sampling: its Exp(1) noise is drawn from the seeded generator into a static buffer before each step, so a seed
+reproduces the same tokens (and the reference model's, for equal logits).
 """
 from __future__ import annotations
 
@@ -19,45 +25,50 @@ import time
 import torch
 
 from gemma3n_fast.cache import StaticKVCache
-from gemma3n_fast.reference.generation import CacheLengthError, Sampler, check_prompt, eos_and_pad, trim_after_eos
+from gemma3n_fast.reference.generation import (CacheLengthError, GenerateOutput, GenerationPlan, TokenState, finish,
+                                               prepare_generation, row_ends)
 
 log = logging.getLogger("gemma3n_fast")
 
 EOS_CHECK_EVERY = 8
 PREFILL_CHUNK = 1024  # columns per prefill chunk (bounds activation memory for long prompts)
 CACHE_ROUND = 256  # cache lengths are rounded up so that a captured graph serves calls of similar length
+RECORD_ROUND = 32  # score/logit buffers hold a multiple of this many steps (same reason)
+PROCESSOR_OPTIONS = ("audio_segment_seconds", "truncate_audio", "sampling_rate")
 
 
 class DecodeState:
     """The static buffers of one decode configuration: what a captured step reads and writes."""
 
-    def __init__(self, model, batch: int, max_length: int, eos: list[int], pad: int, sampler: Sampler):
+    def __init__(self, model, batch: int, max_length: int, plan: GenerationPlan, record: int = 0):
         dev, V = model.device, model.text_config.vocab_size
-        self.sampler = sampler
+        self.sampler = plan.sampler
+        self.tok = TokenState(plan.sampler, batch, V, plan.eos, plan.pad, dev, record,
+                              scores=plan.return_dict and plan.output_scores,
+                              logits=plan.return_dict and plan.output_logits)
         self.cache = StaticKVCache(model.text_config, batch, max_length, dev, model.dtype)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, 1, dtype=torch.int32, device=dev)
         self.col = torch.zeros(1, dtype=torch.long, device=dev)
-        self.step = torch.zeros(1, dtype=torch.long, device=dev)
-        self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
-        self.out = torch.full((batch, max_length), pad, dtype=torch.long, device=dev)  # any N that fits the cache
-        self.eos = torch.tensor(eos, dtype=torch.long, device=dev)
-        self.pad = torch.tensor(pad, dtype=torch.long, device=dev)
-        self.noise = torch.ones(batch, V, device=dev)
+        self.out = torch.full((batch, max_length), plan.pad, dtype=torch.long, device=dev)  # any N that fits
         self.graph = None
 
-    def reset(self) -> None:
+    @property
+    def done(self):
+        return self.tok.done
+
+    def reset(self, input_ids, attention_mask) -> None:
         for p in self.cache.pos.values():
             p.fill_(-1)
-        self.done.zero_(), self.step.zero_(), self.out.fill_(self.pad)
+        self.tok.reset(input_ids, attention_mask)
+        self.out.fill_(self.tok.pad)
 
     def record(self, logits: torch.Tensor) -> None:
-        """Pick the next tokens [B] (pad for finished rows), store them, advance the step inputs."""
-        nxt = torch.where(self.done, self.pad, self.sampler(logits, self.noise))
-        self.out.index_copy_(1, self.step, nxt[:, None])
-        self.done |= torch.isin(nxt, self.eos)
+        """Select the next tokens [B] (pad for finished rows), store them, advance the step inputs."""
+        nxt = self.tok.pick(logits)
+        self.out.index_copy_(1, self.tok.step, nxt[:, None])
         self.tokens.copy_(nxt[:, None])
-        self.step += 1
+        self.tok.advance(nxt)
 
 
 def _step(model, st: DecodeState) -> None:
@@ -81,65 +92,102 @@ def _capture(model, st: DecodeState) -> None:
     st.graph = graph
 
 
-class GenerationMixin:
-    """generate / stream / chat over ``prefill`` and ``decode_step`` (provided by the model)."""
+class _Run:
+    """One call's checked inputs and settings (before any work)."""
 
-    @torch.no_grad()
-    def _generate_steps(self, input_ids, attention_mask=None, pixel_values=None, input_features=None,
-                        input_features_mask=None, max_new_tokens=None, do_sample=False, temperature=1.0, top_k=None,
-                        top_p=None, eos_token_id=None, pad_token_id=None, seed=None, token_type_ids=None,
-                        stepwise=False):
-        """Generator: yields the first new tokens [B] (CPU), then each step's when ``stepwise``; returns [B, T + N].
-        ``token_type_ids`` (from processors) is accepted and unused: Gemma 3n's image tokens attend causally."""
-        c = self.text_config
-        if max_new_tokens is None:
-            max_new_tokens = self.generation_config.get("max_new_tokens", 32)
-        input_ids, attention_mask = check_prompt(input_ids, attention_mask, max_new_tokens,
-                                                 c.max_position_embeddings)
+    def __init__(self, plan, input_ids, attention_mask):
+        self.plan, self.input_ids, self.attention_mask = plan, input_ids, attention_mask
+
+
+class GenerationMixin:
+    """generate / stream / chat over ``prefill`` and ``decode_step`` (provided by the model).
+
+    ``last_stats``: None before the first call; then a dict describing the last generate() / stream() / chat():
+    prompt_tokens, new_tokens (per row, up to where the last row finished), batch, ttft_s (time to the first
+    new token, prefill and media encoding included), decode_tok_s (tokens per second per row after the first;
+    None with one new token), media_encode_s (the vision/audio towers; None without media), images and
+    audio_segments (encoded this call)."""
+
+    last_stats: dict | None = None
+    _media_stats: dict | None = None
+
+    def _prepare(self, input_ids, attention_mask, kwargs, what) -> _Run:
+        plan, input_ids, attention_mask = prepare_generation(self, input_ids, attention_mask, kwargs, what)
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        sampler = Sampler.from_args(do_sample, temperature, top_k, top_p)
-        eos, pad = eos_and_pad(self.generation_config, c, eos_token_id, pad_token_id)
+        return _Run(plan, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def _steps(self, run: _Run, stepwise: bool = False):
+        """Generator: yields the first new tokens [B] (CPU), then each step's when ``stepwise``; returns the result
+        (tensor or GenerateOutput)."""
+        c, plan = self.text_config, run.plan
+        input_ids, attention_mask = run.input_ids, run.attention_mask
         B, T = input_ids.shape
-        N = max_new_tokens
+        N = plan.max_new_tokens
         max_length = min(-(-(T + N) // CACHE_ROUND) * CACHE_ROUND, c.max_position_embeddings)
+        recording = plan.return_dict and (plan.output_scores or plan.output_logits)
+        record = -(-N // RECORD_ROUND) * RECORD_ROUND if recording else 0
 
         # N == 1 needs no decode step (no capture; a captured graph of a longer run is kept for the next call)
         use_graph = self.backend.mode == "triton" and self.use_cuda_graph and N > 1  # reference ops may sync
-        key = (B, max_length, tuple(eos), pad, sampler)
+        key = (B, max_length, tuple(plan.eos), plan.pad, plan.sampler, record, plan.return_dict and
+               plan.output_scores, plan.return_dict and plan.output_logits)
         st = self._graphs.get(key)
         if st is None:
-            st = DecodeState(self, B, max_length, eos, pad, sampler)
+            st = DecodeState(self, B, max_length, plan, record)
             if use_graph:
                 _capture(self, st)  # a failure is an error: eager decode would hide a kernel that syncs
                 self._graphs = {key: st}  # one configuration at a time (the cache can be large)
-        st.reset()
+        st.reset(input_ids, attention_mask)
         generator = None
-        if not sampler.greedy:
+        if not plan.sampler.greedy:
             generator = torch.Generator(self.device)
-            generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
-            st.noise.exponential_(generator=generator)
-        media = dict(pixel_values=pixel_values, input_features=input_features, input_features_mask=input_features_mask)
-        st.record(self.prefill(input_ids, attention_mask, st.cache, media, PREFILL_CHUNK))
+            seed = plan.seed if plan.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+            generator.manual_seed(int(seed))
+            st.tok.noise.exponential_(generator=generator)
+        self._media_stats = None
+        st.record(self.prefill(input_ids, attention_mask, st.cache, plan.media, PREFILL_CHUNK))
         st.positions.copy_(self.last_positions(input_ids, attention_mask) + 1)
         st.col.fill_(T)
-        yield st.out[:, 0].cpu()  # always: the first token marks the time to first token
 
+        stop, stopped, checked = plan.stop_strings, {}, 0
+        prompt_cpu = input_ids[:, -stop.window:].cpu() if stop is not None else None
+
+        def all_done(upto: int) -> bool:
+            """Host check of steps [checked, upto): stop strings (marking those rows done), then the done flags."""
+            nonlocal checked
+            if stop is not None and upto > checked:
+                new = st.out[:, :upto].cpu()
+                before = len(stopped)
+                stop.scan(prompt_cpu, new, checked, upto, stopped, dict(enumerate(row_ends(new, plan.eos))))
+                if len(stopped) > before:
+                    st.tok.done[torch.tensor(sorted(stopped), device=self.device)] = True
+            checked = upto
+            return bool(st.tok.done.all())
+
+        first = st.out[:, 0].cpu()
+        finished = all_done(1) if stepwise else False
+        yield first  # always: the first token marks the time to first token
+        n_run = 1
         for i in range(1, N):
+            if finished:
+                break
             if generator is not None:
-                st.noise.exponential_(generator=generator)
+                st.tok.noise.exponential_(generator=generator)
             if use_graph and st.graph is not None:
                 st.graph.replay()
             else:
                 _step(self, st)
+            n_run = i + 1
             if stepwise:
+                finished = all_done(n_run)
                 yield st.out[:, i].cpu()
-                if bool(st.done.all()):
-                    break
-            elif i % EOS_CHECK_EVERY == 0 and bool(st.done.all()):
-                break
-        return torch.cat([input_ids, trim_after_eos(st.out[:, :N], eos)], dim=1)
+            elif i % EOS_CHECK_EVERY == 0:
+                finished = all_done(n_run)
+        all_done(n_run)
+        return finish(plan, input_ids, st.out[:, :n_run], stopped, st.tok.scores, st.tok.logits)
 
     @staticmethod
     def last_positions(input_ids, attention_mask):
@@ -149,18 +197,24 @@ class GenerationMixin:
                               device=input_ids.device)
         return (attention_mask.long().sum(-1, keepdim=True) - 1).to(torch.int32)
 
-    def generate(self, input_ids, attention_mask=None, streamer=None, **kwargs) -> torch.Tensor:
-        """HF-style generate: prompt + new tokens [B, T + N]; each row stops at any eos id and is padded after it.
+    def generate(self, input_ids, attention_mask=None, streamer=None, **kwargs):
+        """HF-style generate: prompt + new tokens [B * num_return_sequences, T + N]; each row stops at any eos id
+        (or stop string) and is padded after it. With ``return_dict_in_generate=True``: a ``GenerateOutput``
+        (``sequences``, and ``scores`` / ``logits`` tuples when ``output_scores`` / ``output_logits``).
 
-        Arguments (HF's names): pixel_values, input_features, input_features_mask, max_new_tokens, do_sample,
-        temperature, top_k, top_p, eos_token_id (int or list), pad_token_id, seed, token_type_ids (ignored), and
-        ``streamer`` (HF protocol: ``put(prompt)``, ``put(step tokens [B])``..., ``end()``).
-        ``self.last_stats``: prompt tokens, new tokens, time to first token, decode tok/s of this call.
+        Arguments (HF's names and meaning; README's table): pixel_values, input_features, input_features_mask,
+        token_type_ids (ignored), generation_config, max_new_tokens, max_length, min_new_tokens, min_length,
+        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, stop_strings
+        (tokenizer= optional: the model's is used), num_return_sequences, return_dict_in_generate, output_scores,
+        output_logits, use_cache; ``streamer`` (HF protocol: ``put(prompt)``, ``put(step tokens [B])``...,
+        ``end()``); ``seed`` (ours: the sampling noise's seed). Defaults: the model's ``generation_config``,
+        then HF's. Sets ``self.last_stats``.
         """
         t0 = time.perf_counter()
-        steps = self._generate_steps(input_ids, attention_mask, stepwise=streamer is not None, **kwargs)
+        run = self._prepare(input_ids, attention_mask, dict(kwargs, streamer=streamer), "generate()")
+        steps = self._steps(run, stepwise=streamer is not None)
         if streamer is not None:
-            streamer.put(input_ids.cpu())
+            streamer.put(run.input_ids.cpu())
         ttft = None
         try:
             while True:
@@ -172,33 +226,48 @@ class GenerationMixin:
             result = stop.value
         if streamer is not None:
             streamer.end()
-        self._set_stats(input_ids.shape[1], result.shape[1] - input_ids.shape[1], t0, ttft)
+        sequences = result.sequences if isinstance(result, GenerateOutput) else result
+        self._set_stats(run, sequences.shape[1] - run.input_ids.shape[1], t0, ttft)
         return result
 
-    def _set_stats(self, prompt_tokens, new_tokens, t0, ttft):
+    def _set_stats(self, run: _Run, new_tokens, t0, ttft):
         total = time.perf_counter() - t0
-        self.last_stats = {"prompt_tokens": int(prompt_tokens), "new_tokens": int(new_tokens), "ttft_s": ttft,
-                           "decode_tok_s": (new_tokens - 1) / (total - ttft) if new_tokens > 1 and total > ttft
-                           else None}
+        media = self._media_stats or {}
+        self.last_stats = {
+            "prompt_tokens": int(run.input_ids.shape[1]), "new_tokens": int(new_tokens),
+            "batch": int(run.input_ids.shape[0]), "ttft_s": ttft,
+            "decode_tok_s": (new_tokens - 1) / (total - ttft) if ttft is not None and new_tokens > 1 and
+            total > ttft else None,
+            "media_encode_s": media.get("media_encode_s"), "images": media.get("images", 0),
+            "audio_segments": media.get("audio_segments", 0)}
 
     def stream(self, input_ids, attention_mask=None, **kwargs):
-        """Iterate over the generated text (batch 1) as it is decoded; same arguments as ``generate``."""
+        """Iterate over the generated text (batch 1) as it is decoded; same arguments as ``generate``.
+        The arguments are checked when this is called; ``last_stats`` is set when the iteration ends (also when
+        the caller stops early: then it counts the tokens streamed)."""
         if "streamer" in kwargs:
-            raise ValueError("stream(): do not pass a streamer")
+            raise ValueError("stream(): do not pass a streamer (stream() is one)")
+        t0 = time.perf_counter()
+        run = self._prepare(input_ids, attention_mask, kwargs, "stream()")
+        if run.input_ids.shape[0] != 1:
+            raise ValueError(f"stream(): batch size must be 1 (got {run.input_ids.shape[0]} rows, "
+                             "num_return_sequences included); use generate() for batches")
+        tokenizer = self._text_tokenizer()
+        return self._stream(run, tokenizer, t0)
+
+    def _stream(self, run: _Run, tokenizer, t0):
         from tokenizers import decoders
 
-        tokenizer = self._text_tokenizer()
-        t0, ttft, n = time.perf_counter(), None, 0
-        steps = self._generate_steps(input_ids, attention_mask, stepwise=True, **kwargs)
+        ttft, n = None, 0
         decoder = decoders.DecodeStream(skip_special_tokens=True)
-        for tok in steps:
-            ttft, n = ttft or time.perf_counter() - t0, n + 1
-            if tok.numel() != 1:
-                raise ValueError("stream(): batch size must be 1")
-            text = decoder.step(tokenizer, int(tok[0]))
-            if text:
-                yield text
-        self._set_stats(input_ids.shape[1], n, t0, ttft)
+        try:
+            for tok in self._steps(run, stepwise=True):
+                ttft, n = ttft or time.perf_counter() - t0, n + 1
+                text = decoder.step(tokenizer, int(tok[0]))
+                if text:
+                    yield text
+        finally:
+            self._set_stats(run, n, t0, ttft)
 
     def _text_tokenizer(self):
         """The ``tokenizers.Tokenizer`` of the checkpoint."""
@@ -207,26 +276,39 @@ class GenerationMixin:
             raise ValueError("this model has no tokenizer (no tokenizer.json in the checkpoint folder)")
         return tok
 
-    def chat_inputs(self, messages) -> dict:
-        """Messages -> generate() inputs (input_ids [1, T], any pixel_values / input_features) via the chat template."""
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                     for m in messages):
-            raise ValueError("chat(): messages must be a list of {'role': ..., 'content': ...} dicts")
+    def chat_inputs(self, messages, **processor_kwargs) -> dict:
+        """Messages -> generate() inputs (input_ids [1, T], any pixel_values / input_features) via the chat template.
+        processor_kwargs: ``audio_segment_seconds``, ``truncate_audio``, ``sampling_rate`` (the processor's
+        long-audio options; without a processor, i.e. a text-only checkpoint, they have nothing to act on)."""
+        from gemma3n_fast.reference.processor import validate_messages
+
+        unknown = sorted(set(processor_kwargs) - set(PROCESSOR_OPTIONS))
+        if unknown:
+            raise TypeError(f"chat_inputs() got unknown argument(s) {unknown}; it accepts {list(PROCESSOR_OPTIONS)}")
+        validate_messages(messages)
         if self.processor is not None:
             return dict(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True, return_tensors="pt"))
+                                                           return_dict=True, return_tensors="pt",
+                                                           **processor_kwargs))
         ids = self._text_tokenizer().encode(gemma_prompt(messages), add_special_tokens=False).ids
         return {"input_ids": torch.tensor([ids])}
 
-    def chat(self, messages, max_new_tokens=None, **sampling) -> str:
-        """Reply to a chat (``[{"role": "user", "content": ...}]``) with the chat template; returns the text."""
-        inputs = self.chat_inputs(messages)
-        out = self.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
-        return self._text_tokenizer().decode(out[0, inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
+    def chat(self, messages, max_new_tokens=None, **kwargs):
+        """Reply to a chat (``[{"role": "user", "content": ...}]``) with the chat template; returns the text (a list
+        of texts with num_return_sequences > 1). kwargs: generate()'s, and chat_inputs()'s audio options."""
+        options = {k: kwargs.pop(k) for k in PROCESSOR_OPTIONS if k in kwargs}
+        inputs = self.chat_inputs(messages, **options)
+        if max_new_tokens is not None:  # else the model's generation_config decides, as in generate()
+            kwargs["max_new_tokens"] = max_new_tokens
+        out = self.generate(**inputs, **kwargs)
+        out = out.sequences if isinstance(out, GenerateOutput) else out
+        tok, T = self._text_tokenizer(), inputs["input_ids"].shape[1]
+        texts = [tok.decode(row[T:].tolist(), skip_special_tokens=True) for row in out]
+        return texts[0] if len(texts) == 1 else texts
 
 
 def gemma_prompt(messages) -> str:
-    """Gemma's chat format for text-only messages (checkpoints without a processor)."""
+    """Gemma's chat format for text-only messages (checkpoints without a processor); messages already validated."""
     out, system = ["<bos>"], ""
     for m in messages:
         content = m["content"]
@@ -240,7 +322,7 @@ def gemma_prompt(messages) -> str:
         if m["role"] == "system":
             system = content + "\n\n"
             continue
-        role = "model" if m["role"] == "assistant" else m["role"]
+        role = "model" if m["role"] in ("assistant", "model") else m["role"]
         out.append(f"<start_of_turn>{role}\n{system}{content.strip()}<end_of_turn>\n")
         system = ""
     out.append("<start_of_turn>model\n")

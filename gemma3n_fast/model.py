@@ -17,6 +17,7 @@ D head dim, V vocab.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from gemma3n_fast.backend import Backend, pick_mode
 from gemma3n_fast.cache import StaticKVCache
 from gemma3n_fast.generate import GenerationMixin
 from gemma3n_fast.reference import model as reference_model
+from gemma3n_fast.reference.generation import check_media, check_prompt
 
 log = logging.getLogger("gemma3n_fast")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -118,6 +120,7 @@ class FastGemma3n(GenerationMixin, nn.Module):
         self.device, self.dtype = w.device, w.dtype
         self.backend = Backend(kernels, self.device)
         self.load_time_s: float | None = None
+        self.num_threads: int | None = None  # torch's CPU thread count set by load() (None: not on the CPU)
         self.use_cuda_graph = True  # decode steps are captured into a CUDA graph on CUDA devices
         self._graphs: dict = {}
         c = self.text_config
@@ -172,9 +175,24 @@ class FastGemma3n(GenerationMixin, nn.Module):
                                                      c.hidden_size, c.rms_norm_eps)
 
     def _embed(self, input_ids, pixel_values=None, input_features=None, input_features_mask=None):
-        """Prefill: ids (+ media) -> inputs_embeds [B, T, H], per-layer inputs [B, T, L, P] (the reference merge)."""
+        """Prefill: ids (+ media) -> inputs_embeds [B, T, H], per-layer inputs [B, T, L, P] (the reference merge).
+        With media, the time of the embedding (the vision / audio towers, synchronised on CUDA) and the number of
+        images and audio segments go to ``self._media_stats`` (the stats of generate())."""
+        timed = pixel_values is not None or input_features is not None
+        if timed:
+            self._sync()
+            t0 = time.perf_counter()
         x, token_part = self.model.embed_inputs(input_ids, pixel_values, input_features, input_features_mask)
+        if timed:
+            self._sync()
+            self._media_stats = {"media_encode_s": time.perf_counter() - t0,
+                                 "images": 0 if pixel_values is None else int(pixel_values.shape[0]),
+                                 "audio_segments": 0 if input_features is None else int(input_features.shape[0])}
         return x, self._per_layer_inputs(x, token_part)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _embed_decode(self, input_ids):
         """Decode: the same for any id in one gather launch (text table or the hard-embedding table), no host sync."""
@@ -276,7 +294,8 @@ class FastGemma3n(GenerationMixin, nn.Module):
                 input_features_mask=None, token_type_ids=None) -> ModelOutput:
         """Full-sequence logits [B, T, V] (no cache), like HF's forward. ``token_type_ids`` is accepted and unused
         (Gemma 3n's image tokens attend causally like text)."""
-        input_ids = self._check_ids(input_ids)
+        input_ids = self._check_ids(input_ids, attention_mask)
+        check_media(self.config, input_ids, pixel_values, input_features, input_features_mask)
         positions = positions_of(input_ids, attention_mask)
         x, per_layer = self._embed(input_ids, pixel_values, input_features, input_features_mask)
         return ModelOutput(logits=self._logits(self._decoder(x, per_layer, positions, _KV(positions))))
@@ -303,14 +322,49 @@ class FastGemma3n(GenerationMixin, nn.Module):
         kv = _KV(positions, cache, col=col)
         return self._logits(self._decoder(x, per_layer, positions, kv, decode=True))[:, -1]
 
-    def _check_ids(self, input_ids):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
-                torch.int64, torch.int32):
-            raise ValueError(f"input_ids: expected an integer tensor [batch, tokens], got "
-                             f"{getattr(input_ids, 'shape', type(input_ids))} {getattr(input_ids, 'dtype', '')}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids: the prompt is empty")
-        return input_ids.to(self.device).long()
+    def _check_ids(self, input_ids, attention_mask=None):
+        """forward()'s ids and mask: shapes, ids inside the vocabulary, mask values 0/1 (any padding side)."""
+        input_ids, _ = check_prompt(input_ids, attention_mask, self.text_config.vocab_size, generation=False)
+        return input_ids.to(self.device)
+
+    # ---- moving / casting after load is refused: the fused weights, the hard-embedding table and the captured
+    # graphs are plain tensors built for one device and dtype, which nn.Module.to() would leave behind.
+    def _refuse_cast(self, device=None, dtype=None, what: str = "to()"):
+        if dtype == torch.float16:
+            check_dtype(dtype, self.device)  # raises the fp16 refusal
+        if device is not None:
+            device = torch.device(device)
+            same_device = device.type == self.device.type and device.index in (None, self.device.index)
+        else:
+            same_device = True
+        if same_device and (dtype is None or dtype == self.dtype):
+            return self
+        raise ValueError(f"{what}: the fast model cannot be moved or cast after load (its fused weights and caches "
+                         f"are built for {self.device}, {str(self.dtype).replace('torch.', '')}); load it again: "
+                         f"gemma3n_fast.load(path, device=..., dtype=...)")
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return self._refuse_cast(device, dtype, "to()")
+
+    def half(self):
+        return self._refuse_cast(dtype=torch.float16, what="half()")
+
+    def bfloat16(self):
+        return self._refuse_cast(dtype=torch.bfloat16, what="bfloat16()")
+
+    def double(self):
+        return self._refuse_cast(dtype=torch.float64, what="double()")
+
+    def cuda(self, device=None):
+        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+        return self._refuse_cast(device=target, what="cuda()")
+
+    def cpu(self):
+        return self._refuse_cast(device="cpu", what="cpu()")
+
+    def float(self):  # last: inside the class body the name float means this method from here on
+        return self._refuse_cast(dtype=torch.float32, what="float()")
 
 
 def positions_of(input_ids, attention_mask):
@@ -354,12 +408,13 @@ def check_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, revision=None,
-         matformer=None) -> FastGemma3n:
+         matformer=None, num_threads: int | None = None) -> FastGemma3n:
     """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model.
 
     device: default CUDA if available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU; fp16 is refused.
     kernels: "triton" | "interpret" | "reference" | None (see ``gemma3n_fast.backend``); checked before any weight
-    is read. The tokenizer, processor and generation defaults come with the checkpoint (``model.tokenizer``,
+    is read. num_threads: torch's CPU thread count when the device is the CPU (see ``cpu_threads``). The
+    tokenizer, processor and generation defaults come with the checkpoint (``model.tokenizer``,
     ``model.processor``, ``model.generation_config``); ``model.load_time_s`` holds the load time.
     matformer: a MatFormer slice of the checkpoint, read sliced (``"E2B"`` on an E4B checkpoint, or
     ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``; see ``gemma3n_fast.reference.matformer``);
@@ -368,6 +423,7 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
     t0 = time.perf_counter()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = check_dtype(dtype, device)
+    threads = cpu_threads(num_threads) if device.type == "cpu" else None
     if pick_mode(kernels, device) == "interpret":  # before anything imports the kernels
         from gemma3n_fast.backend import enable_interpreter
 
@@ -375,6 +431,7 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
     reference = reference_model.load(path_or_hub_id, device=device, dtype=dtype, revision=revision,
                                      matformer=matformer)
     model = FastGemma3n(reference, kernels)
+    model.num_threads = threads
     model.load_time_s = time.perf_counter() - t0
     spec = reference.config.matformer
     log.info("gemma3n_fast: loaded %s in %.2f s (%s, %s)%s", reference.source, model.load_time_s, device, dtype,
@@ -386,3 +443,55 @@ def from_reference(reference: reference_model.Gemma3nReference, kernels: str | N
     """The fast model around an already built reference module (e.g. ``reference.model.build`` from tensors in
     memory, as the benchmarks do). Its weights are shared, and q|k|v, gate|up become views of fused matrices."""
     return FastGemma3n(reference, kernels)
+
+
+THREADS_ENV = "GEMMA3N_FAST_NUM_THREADS"
+_THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cpu_threads(num_threads: int | None = None) -> int:
+    """Set torch's intra-op thread count for CPU inference; returns the count in effect.
+
+    ``num_threads`` (or ``$GEMMA3N_FAST_NUM_THREADS``) is used as given. Otherwise torch's own default (one thread
+    per CPU) is lowered to 1 on a machine with at most 2 CPUs and to the physical core count above that: decode
+    runs many small ops per token, and extra threads contend for the same cores (on 2 cores, decode ran several
+    times slower with torch's default of 2 than with 1). A count that looks set by the user (OMP_NUM_THREADS /
+    MKL_NUM_THREADS in the environment, or a value that is not one of torch's defaults) is kept."""
+    if num_threads is None and os.environ.get(THREADS_ENV):
+        text = os.environ[THREADS_ENV]
+        if not text.strip().isdigit() or int(text) < 1:
+            raise ValueError(f"{THREADS_ENV}={text!r}: expected a whole number >= 1")
+        num_threads = int(text)
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads: expected an int >= 1, got {num_threads!r}")
+        torch.set_num_threads(num_threads)
+        return num_threads
+    current = torch.get_num_threads()
+    if any(os.environ.get(v) for v in _THREAD_ENVS):
+        return current
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = min(_physical_cores() or cpus, cpus)
+    choice = 1 if cpus <= 2 else physical
+    if current > choice and current in {os.cpu_count(), cpus, physical}:
+        torch.set_num_threads(choice)
+        log.info("gemma3n_fast: torch CPU threads %d -> %d (%s=N overrides)", current, choice, THREADS_ENV)
+        return choice
+    return current
+
+
+def _physical_cores() -> int | None:
+    """Distinct (package, core) pairs in /proc/cpuinfo (Linux); None when unknown."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    cores, package = set(), None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            package = value.strip()
+        elif key == "core id":
+            cores.add((package, value.strip()))
+    return len(cores) or None

@@ -332,6 +332,17 @@ class TextConfig:
     def rope_base(self) -> dict[str, float]:
         return {"full_attention": self.rope_theta, "sliding_attention": self.rope_local_base_freq}
 
+    # ---- HF's attribute names (Gemma3nTextConfig) beyond the fields --------------------------------
+    model_type = "gemma3n_text"
+    is_encoder_decoder = False
+    tie_word_embeddings = True  # the output projection is the embedding table
+
+    def get_text_config(self, decoder=None) -> "TextConfig":
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     @classmethod
     def from_dict(cls, d: dict, strict: bool = True) -> "TextConfig":
         return cls(**_pop_known(d, cls, strict, "text_config"))
@@ -455,6 +466,41 @@ class Gemma3nConfig:
                 raise ConfigError(f"{W}.audio_token_id: equals image_token_id={self.image_token_id}; "
                                   "the two placeholders must differ")
 
+    # ---- HF's attribute names: the sub-configs, and (beyond HF's composite config, whose text values live only
+    # in text_config) the text model's values at the top, as on a text-only Gemma3nTextConfig ----------------
+    is_encoder_decoder = False
+    tie_word_embeddings = True
+
+    @property
+    def text_config(self) -> TextConfig:
+        return self.text
+
+    @property
+    def vision_config(self) -> VisionConfig | None:
+        return self.vision
+
+    @property
+    def audio_config(self) -> AudioConfig | None:
+        return self.audio
+
+    @property
+    def model_type(self) -> str:
+        return "gemma3n_text" if self.text_only else "gemma3n"
+
+    def get_text_config(self, decoder=None) -> TextConfig:
+        return self.text
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails: vocab_size, hidden_size, eos_token_id... from the text config
+        text = self.__dict__.get("text")
+        if text is not None and not name.startswith("_") and (name in _TEXT_FIELDS or
+                                                              isinstance(getattr(type(text), name, None), property)):
+            return getattr(text, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     @property
     def weight_prefix(self) -> str:
         """Prefix of the text decoder's keys in the safetensors files."""
@@ -497,6 +543,9 @@ class Gemma3nConfig:
             return cls.from_dict(d, strict)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+_TEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(TextConfig))
 
 
 def load_config(path: str | Path, strict: bool = True) -> Gemma3nConfig:

@@ -5,7 +5,6 @@ State dict keys equal the checkpoint's after stripping ``model.`` (``language_mo
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from torch import nn
 
 from gemma3n_fast.reference.config import Gemma3nConfig, load_config
 from gemma3n_fast.reference.embedder import MultimodalEmbedder
-from gemma3n_fast.reference.generation import Sampler, check_prompt, eos_and_pad
+from gemma3n_fast.reference.generation import GenerationConfig
 from gemma3n_fast.reference.loader import CheckpointError, assign_state_dict, read_state_dict, resolve_checkpoint
 from gemma3n_fast.reference.matformer import MatformerSlice
 from gemma3n_fast.reference.matformer import resolve as resolve_matformer
@@ -42,7 +41,8 @@ class Gemma3nReference(nn.Module):
             self.audio_tower = _build_tower("audio", a)
             self.embed_audio = MultimodalEmbedder(a.hidden_size, t.hidden_size, a.vocab_size, a.vocab_offset,
                                                   a.rms_norm_eps)
-        self.generation_config: dict = {}
+        # HF-style generation defaults: generation_config.json when the checkpoint has one (see _attach_files)
+        self.generation_config = GenerationConfig.from_text_config(config.text)
         self.processor = None  # reference.processor.Processor for multimodal checkpoints with tokenizer files
         self.tokenizer = None  # tokenizers.Tokenizer when tokenizer.json is present
         self.source: str = ""
@@ -89,42 +89,48 @@ class Gemma3nReference(nn.Module):
                                    per_layer_token_inputs=per_layer_tokens, cache=cache, logits_to_keep=logits_to_keep)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, pad_token_id=None, seed: int | None = None, **mm_inputs) -> torch.Tensor:
-        """Prompt + new tokens [B, T + N], like HF. Greedy unless do_sample; each row stops at any eos id.
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Prompt + new tokens [B, T + N], like HF: the same arguments, defaults and checks as the fast model's
+        generate (``reference.generation.prepare_generation``), the same token selection (``TokenState``, one
+        Exp(1) draw [B, V] per step from a generator seeded by ``seed``: the same seed gives the same tokens) and
+        the same result (``finish``). Eager: a cached forward per token; stop strings are checked every step."""
+        from gemma3n_fast.reference.generation import TokenState, finish, prepare_generation, row_ends
 
-        Sampling uses the shared ``Sampler`` with one Exp(1) draw [B, V] per step from a generator seeded by
-        ``seed``, as the fast model does: the same seed gives the same tokens in both."""
-        input_ids, attention_mask = check_prompt(input_ids, attention_mask, max_new_tokens,
-                                                 self.config.text.max_position_embeddings)
-        sampler = Sampler.from_args(bool(do_sample), temperature, top_k, top_p)
-        eos_ids, pad = eos_and_pad(self.generation_config, self.config.text, eos_token_id, pad_token_id)
-        dev = input_ids.device
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
+        plan, input_ids, attention_mask = prepare_generation(self, input_ids, attention_mask, kwargs)
+        dev = self.language_model.embed_tokens.weight.device
+        input_ids = input_ids.to(dev)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
+        B, N = input_ids.shape[0], plan.max_new_tokens
+        tok = TokenState(plan.sampler, B, self.config.text.vocab_size, plan.eos, plan.pad, dev, N,
+                         scores=plan.return_dict and plan.output_scores, logits=plan.return_dict and plan.output_logits)
+        tok.reset(input_ids, attention_mask)
         gen = None
-        if not sampler.greedy:
+        if not plan.sampler.greedy:
             gen = torch.Generator(device=dev)
-            gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
-        B = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            gen.manual_seed(int(plan.seed) if plan.seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
         cache = KVCache()
-        logits = self.forward(input_ids, attention_mask, cache=cache, logits_to_keep=1, **mm_inputs).logits[:, -1]
-        tokens = input_ids
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        for step in range(max_new_tokens):
-            noise = None if gen is None else torch.empty(logits.shape, device=dev).exponential_(generator=gen)
-            nxt = sampler(logits, noise)
-            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            finished |= torch.isin(nxt, eos)
-            if bool(finished.all()) or step == max_new_tokens - 1:
+        logits = self.forward(input_ids, attention_mask, cache=cache, logits_to_keep=1, **plan.media).logits[:, -1]
+        new, stopped = [], {}
+        prompt_cpu = input_ids.cpu() if plan.stop_strings is not None else None
+        for step in range(N):
+            if gen is not None:
+                tok.noise.exponential_(generator=gen)
+            nxt = tok.pick(logits)
+            tok.advance(nxt)
+            new.append(nxt)
+            if plan.stop_strings is not None:
+                so_far = torch.stack(new, 1).cpu()
+                before = len(stopped)
+                plan.stop_strings.scan(prompt_cpu, so_far, step, step + 1, stopped,
+                                       dict(enumerate(row_ends(so_far, plan.eos))))
+                if len(stopped) > before:
+                    tok.done[torch.tensor(sorted(stopped), device=dev)] = True
+            if bool(tok.done.all()) or step == N - 1:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
             # forward (not the bare language model): a sampled multimodal id takes its embedder's hard vector
             logits = self.forward(nxt[:, None], attention_mask, cache=cache).logits[:, -1]
-        return tokens
+        return finish(plan, input_ids, torch.stack(new, 1), stopped, tok.scores, tok.logits)
 
 
 def _build_tower(kind: str, cfg):
@@ -224,7 +230,7 @@ def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config:
 def _attach_files(model: Gemma3nReference, folder: Path) -> None:
     gc_file = folder / "generation_config.json"
     if gc_file.is_file():
-        model.generation_config = json.loads(gc_file.read_text())
+        model.generation_config = GenerationConfig.from_json_file(gc_file)
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 

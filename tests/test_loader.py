@@ -55,7 +55,7 @@ def test_text_only_and_multimodal_load_the_same_text_weights(tiny_text, tiny_mm)
     assert torch.equal(b.language_model.layers[3].mlp.down_proj.weight,
                        file["model.language_model.layers.3.mlp.down_proj.weight"])
     assert torch.equal(_logits(a), _logits(b))
-    assert a.generation_config["eos_token_id"] == [1, 5]
+    assert a.generation_config.eos_token_id == [1, 5]
 
 
 def test_dtype_is_the_callers(tiny_text):
