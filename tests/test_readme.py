@@ -53,6 +53,7 @@ def workdir(tmp_path, monkeypatch, tiny):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GEMMA3N_FAST_CACHE", str(tiny.parent))
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save("cat.jpg")
+    (tmp_path / "slice.json").write_text(TINY_SLICE)  # the README's --matformer slice.json
     with wave.open("talk.wav", "wb") as w:  # 2 s of 16-bit noise at 16 kHz
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
         w.writeframes((np.random.default_rng(1).standard_normal(32_000) * 3000).astype(np.int16).tobytes())
@@ -65,6 +66,10 @@ def workdir(tmp_path, monkeypatch, tiny):
 
     monkeypatch.setattr(reference_model, "resolve_checkpoint", resolve)
     return tmp_path
+
+
+# the tiny checkpoint's layer 4 (KV-shared, sliding) skipped, every other FFN narrowed: what E2B is to E4B
+TINY_SLICE = '{"ffn_hidden_dims": [128, 128, 128, 96, 128], "layers_skipped": [4]}'
 
 
 def test_readme_has_the_blocks_this_test_knows():
@@ -92,6 +97,8 @@ def test_bash_blocks_run_as_written(workdir, tiny, capsys):
             command = line.split("  #")[0].strip()
             if not command or command.startswith("make "):
                 continue  # make: by rule (see the module docstring)
+            # a MatFormer preset names a slice of the real E4B; on the tiny stand-in, a legal slice of its 6 layers
+            command = command.replace("--matformer E2B", "--matformer " + shlex.quote(TINY_SLICE))
             argv = shlex.split(command.replace("PATH_OR_ID", str(tiny)))
             assert argv[:3] == ["python", "-m", "gemma3n_fast"], f"README command this test cannot run: {line}"
             assert main(argv[3:]) == 0, line
