@@ -612,14 +612,14 @@ def account(model: str = "e2b", *, context: int = 1024, batch: int = 1, dtype: t
     """Launches and bytes of one decode step of ``model`` ("e2b", "e4b", "smoke"); see the module docstring."""
     from gemma3n_fast import reference
     from gemma3n_fast.generate import DecodeState, _step
-    from gemma3n_fast.reference.generation import Sampler, eos_and_pad
+    from gemma3n_fast.reference.generation import GenerationPlan, Sampler
 
     t0 = time.perf_counter()
     fast, how = build_meta_model(model, dtype)
     cfg = fast.text_config
     context = min(context, cfg.max_position_embeddings)
-    eos, pad = eos_and_pad(fast.generation_config, cfg)
-    st = DecodeState(fast, batch, context, eos, pad, Sampler.from_args(False))
+    plan = GenerationPlan(sampler=Sampler.from_args(False), max_new_tokens=context, eos=[1], pad=0)  # greedy
+    st = DecodeState(fast, batch, context, plan)
     kv = {_storage_key(t) for t in [*st.cache.k, *st.cache.v, *st.cache.pos.values()]}
     rec = Recorder(fast.device, WeightMap(fast), kv, tokens=1)
     for name in list(fast.backend.sources):

@@ -584,8 +584,9 @@ class TokenState:
         self.eos = torch.tensor(eos, dtype=torch.long, device=device)
         self.pad = torch.tensor(pad, dtype=torch.long, device=device)
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
-        if eos:
-            self.eos_mask[self.eos[self.eos < vocab]] = True
+        in_vocab = [e for e in eos if 0 <= e < vocab]  # eos ids beyond the vocabulary are never generated
+        if in_vocab:
+            self.eos_mask[torch.tensor(in_vocab, device=device)] = True
         self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device) \
             if sampler.repetition_penalty != 1.0 else None
         self.noise = torch.ones(batch, vocab, device=device) if not sampler.greedy else None
