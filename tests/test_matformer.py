@@ -125,7 +125,7 @@ def test_reference_equals_hf_on_offline_slice(folder, oracle, name):
     ids = _ids(2, 9, seed=1)  # 9 > the sliding window of 6
     with torch.no_grad():
         _check_logits(model(ids).logits, hf(ids).logits, f"reference, spec {name}")
-        ours = model.generate(ids, max_new_tokens=6)
+        ours = model.generate(ids, max_new_tokens=6, do_sample=False)
         theirs = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours, theirs), f"spec {name}: greedy tokens differ\n{ours}\n{theirs}"
 
@@ -139,7 +139,7 @@ def test_fast_model_kernels_equal_hf_on_offline_slice(folder, oracle, name):
     ids = _ids(1, 8, seed=2)
     with torch.no_grad():
         _check_logits(fast(ids).logits, hf(ids).logits, f"fast (interpret), spec {name}")
-        ours = fast.generate(ids, max_new_tokens=3)
+        ours = fast.generate(ids, max_new_tokens=3, do_sample=False)
         theirs = hf.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours, theirs), f"spec {name}: greedy tokens differ\n{ours}\n{theirs}"
 
