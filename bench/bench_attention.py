@@ -8,7 +8,8 @@ GPU: Gemma 3n E2B shapes (8 query heads over 2 KV heads, head_dim 256, window 51
   decode at contexts 1k / 8k / 32k, batch 1 and 8, global cache and the 512-slot ring: triton vs reference eager
   and under torch.compile; GB/s = K/V cache bytes that must be read / time.
   conformer: a 30 s clip (750 frames, 8 heads, Dh 192) vs the reference op (eager, compiled).
-CPU: a tiny smoke through the interpreter (run with --benchmark-disable); compiled providers are skipped there.
+CPU: a tiny smoke through the interpreter (run with --benchmark-disable); the CUDA-only and compiled providers are
+marked ``gpu`` and deselected there.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import SMOKE, is_gpu, record, time_fn
+from bench.common import SMOKE, gpu_only, is_gpu, record, time_fn
 from gemma3n_fast.kernels.chunked_local_attention import chunked_local_attention
 from gemma3n_fast.kernels.sliding_window_attention import sliding_window_attention
 from gemma3n_fast.kernels.sliding_window_decode import sliding_window_attention_decode
@@ -55,7 +56,7 @@ def _run(benchmark, fn, **info):
 # Prefill
 # ---------------------------------------------------------------------------------------------------------------
 
-PREFILL_PROVIDERS = ["triton", "sdpa_window_mask", "sdpa_flash_causal", "flex_window", "reference"]
+PREFILL_PROVIDERS = ["triton", "sdpa_window_mask", *gpu_only("sdpa_flash_causal", "flex_window"), "reference"]
 
 
 def _visible_pairs(T: int, window: int) -> int:
@@ -83,8 +84,6 @@ def test_prefill(benchmark, T, provider):
         mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < WINDOW)  # [T, T] bool
         fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)  # noqa
     elif provider == "sdpa_flash_causal":
-        if not is_gpu():
-            pytest.skip("flash backend is CUDA only")
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def fn():
@@ -93,8 +92,6 @@ def test_prefill(benchmark, T, provider):
                 return F.scaled_dot_product_attention(q, k.repeat_interleave(HQ // HKV, 1),
                                                       v.repeat_interleave(HQ // HKV, 1), is_causal=True, scale=1.0)
     else:  # flex_window
-        if not is_gpu():
-            pytest.skip("FlexAttention needs torch.compile (skipped on the CPU smoke)")
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         except ImportError as exc:
@@ -125,18 +122,17 @@ def test_prefill(benchmark, T, provider):
 # Decode
 # ---------------------------------------------------------------------------------------------------------------
 
-DECODE_PROVIDERS = ["triton", "reference", "reference_compiled"]
+DECODE_PROVIDERS = ["triton", "reference", *gpu_only("reference_compiled")]
+# The ring cache has the same size at every context: measured once per batch, at the first context.
+DECODE_CASES = [(b, s, layer) for b, s in DECODE for layer in ("global", "ring512")
+                if layer == "global" or s == DECODE[0][1]]
 
 
 @pytest.mark.parametrize("provider", DECODE_PROVIDERS)
-@pytest.mark.parametrize("layer", ["global", "ring512"])
-@pytest.mark.parametrize("batch,context", DECODE, ids=[f"b{b}_ctx{s}" for b, s in DECODE])
+@pytest.mark.parametrize("batch,context,layer", DECODE_CASES,
+                         ids=[f"b{b}_ctx{s}-{layer}" for b, s, layer in DECODE_CASES])
 def test_decode(benchmark, batch, context, layer, provider):
     benchmark.group = "attention_decode"
-    if provider == "reference_compiled" and not is_gpu():
-        pytest.skip("torch.compile skipped on the CPU smoke")
-    if layer == "ring512" and context != DECODE[0][1]:
-        pytest.skip("the ring cache has the same size at every context: measured once per batch")
     torch.manual_seed(0)
     slots = WINDOW if layer == "ring512" else context
     q = torch.randn(batch, HQ, 1, D, device=DEVICE, dtype=DTYPE)
@@ -169,11 +165,9 @@ def test_decode(benchmark, batch, context, layer, provider):
 # Conformer local attention
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("provider", ["triton", "reference", "reference_compiled"])
+@pytest.mark.parametrize("provider", ["triton", "reference", *gpu_only("reference_compiled")])
 def test_conformer_local_attention(benchmark, provider):
     benchmark.group = "conformer_local_attention"
-    if provider == "reference_compiled" and not is_gpu():
-        pytest.skip("torch.compile skipped on the CPU smoke")
     B, T, N, Dh = CLIP
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, T, N, Dh, device=DEVICE, dtype=DTYPE) for _ in range(3))

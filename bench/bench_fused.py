@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 
-from bench.common import SMOKE, is_gpu, record, run_provider, sync, time_fn
+from bench.common import SMOKE, gpu_only, is_gpu, record, run_provider, sync, time_fn
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -28,7 +28,7 @@ HIDDEN = 96 if SMOKE else 2048
 HEADS = (2, 1, 32) if SMOKE else (8, 2, 256)  # q heads, KV heads, head_dim
 LAYERS, PLE = (3, 16) if SMOKE else (30, 256)  # per-layer inputs: layers x width
 TOKENS = {"decode3": 3} if SMOKE else {"decode1": 1, "decode8": 8, "prefill512": 512}
-PROVIDERS = ["triton", "eager", "compile"]
+PROVIDERS = ["triton", "eager", *gpu_only("compile")]
 _run = functools.partial(run_provider, dtype=DTYPE)
 
 

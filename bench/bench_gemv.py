@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from bench.common import SMOKE, is_gpu, run_provider
+from bench.common import SMOKE, gpu_only, is_gpu, run_provider
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -44,7 +44,7 @@ GEMVS = {
 if SMOKE:  # same kinds, tiny widths that still cross the tile tails
     GEMVS = {name: (kind, min(max(8, n // 64), 60) + 3, max(8, k // 64) + 1, k2 and 5) for name, (kind, n, k, k2) in
              GEMVS.items() if name in ("qkv_laurel", "o_laurel_dual", "gate_up_e2b", "pli_gate", "lm_head")}
-PROVIDERS = ["triton", "eager", "compile"]
+PROVIDERS = ["triton", "eager", *gpu_only("compile")]
 # cpu_reps=1: the CPU smoke run only needs the call to run once after the warm-up
 _run = functools.partial(run_provider, dtype=DTYPE, graph=True, cpu_reps=1)
 
@@ -79,7 +79,7 @@ def test_bench_gemv(benchmark, name, rows_id, provider):
          shape=[M, N, K, K2], kind=kind, rows=rows_id, config=str(cfg))
 
 
-FFN_PROVIDERS = ["triton", "triton_dense", "eager", "compile"]
+FFN_PROVIDERS = ["triton", "triton_dense", "eager", *gpu_only("compile")]
 
 
 @pytest.mark.parametrize("provider", FFN_PROVIDERS)

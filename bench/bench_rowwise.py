@@ -14,7 +14,7 @@ import functools
 import pytest
 import torch
 
-from bench.common import SMOKE, is_gpu, run_provider
+from bench.common import SMOKE, gpu_only, is_gpu, run_provider
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -23,7 +23,7 @@ HIDDEN = 96 if SMOKE else 2048
 INTERMEDIATE = {"E2B": 200, "E4B": 264} if SMOKE else {"E2B": 8192, "E4B": 16384}
 TOKENS = {"decode1": 1, "decode8": 3} if SMOKE else {"decode1": 1, "decode8": 8, "prefill512": 512,
                                                      "prefill2048": 2048}
-PROVIDERS = ["triton", "eager", "compile"]
+PROVIDERS = ["triton", "eager", *gpu_only("compile")]
 _run = functools.partial(run_provider, dtype=DTYPE)
 Z_95 = 1.6448535919189453
 

@@ -19,6 +19,12 @@ def is_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_only(*values):
+    """Parameter values that need a CUDA device (torch.compile, CUDA-only SDPA backends, FlexAttention): marked
+    ``gpu``, so conftest.py deselects them on CPU-only machines (the smoke run) instead of skipping them."""
+    return [pytest.param(value, marks=pytest.mark.gpu) for value in values]
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if is_gpu() else f"cpu ({os.cpu_count()} cores)"
 
@@ -83,10 +89,9 @@ def run_provider(benchmark, group, provider, triton_fn, ref_fn, args, kwargs, by
     """Time one provider of a kernel benchmark and hand a synced callable to pytest-benchmark.
 
     ``provider``: "triton" calls ``triton_fn(*args, **kwargs)``, "eager" ``ref_fn``, "compile" ``ref_fn`` under
-    torch.compile (skipped on the CPU smoke run). The median (CUDA events on GPU) goes to ``extra_info`` with
-    ``bytes_moved``, ``dtype`` and ``info``; ``graph=True`` adds the CUDA-graph replay median (not for "compile")."""
-    if provider == "compile" and SMOKE:
-        pytest.skip("torch.compile is not benchmarked on the CPU smoke run")
+    torch.compile (listed through ``gpu_only``, so never on the CPU smoke run). The median (CUDA events on GPU)
+    goes to ``extra_info`` with ``bytes_moved``, ``dtype`` and ``info``; ``graph=True`` adds the CUDA-graph replay
+    median (not for "compile")."""
     fn = {"triton": triton_fn, "eager": ref_fn}.get(provider) or torch.compile(ref_fn, dynamic=False)
     call = lambda: fn(*args, **kwargs)  # noqa: E731
     benchmark.group = group
