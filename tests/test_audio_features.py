@@ -9,11 +9,9 @@ import wave
 
 import numpy as np
 import pytest
+from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor  # the oracle
 
 from gemma3n_fast.reference.audio_features import AudioError, AudioFeatureExtractor, load_audio, resample
-
-pytest.importorskip("transformers")
-from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor  # noqa: E402
 
 REL_TOL = 1e-5
 SR = 16_000

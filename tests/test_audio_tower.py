@@ -5,14 +5,12 @@ the observed difference is ~1e-6 of the range (matmul blocking and the q-scale p
 """
 import pytest
 import torch
+from transformers import Gemma3nAudioConfig  # the oracle; the library itself never imports it
+from transformers.models.gemma3n import modeling_gemma3n as hf
 
 from gemma3n_fast.reference.audio_tower import AudioTower, CumulativeGroupNorm, audio_soft_tokens
 from gemma3n_fast.reference.config import AudioConfig
 from gemma3n_fast.reference.embedder import MultimodalEmbedder
-
-transformers = pytest.importorskip("transformers")
-from transformers import Gemma3nAudioConfig  # noqa: E402
-from transformers.models.gemma3n import modeling_gemma3n as hf  # noqa: E402
 
 REL_TOL = 1e-5
 # Tiny but not trivial: 2 heads x 16, 2 blocks, real 128 mel bins, SSCP channels 8 -> 4.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the oracle; the library itself never imports it
 from safetensors.torch import load_file, save_file
 
 from gemma3n_fast.reference.loader import (CheckpointError, CheckpointWarning, assign_state_dict, check_state_dict,
@@ -278,7 +279,6 @@ def tiny_mm_full(tmp_path_factory):
 
 
 def test_tiny_writer_output_loads_in_hf_with_equal_logits(tiny_mm_full, tiny_text):
-    transformers = pytest.importorskip("transformers")
     # Multimodal folder incl. the vision tower: HF must find every key it expects and nothing else.
     mm = tiny_mm_full
     hf, info = transformers.Gemma3nForConditionalGeneration.from_pretrained(

@@ -11,11 +11,10 @@ import math
 
 import pytest
 import torch
+import transformers  # the oracle; the library itself never imports it
 
-transformers = pytest.importorskip("transformers")  # the oracle; the library itself never imports it
-
-from gemma3n_fast.reference.model import load  # noqa: E402
-from gemma3n_fast.reference.text import KVCache  # noqa: E402
+from gemma3n_fast.reference.model import load
+from gemma3n_fast.reference.text import KVCache
 
 REL_TOL_FP32 = 1e-4  # max abs err / max abs logit, see module docstring
 
