@@ -1,7 +1,7 @@
 """Model configurations for the end-to-end benchmark, as HF ``config.json``-style dictionaries.
 
 The E2B/E4B text parts come from ``reference/config.py`` (``E2B_TEXT``/``E4B_TEXT``; every other text
-field is the documented default, spec §6.1). Audio and vision towers use their defaults (USM conformer,
+field is TextConfig's default, as released). Audio and vision towers use their defaults (USM conformer,
 MobileNetV5-300M), which are the same for both sizes. ``SMOKE`` is a tiny multimodal model for the CPU
 smoke run: small vocabulary with the image/audio id ranges moved inside it, a quarter-width vision tower.
 
@@ -17,7 +17,7 @@ import copy
 
 from gemma3n_fast.reference.config import E2B_TEXT, E4B_TEXT
 
-# Top-level fields of the real checkpoints (spec §4.1, §6.1): ids and soft-token counts.
+# Top-level fields of the real checkpoints (identical for E2B and E4B): ids and soft-token counts.
 _REAL_TOP = dict(
     audio_soft_tokens_per_image=188, vision_soft_tokens_per_image=256,
     boi_token_id=255_999, eoi_token_id=262_144, image_token_id=262_145,
@@ -43,7 +43,7 @@ SMOKE = dict(
         hidden_size=32, conf_num_hidden_layers=2, conf_num_attention_heads=4,
         sscp_conv_channel_size=[8, 4], vocab_offset=384,
     ),
-    # The encoder always emits 2048 channels, so vision hidden_size stays 2048 (spec §3.4).
+    # The encoder always emits 2048 channels, so vision hidden_size stays 2048 at any channel_multiplier.
     vision_config=dict(model_args={"channel_multiplier": 0.25}, vocab_offset=256),
 )
 

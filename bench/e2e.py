@@ -89,7 +89,7 @@ def make_inputs(w: Workload, cfg: dict, device: str, seed: int, smoke: bool) -> 
         soft = torch.tensor([cfg["boi_token_id"]] + [cfg["image_token_id"]] * n_soft + [cfg["eoi_token_id"]])
         half = w.prompt // 2
         ids = torch.cat([bos, text(half), soft.expand(w.batch, -1), text(w.prompt - half - 1)], 1)
-        side = 256 if smoke else 768  # the processor resizes to 768x768 (spec §3.1); 256 also gives 16x16
+        side = 256 if smoke else 768  # the processor resizes to 768x768; 256 also gives the 16x16 feature map
         # float32 in [0, 1], as the image processor returns it; each model casts to its own dtype
         out["pixel_values"] = torch.rand(w.batch, 3, side, side, generator=gen).to(device)
     elif w.kind == "audio":

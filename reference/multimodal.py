@@ -1,16 +1,16 @@
 """The multimodal merge: token ids + image/audio soft tokens -> the text decoder's input embeddings.
 
-Order of operations (HF ``Gemma3nModel.forward``; spec section 4.2):
+Order of operations (HF ``Gemma3nModel.forward``):
 1. ``E = text_embed(ids)`` for every position (the text table, times sqrt(H): the text model's job).
 2. Ids in the vision range ``[vision_offset, audio_offset)`` take ``embed_vision``'s *hard* embedding, ids
-   ``>= audio_offset`` take ``embed_audio``'s (no sqrt(H); trap 13). boi/boa are ordinary text tokens.
+   ``>= audio_offset`` take ``embed_audio``'s (no sqrt(H), RMS-normalised). boi/boa are ordinary text tokens.
 3. Image soft tokens ``[N_img, 256, H]`` fill the positions where ``id == image_token_id``, in order
    (batch-major, then sequence order); audio soft tokens likewise at ``id == audio_token_id``.
    A count mismatch is an error naming both counts.
 4. Audio: encoder frames flagged as padding, and the tail up to ``audio_soft_tokens_per_image`` (188), take the
-   hard embedding of id ``text_vocab_size - 1`` through ``embed_audio`` (trap 14).
+   hard embedding of id ``text_vocab_size - 1`` through ``embed_audio`` (the last audio row).
 5. The per-layer (PLE) token ids come from the *original* ids: ids outside ``[0, vocab_size_per_layer_input)``
-   map to row 0 (trap 10). The PLE projection part uses the merged embeddings (the text model's job).
+   map to row 0. The PLE projection part uses the merged embeddings (the text model's job).
 """
 from __future__ import annotations
 

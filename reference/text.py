@@ -1,4 +1,4 @@
-"""The Gemma 3n text decoder in plain PyTorch, written to be read (spec §1).
+"""The Gemma 3n text decoder in plain PyTorch, written to be read.
 
 Parameter names are Hugging Face's: ``Gemma3nTextModel.state_dict()`` keys equal the checkpoint keys
 after stripping ``model.language_model.`` (multimodal files) or ``model.`` (text-only files).
@@ -177,7 +177,7 @@ class DecoderLayer(nn.Module):
         self.post_per_layer_input_norm = RMSNorm(H, eps)
 
     def forward(self, streams, per_layer_input, cos, sin, q_pos, shared_kv, cache):
-        """streams [A, B, T, H], per_layer_input [B, T, D] -> streams [A, B, T, H] (spec §1.5 order)."""
+        """streams [A, B, T, H], per_layer_input [B, T, D] -> streams [A, B, T, H], in HF's order of operations."""
         predictions = self.altup.predict(streams)
         active = predictions[self.active]  # a
         normed = self.input_layernorm(active)  # an
@@ -219,7 +219,7 @@ class Gemma3nTextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
 
-    # -- embeddings (spec §1.1) --
+    # -- embeddings --
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Scaled token embedding [B, T] -> [B, T, H]; sqrt(H) rounded to the weight dtype first."""
         w = self.embed_tokens.weight
@@ -246,7 +246,7 @@ class Gemma3nTextModel(nn.Module):
             return proj
         return (proj + token_part) * torch.tensor(2.0 ** -0.5).to(dtype)
 
-    # -- AltUp stream creation / collapse (spec §1.2, §1.9) --
+    # -- AltUp stream creation / collapse --
     @staticmethod
     def _match_magnitude(y: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
         # clamp with a Python scalar: no device tensor is created, so a CUDA graph can capture it

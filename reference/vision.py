@@ -7,7 +7,7 @@
 Preprocessing equals HF's ``SiglipImageProcessor`` as configured for Gemma 3n by its converter: resize to
 exactly 768x768 (no aspect preservation, no crop), bilinear with antialiasing, done on uint8 pixels
 (so the resized image is rounded to uint8 first, as torchvision does on CPU), then rescale by 1/255 and
-*no* normalisation (do_normalize=False: the stored mean/std of 0.5 are ignored; spec trap 19).
+*no* normalisation (do_normalize=False: the stored mean/std of 0.5 are ignored).
 
 Feature map -> tokens: ``[N, 2048, 16, 16]`` -> ``[N, 256, 2048]`` in raster order (token = row*16 + col),
 times sqrt(2048) (a Python float, not rounded), then ``embed_vision``'s soft path.
