@@ -19,6 +19,7 @@ from torch import nn
 from gemma3n_fast.reference import ops
 from gemma3n_fast.reference.config import TextConfig
 from gemma3n_fast.reference.embedder import RMSNorm
+from gemma3n_fast.reference.multimodal import per_layer_token_ids
 
 
 # ---- KV cache ------------------------------------------------------------------------------------
@@ -228,8 +229,7 @@ class Gemma3nTextModel(nn.Module):
     def per_layer_token_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token part of the per-layer inputs [B, T] -> [B, T, L, D] (ids outside the table -> row 0)."""
         cfg = self.config
-        in_table = (input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input)
-        rows = self.embed_tokens_per_layer(torch.where(in_table, input_ids, 0))
+        rows = self.embed_tokens_per_layer(per_layer_token_ids(input_ids, cfg.vocab_size_per_layer_input))
         scale = torch.tensor(cfg.hidden_size_per_layer_input ** 0.5).to(rows.dtype)
         return (rows * scale).unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
 

@@ -25,8 +25,6 @@ from torch import nn
 
 from gemma3n_fast.reference.config import VisionConfig
 
-VISION_PREFIX = "model.vision_tower.timm_model."
-
 # PIL resample codes as stored in preprocessor_config.json ("resample": 2 = bilinear).
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
@@ -317,54 +315,3 @@ def get_image_features(vision_tower: VisionTower, embed_vision, pixel_values: to
     tokens = image_features_to_tokens(fmap, vision_tower.config.hidden_size, tokens_per_image)
     return embed_vision.embed_soft(tokens.to(embed_vision.embedding_projection.weight.dtype))
 
-
-def vision_state_dict(state_dict: dict, prefix: str = VISION_PREFIX) -> dict:
-    """Select the tower's weights from a full checkpoint state dict and strip ``prefix``."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-def load_vision_tower(tower: VisionTower, state_dict: dict, prefix: str = VISION_PREFIX) -> VisionTower:
-    """Load ``model.vision_tower.timm_model.*`` keys strictly; a mismatch lists the offending keys."""
-    sd = vision_state_dict(state_dict, prefix)
-    if not sd:
-        raise KeyError(f"no vision tower weights (keys starting with {prefix!r}) in the checkpoint")
-    own = tower.timm_model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad_shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad_shapes:
-        raise KeyError(f"vision tower weights do not fit {tower.config.architecture} "
-                       f"(model_args={tower.config.model_args}): missing {missing[:5]} ({len(missing)}), "
-                       f"unexpected {unexpected[:5]} ({len(unexpected)}), shape mismatches {bad_shapes[:5]}")
-    tower.timm_model.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in own.values()))
-    return tower
-
-
-def build_vision(config, state_dict: dict | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
-    """(vision_tower, embed_vision) for a ``Gemma3nConfig``, loaded from a full checkpoint state dict if given.
-
-    With a state dict the modules are built on the meta device and take the checkpoint tensors (no random
-    init of ~300M parameters)."""
-    from gemma3n_fast.reference.embedder import MultimodalEmbedder
-
-    vc = config.vision
-    if vc is None:
-        raise ValueError("this config has no vision_config (a text-only checkpoint)")
-    build_on = "meta" if state_dict is not None else (device or "cpu")
-    tower = VisionTower(vc, device=build_on)
-    with torch.device(build_on):
-        embed = MultimodalEmbedder(vc.hidden_size, config.text.hidden_size, vc.vocab_size, vc.vocab_offset,
-                                   vc.rms_norm_eps)
-    if state_dict is not None:
-        load_vision_tower(tower, state_dict)
-        prefix = "model.embed_vision."
-        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        result = embed.load_state_dict(sd, strict=False, assign=True)
-        if result.missing_keys or result.unexpected_keys:
-            raise KeyError(f"embed_vision weights: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
-    tower, embed = tower.eval(), embed.eval()
-    if device is not None or dtype is not None:
-        tower, embed = tower.to(device=device, dtype=dtype), embed.to(device=device, dtype=dtype)
-    return tower, embed
