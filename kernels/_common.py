@@ -3,6 +3,7 @@
 Kernel files import it relatively (``from ._common import ...``). Everything here is part of a small stable API:
 - ``DTYPES``: the floating dtypes every kernel accepts (fp32, fp16, bf16); ``check_dtype`` raises the common error.
 - ``rows(t, n)``: [..., n] -> [rows, n] with a unit last stride (a view when possible, else one copy).
+- ``stream_rows(t, A, H)``: [A, ..., H] -> [A, rows, H] likewise (AltUp streams and per-stream tensors).
 - ``last_dim_contiguous(t)``: ``t`` itself when its last stride is 1, else a contiguous copy.
 - ``check_out(fn, out, shape, dtype, device, ...)``: validate a caller's ``out=`` (or allocate one when None).
 - ``LOG2E``: log2(e) as a ``tl.constexpr`` (kernels use it as is; host code reads ``LOG2E.value``).
@@ -41,6 +42,12 @@ def rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """[..., n] -> [rows, n] with a unit last-dim stride (a view when possible, else one copy)."""
     t = t.reshape(-1, n)
     return t if t.stride(-1) == 1 or n == 1 else t.contiguous()
+
+
+def stream_rows(t: torch.Tensor, A: int, H: int) -> torch.Tensor:
+    """[A, ..., H] -> [A, rows, H] with a unit last-dim stride (a view when possible, else one copy)."""
+    t = t.reshape(A, -1, H)
+    return t if t.stride(-1) == 1 or H == 1 else t.contiguous()
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

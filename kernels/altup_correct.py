@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows
+from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows, stream_rows
 from .altup_predict import _altup_modalities, _check_router
 
 
@@ -112,8 +112,7 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
                            view_as=(-1, H))
     scaled2 = scaled.view(-1, H) if scaled is not None else out3[0]  # dummy pointer when unused
 
-    p3 = predictions.reshape(A, -1, H)
-    p3 = p3 if p3.stride(-1) == 1 or H == 1 else p3.contiguous()
+    p3 = stream_rows(predictions, A, H)
     o2 = rows(activated, H)
     router_w = last_dim_contiguous(router_weight)
     scale = correct_output_scale.contiguous() if correct_output_scale is not None else o2

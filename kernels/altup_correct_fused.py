@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_out, round_to, rows
+from ._common import DTYPES, check_out, last_dim_contiguous, round_to, rows, stream_rows
 from ._rowwise import check_rows, check_weights, inv_rms, pick_row, router_modalities, row_block
 from .altup_predict import _check_router
-from .altup_predict_fused import check_streams, router_input_scale, stream_rows
+from .altup_predict_fused import check_streams, router_input_scale
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
     m2, h2 = rows(mlp_out, H), rows(h, H)
     scaled2 = scaled.view(-1, H) if scaled is not None else m2  # dummy pointer when unused
     scale = correct_output_scale.contiguous() if correct_output_scale is not None else m2
-    router_w = router_weight if router_weight.stride(-1) == 1 else router_weight.contiguous()
+    router_w = last_dim_contiguous(router_weight)
     _altup_correct_fused_kernel[(p3.shape[1],)](
         p3, m2, h2, post_ffn_norm_weight.contiguous(), router_norm_weight.contiguous(), router_w, correction_coefs,
         scale, out3, scaled2,

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_out, round_to, rows
+from ._common import check_out, round_to, rows, stream_rows
 from ._rowwise import check_rows, check_weights, inv_rms, row_block
-from .altup_predict_fused import check_streams, stream_rows
+from .altup_predict_fused import check_streams
 
 
 @triton.jit

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, rows
-from ._rowwise import check_rows, match_magnitude, rms_of, row_block
+from ._common import check_dtype, check_out, rows, stream_rows
+from ._rowwise import match_magnitude, rms_of, row_block
 
 
 @triton.jit
@@ -58,8 +58,7 @@ def projected_rows(fn: str, name: str, t: torch.Tensor, n: int, shape, dtype, de
         raise ValueError(f"{fn}: {name} must have shape {(n, *shape)}, got {tuple(t.shape)}")
     if t.dtype != dtype or t.device != device:
         raise TypeError(f"{fn}: {name} must be {dtype} on {device}, got {t.dtype} on {t.device}")
-    t3 = t.reshape(n, -1, shape[-1])
-    return t3 if t3.stride(-1) == 1 or shape[-1] == 1 else t3.contiguous()
+    return stream_rows(t, n, shape[-1])
 
 
 def altup_make_streams(x0: torch.Tensor, projected: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, tanh
+from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, stream_rows, tanh
 
 
 @triton.jit
@@ -114,9 +114,7 @@ def altup_predict(streams: torch.Tensor, router_norm_weight: torch.Tensor, route
     out = check_out(fn, out, streams.shape, streams.dtype, streams.device, view_as=(A, -1, H))
     out3 = out.view(A, -1, H)
 
-    s3 = streams.reshape(A, -1, H)
-    if s3.stride(-1) != 1 and H != 1:
-        s3 = s3.contiguous()
+    s3 = stream_rows(streams, A, H)
     norm_w = router_norm_weight.contiguous()
     router_w = last_dim_contiguous(router_weight)
     # The mix holds an [A, A, BLOCK] fp32 product per iteration: 512 keeps it at 64 registers a thread (4 warps).

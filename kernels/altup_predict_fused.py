@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_dtype, check_out, round_to, rows
+from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows, stream_rows
 from ._rowwise import check_rows, check_weights, inv_rms, pick_row, router_modalities, row_block
 from .altup_predict import _check_router
 
@@ -85,12 +85,6 @@ def check_streams(fn: str, streams: torch.Tensor, active: int, name: str = "stre
     return A, H
 
 
-def stream_rows(streams: torch.Tensor, A: int, H: int) -> torch.Tensor:
-    """[A, ..., H] -> [A, tokens, H] with a unit last stride (a view when possible, else one copy)."""
-    s3 = streams.reshape(A, -1, H)
-    return s3 if s3.stride(-1) == 1 or H == 1 else s3.contiguous()
-
-
 @functools.lru_cache(maxsize=None)
 def router_input_scale(H: int, dtype: torch.dtype) -> float:
     """The router's 1/H as the reference has it: a double rounded to the activation dtype (a host value)."""
@@ -126,7 +120,7 @@ def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
     out3, an2 = out.view(A, -1, H), an.view(-1, H)
     p2 = rows(proj_raw, H) if proj_raw is not None else an2  # dummy pointer when there is no injection
     ppl_w = per_layer_norm_weight.contiguous() if proj_raw is not None else input_norm_weight
-    router_w = router_weight if router_weight.stride(-1) == 1 else router_weight.contiguous()
+    router_w = last_dim_contiguous(router_weight)
     _altup_predict_fused_kernel[(s3.shape[1],)](
         s3, p2, ppl_w, router_norm_weight.contiguous(), router_w, prediction_coefs, input_norm_weight.contiguous(),
         out3, an2,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, check_dtype, check_out, dot, round_to, rows, tanh
+from ._common import INTERPRETING, check_dtype, check_out, dot, last_dim_contiguous, round_to, rows, tanh
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
 EPILOGUE_NONE, EPILOGUE_GELU_MUL, EPILOGUE_GELU_AUX, EPILOGUE_SOFTCAP = 0, 1, 2, 3
@@ -285,7 +285,7 @@ def _check_weight(fn: str, name: str, w: torch.Tensor, x: torch.Tensor, K: int) 
         raise TypeError(f"{fn}: {name} dtype {w.dtype} != activation dtype {x.dtype}")
     if w.device != x.device:
         raise ValueError(f"{fn}: {name} is on {w.device} but the activations are on {x.device}")
-    return w if w.stride(-1) == 1 else w.contiguous()
+    return last_dim_contiguous(w)
 
 
 def _check_x(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:

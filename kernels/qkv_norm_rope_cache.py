@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, round_to
+from ._common import check_dtype, check_out, last_dim_contiguous, round_to
 
 
 @triton.jit
@@ -140,9 +140,7 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
         raise ValueError(f"{fn}: positions must be a ({B}, {T}) int32/int64 tensor on {dev}")
     out = check_out(fn, out, (B, Hq, T, D), dtype, dev)
 
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    positions = positions if positions.stride(-1) == 1 else positions.contiguous()
+    qkv, positions = last_dim_contiguous(qkv), last_dim_contiguous(positions)
     kc, vc = (k_cache, v_cache) if k_cache is not None else (out, out)  # dummy pointers: never written
     slot_t = slots.contiguous() if slots is not None else positions
     block_half = triton.next_power_of_2(D // 2)

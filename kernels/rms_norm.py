@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, round_to, rows
+from ._common import check_dtype, check_out, last_dim_contiguous, round_to, rows
 
 _MAX_SINGLE_BLOCK = 8192  # rows up to this width are held in registers; wider rows are looped over twice
 
@@ -80,7 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         check_dtype("rms_norm", "weight", weight)
         if weight.device != x.device:
             raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}")
-        weight = weight if weight.stride(0) == 1 else weight.contiguous()
+        weight = last_dim_contiguous(weight)
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
