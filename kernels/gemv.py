@@ -207,7 +207,7 @@ def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, *, gate_up: bool = F
     per SM stream the weight (each slice a whole number of BLOCK_K chunks, none empty)."""
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"gemv_config: M must be in 1..{MAX_ROWS}, got {M}")
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     vec = 16 // elem  # elements per 16-byte load
     nacc = 2 if gate_up else 1
     min_programs, target_programs = 2 * H100_SMS, 4 * H100_SMS
@@ -261,7 +261,7 @@ def gemv_bytes(kind: str, M: int, N: int, K: int, dtype: torch.dtype, *, K2: int
     """Bytes a launch must move at these shapes (weights and activations read once, outputs written once;
     split-K partials stay in L2 and are not counted). ``kind``: "linear", "gelu_mul" (N = I, the weight is
     [2I, K]), "gelu_aux", "softcap", "dual" (K2 = the second pair's K)."""
-    e = torch.empty((), dtype=dtype).element_size()
+    e = dtype.itemsize
     if kind in ("linear", "softcap"):
         n = N * K + M * K + M * N
     elif kind == "gelu_mul":

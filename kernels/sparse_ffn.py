@@ -175,7 +175,7 @@ class SparseFFNConfig:
 def sparse_ffn_config(M: int, I: int, H: int, dtype: torch.dtype) -> SparseFFNConfig:
     """Static settings sized for ~5 % active channels and an H100: about 4 programs per SM in each sparse
     kernel, one tile of work per program at the expected count (more tiles, never wrong, when more are active)."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     target = 4 * H100_SMS
     expected = max(1, I // 20)  # active channels per row at sparsity 0.95
     up_programs = max(1, min(target // M, triton.cdiv(expected, 4), 256))  # ~4 channels each: fewer gate scans
@@ -241,7 +241,7 @@ def _default_workspace(device, I, H, dtype, config, fn) -> SparseFFNWorkspace:
 def sparse_ffn_bytes(M: int, I: int, H: int, dtype: torch.dtype, active_fraction: float = 0.05) -> dict:
     """Bytes one call must move: the dense gate GEMV, then the active channels' up rows and down rows (each row
     of x its own channels), given the expected active fraction; ``dense`` is the same FFN read densely."""
-    e = torch.empty((), dtype=dtype).element_size()
+    e = dtype.itemsize
     act_rows = M * active_fraction * I  # channel rows read, summed over the rows of x
     gate = (I * H + M * H + M * I) * e
     up = act_rows * H * e + M * (H + I) * e  # up rows, x, the row's gate scan (L2) left out; act written
