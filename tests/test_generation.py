@@ -11,14 +11,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import transformers  # the oracle; the library itself never imports it
 
 import gemma3n_fast
 from gemma3n_fast.reference import model as reference_model
 from gemma3n_fast.reference.generation import (GenerateOutput, GenerationConfig, Sampler, StopStrings, TokenState,
                                                resolve_generation)
 from gemma3n_fast.reference.tiny import write_tiny_checkpoint
-
-transformers = pytest.importorskip("transformers")
 
 # fp32 logits of two implementations differ by summation order only (~1e-6 relative): scores compare at 1e-4 of
 # the largest |score|, and -inf (masked) entries must sit at the same places.
