@@ -753,8 +753,3 @@ def finish(plan: GenerationPlan, input_ids, new_tokens, stopped: dict | None = N
 
     return GenerateOutput(sequences, steps(scores) if plan.output_scores else None,
                           steps(logits) if plan.output_logits else None)
-
-
-def trim_after_eos(new_tokens: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """[B, N] new tokens (pad after each row's eos) -> [B, n]: cut where the last row finished, as HF stops."""
-    return new_tokens[:, :max(row_ends(new_tokens, eos))]
