@@ -331,17 +331,22 @@ def _gelu_tanh_torch(g: torch.Tensor) -> torch.Tensor:
     return F.gelu(g, approximate="tanh")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None,
-           config: GemvConfig | None = None) -> torch.Tensor:
-    """``x @ weight^T``: x [..., K], weight [N, K] -> [..., N] in x.dtype (Triton for <= 16 rows, else torch).
-    ``config`` overrides ``gemv_config`` (tuning and tests)."""
-    fn = "linear"
+def _operands(fn: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None):
+    """Checked (weight, out, x as [M, K] rows, out as [M, N] rows) of a one-input GEMV launcher."""
     x = _check_x(fn, "x", x)
     K = x.shape[-1]
     weight = _check_weight(fn, "weight", weight, x, K)
     N = weight.shape[0]
     out = check_out(fn, out, (*x.shape[:-1], N), x.dtype, x.device, view_as=(-1, N))
-    x_rows, out_rows = rows(x, K), out.view(-1, N)
+    return weight, out, rows(x, K), out.view(-1, N)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None,
+           config: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ weight^T``: x [..., K], weight [N, K] -> [..., N] in x.dtype (Triton for <= 16 rows, else torch).
+    ``config`` overrides ``gemv_config`` (tuning and tests)."""
+    fn = "linear"
+    weight, out, x_rows, out_rows = _operands(fn, x, weight, out)
     if x_rows.shape[0] > MAX_ROWS:
         torch.matmul(x_rows, weight.t(), out=out_rows)
     else:
@@ -400,12 +405,7 @@ def linear_softcap(x: torch.Tensor, weight: torch.Tensor, cap: float | None, *, 
         return linear(x, weight, out=out, config=config)
     if not isinstance(cap, (int, float)) or not cap > 0:
         raise ValueError(f"{fn}: cap must be a positive Python number or None, got {cap!r}")
-    x = _check_x(fn, "x", x)
-    K = x.shape[-1]
-    weight = _check_weight(fn, "weight", weight, x, K)
-    N = weight.shape[0]
-    out = check_out(fn, out, (*x.shape[:-1], N), x.dtype, x.device, view_as=(-1, N))
-    x_rows, out_rows = rows(x, K), out.view(-1, N)
+    weight, out, x_rows, out_rows = _operands(fn, x, weight, out)
     if x_rows.shape[0] > MAX_ROWS:
         out_rows.copy_(torch.tanh(F.linear(x_rows, weight) / cap) * cap)
     else:
