@@ -8,6 +8,8 @@ what=${1:-all}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 python3 -c "import gemma3n_fast, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/device.txt"
+# launches and bytes per decode step (meta device: the same numbers on any machine; kept with the GPU results)
+python3 -m bench.decode_cost --json "$OUT/decode_cost.json" > "$OUT/decode_cost.md" 2>&1 || tail -5 "$OUT/decode_cost.md"
 if [[ $what == tests || $what == all ]]; then
   timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu tests -p no:cacheprovider -x --durations=15 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 fi
