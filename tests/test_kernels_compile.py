@@ -118,3 +118,24 @@ def test_attention_kernels_compile_for_sm90():
 
 def test_rowwise_kernels_compile_for_sm90():
     assert _compile_in_fresh_process(_ROWWISE_SCRIPT).count("compiled") == 4
+
+
+_EMBED_SCRIPT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gemma3n_fast.kernels import token_embeddings as E
+
+names = "ids_ptr emb_ptr ple_ptr hard_ptr x_ptr tok_ptr H LP ple_vocab hard_offset emb_scale ple_scale"
+types = "*i64 *bf16 *bf16 *bf16 *bf16 *bf16 i32 i32 i32 i32 fp32 fp32"
+signature = dict(zip(names.split(), types.split()))
+constexprs = dict(HAS_HARD=True, BLOCK=1024)
+signature.update({k: "constexpr" for k in constexprs})
+triton.compile(ASTSource(fn=E._token_embeddings_kernel, signature=signature, constexprs=constexprs),
+               target=GPUTarget("cuda", 90, 32))
+print("compiled", E._token_embeddings_kernel.__name__)
+'''
+
+
+def test_token_embeddings_kernel_compiles_for_sm90():
+    assert _compile_in_fresh_process(_EMBED_SCRIPT).count("compiled") == 1
