@@ -54,6 +54,16 @@ def inv_rms(x, H, eps):
 
 
 @triton.jit
+def inject_per_layer_input(s, proj_row, w_ptr, cols, mask, k, active, H, eps, dtype: tl.constexpr):
+    """A decoder layer's last step on one token: streams ``s`` [A, BLOCK] (fp32 holding activation-dtype values)
+    plus ``rms_norm(proj_row; w)`` on every stream but ``active``; the norm and each sum rounded to ``dtype``."""
+    p = tl.load(proj_row + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    u = round_to(p * inv_rms(p, H, eps) * w, dtype).to(tl.float32)
+    return tl.where(k[:, None] == active, s, round_to(s + u[None, :], dtype).to(tl.float32))
+
+
+@triton.jit
 def router_modalities(x, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H, input_scale, eps,
                       dtype: tl.constexpr, A: tl.constexpr):
     """AltUp's router on one row held in fp32 registers -> [A] fp32:

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_out, round_to, rows, stream_rows
-from ._rowwise import check_rows, check_weights, inv_rms, row_block
+from ._common import check_out, rows, stream_rows
+from ._rowwise import check_rows, check_weights, inject_per_layer_input, row_block
 from .altup_predict_fused import check_streams
 
 
@@ -33,13 +33,10 @@ def _altup_inject_kernel(
     mask = cols < H
     k = tl.arange(0, A)
     s = tl.load(s_ptr + token * s_token_stride + k[:, None] * s_stream_stride + cols[None, :],
-                mask=mask[None, :], other=0.0)  # [A, BLOCK], activation dtype
-    p = tl.load(proj_ptr + token * proj_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    u = round_to(p * inv_rms(p, H, eps) * w, dtype).to(tl.float32)
-    injected = tl.where(k[:, None] == active, s, round_to(s.to(tl.float32) + u[None, :], dtype))
-    tl.store(out_ptr + token * out_token_stride + k[:, None] * out_stream_stride + cols[None, :], injected,
-             mask=mask[None, :])
+                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+    injected = inject_per_layer_input(s, proj_ptr + token * proj_stride, w_ptr, cols, mask, k, active, H, eps, dtype)
+    tl.store(out_ptr + token * out_token_stride + k[:, None] * out_stream_stride + cols[None, :],
+             injected.to(dtype), mask=mask[None, :])
 
 
 def altup_inject(streams: torch.Tensor, proj_raw: torch.Tensor, per_layer_norm_weight: torch.Tensor,

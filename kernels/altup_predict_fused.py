@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows, stream_rows
-from ._rowwise import check_rows, check_weights, inv_rms, pick_row, router_modalities, row_block
+from ._rowwise import (check_rows, check_weights, inject_per_layer_input, inv_rms, pick_row,
+                       router_modalities, row_block)
 from .altup_predict import _check_router
 
 
@@ -54,10 +55,7 @@ def _altup_predict_fused_kernel(
     mix_coefs = round_to(tl.sum(coef_w * modal[None, None, :], axis=2), dtype).to(tl.float32)  # C [A(k), A(j)]
 
     if HAS_INJECT:
-        p = tl.load(proj_ptr + token * proj_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(ppl_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        u = round_to(p * inv_rms(p, H, eps) * w, dtype).to(tl.float32)
-        s = tl.where(k[:, None] == active, s, round_to(s + u[None, :], dtype).to(tl.float32))
+        s = inject_per_layer_input(s, proj_ptr + token * proj_stride, ppl_w_ptr, cols, mask, k, active, H, eps, dtype)
 
     pred_active = tl.zeros([BLOCK], dtype=tl.float32)
     for kk in tl.static_range(A):
