@@ -127,6 +127,9 @@ class FastGemma3n(GenerationMixin, nn.Module):
         # RoPE inverse frequencies per layer type, fp32, as the reference's rope_cos_sin computes them
         self.inv_freq = {t: 1.0 / (base ** (torch.arange(0, c.head_dim, 2, dtype=torch.float, device=self.device)
                                             / c.head_dim)) for t, base in c.rope_base.items()}
+        # sqrt(H) and sqrt(P) rounded to the weight dtype, as the reference's embed / per_layer_token_inputs do
+        self.embed_scales = tuple(float(torch.tensor(n ** 0.5).to(self.dtype))
+                                  for n in (c.hidden_size, c.hidden_size_per_layer_input))
         with torch.no_grad():
             self._fuse_weights()
             self._precompute_hard_embeddings()
@@ -197,10 +200,8 @@ class FastGemma3n(GenerationMixin, nn.Module):
     def _embed_decode(self, input_ids):
         """Decode: the same for any id in one gather launch (text table or the hard-embedding table), no host sync."""
         lm, c = self.model.language_model, self.text_config
-        # sqrt(H) and sqrt(P) rounded to the weight dtype, as the reference's embed / per_layer_token_inputs do
-        scale = [float(torch.tensor(n ** 0.5).to(self.dtype)) for n in (c.hidden_size, c.hidden_size_per_layer_input)]
-        x, token_part = self.backend.token_embeddings(input_ids, lm.embed_tokens.weight, scale[0],
-                                                      lm.embed_tokens_per_layer.weight, scale[1],
+        x, token_part = self.backend.token_embeddings(input_ids, lm.embed_tokens.weight, self.embed_scales[0],
+                                                      lm.embed_tokens_per_layer.weight, self.embed_scales[1],
                                                       self.hard_embeddings, self.mm_offset or 0)
         return x, self._per_layer_inputs(x, token_part.unflatten(-1, (c.num_hidden_layers, -1)))
 
