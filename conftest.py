@@ -46,3 +46,21 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def pytest_report_header(config):
+    """The versions under test, next to what requirements/test.txt pins (``make setup`` installs the pins)."""
+    import importlib.metadata
+    import re
+
+    lock = os.path.join(ROOT, "requirements", "test.txt")
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", open(lock).read(), re.M)) if os.path.exists(lock) else {}
+    parts = []
+    for name in ("torch", "triton", "transformers", "timm", "tokenizers", "pytest-benchmark"):
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            have = "absent"
+        pinned = pins.get(name)
+        parts.append(f"{name} {have}" + (f" (lock: {pinned})" if pinned and pinned != have else ""))
+    return "gemma3n_fast test environment: " + ", ".join(parts)

@@ -142,19 +142,23 @@ def test_audio_soft_tokens_match_hf_model():
     frames, valid = 150, torch.tensor([150, 70])  # T' = 19 encoder frames; clip 2 has 5 real ones
     feats = torch.randn(2, frames, 128, generator=torch.Generator().manual_seed(5)) * 2 - 5
     feats_mask = torch.arange(frames)[None, :] < valid[:, None]  # True = valid (extractor's convention)
-    # A prompt holding exactly SOFT_TOKENS placeholders per clip, between ordinary text tokens.
-    ids = torch.full((2, SOFT_TOKENS + 4), 7)
-    ids[:, 2:2 + SOFT_TOKENS] = AUDIO_ID
+    pad_id = cfg.text_config.vocab_size - 1
     with torch.no_grad():
-        ref = model(input_ids=ids, input_features=feats, input_features_mask=feats_mask).audio_hidden_states
+        # The oracle from HF's public API: get_audio_features (encodings through the embedder, and the encoder's
+        # padding mask), then the padding its forward applies: masked frames and the tail up to the soft-token
+        # count take the embedder's hard vector for id vocab_size - 1.
         hf_out = model.get_audio_features(feats, ~feats_mask)
+        pad_vec = model.embed_audio(input_ids=torch.tensor([[pad_id]]))[0]  # [1, H]
         mine = audio_soft_tokens(tower, embed, feats, feats_mask, cfg.text_config.vocab_size, SOFT_TOKENS)
+    enc, padded = hf_out.pooler_output, hf_out.audio_mel_mask
+    B, T_enc, H = enc.shape
+    ref = torch.cat([torch.where(padded[..., None], pad_vec, enc), pad_vec.expand(B, SOFT_TOKENS - T_enc, H)], 1)
     assert mine.shape == ref.shape == (2, SOFT_TOKENS, cfg.text_config.hidden_size)
     assert_close(mine, ref, "audio soft tokens")
     # The real frames are the embedded encodings; everything after them is the one padding vector.
-    n_real = int((~hf_out.audio_mel_mask[1]).sum())
+    n_real = int((~padded[1]).sum())
     assert n_real == 5  # 70 mel frames -> 18 subsampled -> frames 0, 4, 8, 12, 16
-    assert_close(mine[1, :n_real], hf_out.pooler_output[1, :n_real], "embedded real frames")
+    assert_close(mine[1, :n_real], enc[1, :n_real], "embedded real frames")
     assert torch.equal(mine[1, n_real:], mine[1, -1:].expand(SOFT_TOKENS - n_real, -1))
     assert torch.equal(mine[0, -1], mine[1, -1])
 

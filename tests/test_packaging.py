@@ -34,56 +34,137 @@ def test_no_symlinks_in_the_package():
     assert "__init__.py" in KERNEL_FILES and "__init__.py" in REFERENCE_FILES
 
 
-def test_repository_root_on_sys_path_transformers_and_top_level_names(tmp_path):
-    # The repository root first on sys.path, as under pytest or `python -m` from the checkout.
-    out = run_python(f"""
+# With the repository root first on sys.path (pytest, `python -m` from the checkout), the folder kernels/ is also
+# found as a top-level package `kernels`: the import name of Hugging Face's `kernels` distribution, which
+# transformers probes for (``is_kernels_available``) and which newer transformers releases install. Both worlds are
+# checked: an environment without it (a copy of this environment's site-packages without that distribution) and
+# this environment, where the test lock installs it.
+HUB_KERNELS = "kernels"  # the distribution's name and import name
+
+
+def _site_packages() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def _without_hub_kernels(tmp_path: Path) -> Path:
+    """A site-packages folder that links every entry of this environment's except Hugging Face's `kernels`."""
+    site = tmp_path / "site-without-kernels"
+    site.mkdir()
+    for entry in _site_packages().iterdir():
+        if entry.name == HUB_KERNELS or (entry.name.startswith(f"{HUB_KERNELS}-") and entry.name.endswith(".dist-info")):
+            continue
+        (site / entry.name).symlink_to(entry)
+    return site
+
+
+def run_without_hub_kernels(code: str, tmp_path: Path) -> str:
+    """Run ``code`` with python -S (no site-packages) and the filtered copy added as the only site dir (its .pth
+    files processed: the editable install's finder too)."""
+    site = _without_hub_kernels(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-S", "-c", f"import site; site.addsitedir({str(site)!r})\n{code}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+# transformers' model classes keep working: a tiny Gemma 3n text model built and run.
+_TRANSFORMERS_MODEL_RUNS = """
+import torch
+from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+cfg = Gemma3nTextConfig(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                        hidden_size_per_layer_input=4, num_kv_shared_layers=0, laurel_rank=2, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"], activation_sparsity_pattern=[0.0, 0.0])
+logits = Gemma3nForCausalLM(cfg).eval()(torch.tensor([[3, 5, 7]])).logits
+assert logits.shape == (1, 3, 64) and bool(torch.isfinite(logits).all())
+"""
+
+
+def test_without_hub_kernels_the_folder_is_an_empty_package(tmp_path):
+    out = run_without_hub_kernels(f"""
 import importlib.metadata, sys
 sys.path.insert(0, {str(ROOT)!r})
-import transformers
-from transformers.utils import is_kernels_available  # its probe imports `kernels`; model imports call it
 try:
-    importlib.metadata.version("kernels")
-    hub_kernels = True  # Hugging Face's kernels is installed: the name is its (next test)
+    importlib.metadata.version({HUB_KERNELS!r})
 except importlib.metadata.PackageNotFoundError:
-    hub_kernels = False
-    assert not is_kernels_available(), "transformers took the repository's kernels/ for Hugging Face's kernels"
-names = ["reference", "reference.ops"] + ([] if hub_kernels else ["kernels.rms_norm", "kernels._common"])
-for name in names:
+    pass
+else:
+    raise AssertionError("the filtered site-packages still holds Hugging Face's kernels")
+from transformers.utils import is_kernels_available
+assert not is_kernels_available(), "transformers took the repository's kernels/ for Hugging Face's kernels"
+for name in ["reference", "reference.ops", "kernels.rms_norm", "kernels._common"]:
     try:
         __import__(name)
     except ImportError as e:
         assert "gemma3n_fast." in str(e), (name, str(e))
     else:
         raise AssertionError(f"{{name}} was importable from the repository root")
-if not hub_kernels:
-    import kernels
-    try:
-        kernels.rms_norm
-    except AttributeError as e:
-        assert "gemma3n_fast.kernels" in str(e), str(e)
-    else:
-        raise AssertionError("kernels.rms_norm reachable from the repository root")
+import kernels
+assert kernels.__file__ == {str(ROOT / "kernels" / "__init__.py")!r}, kernels.__file__
+try:
+    kernels.rms_norm
+except AttributeError as e:
+    assert "gemma3n_fast.kernels" in str(e), str(e)
+else:
+    raise AssertionError("kernels.rms_norm reachable from the repository root")
+{_TRANSFORMERS_MODEL_RUNS}
 print("ok")
-""", cwd=tmp_path)
+""", tmp_path)
     assert out.strip().endswith("ok")
 
 
-def test_installed_kernels_package_keeps_its_name(tmp_path):
-    # Another package called `kernels` (Hugging Face's) later on sys.path wins over the repository's folder.
-    hub = tmp_path / "site" / "kernels"
-    hub.mkdir(parents=True)
-    (hub / "__init__.py").write_text("__version__ = '0.99.0'\ndef get_kernel(repo_id):\n    return repo_id\n")
-    (hub / "layer.py").write_text("LAYER = 1\n")
-    out = run_python(f"""
+def test_without_hub_kernels_another_kernels_later_on_sys_path_takes_the_name(tmp_path):
+    # Any other package called `kernels`, even at the end of sys.path, wins over the repository's folder.
+    fake = tmp_path / "elsewhere" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '0.99.0'\ndef get_kernel(repo_id):\n    return repo_id\n")
+    (fake / "layer.py").write_text("LAYER = 1\n")
+    out = run_without_hub_kernels(f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-sys.path.append({str(tmp_path / "site")!r})
+sys.path.append({str(tmp_path / "elsewhere")!r})
 import kernels, kernels.layer
 assert kernels.__version__ == "0.99.0" and kernels.get_kernel("x") == "x" and kernels.layer.LAYER == 1
-assert kernels.__file__ == {str(hub / "__init__.py")!r}, kernels.__file__
+assert kernels.__file__ == {str(fake / "__init__.py")!r}, kernels.__file__
+print("ok")
+""", tmp_path)
+    assert out.strip() == "ok"
+
+
+def test_with_hub_kernels_installed_the_name_is_theirs(tmp_path):
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(HUB_KERNELS)
+    except importlib.metadata.PackageNotFoundError:
+        raise AssertionError("Hugging Face's `kernels` is not installed: the test environment "
+                             "(requirements/test.txt, installed by `make setup`) pins it") from None
+    out = run_python(f"""
+import importlib.metadata, sys
+sys.path.insert(0, {str(ROOT)!r})
+import kernels, kernels.benchmark
+from transformers.utils import import_utils, is_kernels_available
+assert kernels.__file__ == {str(_site_packages() / "kernels" / "__init__.py")!r}, kernels.__file__
+assert kernels.__version__ == {version!r}, kernels.__version__
+assert not hasattr(kernels, "rms_norm")
+from packaging.version import Version
+viable = Version(import_utils.KERNELS_MIN_VERSION) <= Version({version!r}) < Version(import_utils.KERNELS_MAX_VERSION)
+assert is_kernels_available() == viable, (is_kernels_available(), viable)
+for name in ["reference", "reference.ops"]:
+    try:
+        __import__(name)
+    except ImportError as e:
+        assert "gemma3n_fast." in str(e), (name, str(e))
+    else:
+        raise AssertionError(f"{{name}} was importable from the repository root")
+import gemma3n_fast.kernels.rms_norm  # ours, under its own name, next to theirs
+{_TRANSFORMERS_MODEL_RUNS}
 print("ok")
 """, cwd=tmp_path)
-    assert out.strip() == "ok"
+    assert out.strip().endswith("ok")
 
 
 def test_wheel_holds_both_packages_as_files(tmp_path):
