@@ -4,6 +4,7 @@
 - ``check_rows(fn, pairs, shape, dtype, device)`` / ``check_weights(fn, pairs, H, device)``: activation and weight
   checks with messages that name the argument.
 - jit ``inv_rms(x, H, eps)``: ``(mean(x^2) + eps)^-1/2`` of a row in fp32 registers, the RMSNorm kernel's expression.
+- ``router_input_scale(H, dtype)``: the router's 1/H rounded to the activation dtype, as the reference has it.
 - jit ``router_modalities(...)``: AltUp's router on a row in registers, rounded like the reference.
 - jit ``pick_row(tile, k, row)``: one row of an [A, BLOCK] register tile.
 - jit ``rms_of(x, H, dtype)`` / ``match_magnitude(y, target, H, eps, dtype)``: AltUp's stream magnitude matching,
@@ -11,6 +12,9 @@
 """
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -45,6 +49,12 @@ def check_weights(fn: str, pairs, H: int, device) -> None:
         check_dtype(fn, name, w)
         if tuple(w.shape) != (H,) or w.device != device:
             raise ValueError(f"{fn}: {name} must be ({H},) on {device}, got {tuple(w.shape)} on {w.device}")
+
+
+@functools.lru_cache(maxsize=None)
+def router_input_scale(H: int, dtype: torch.dtype) -> float:
+    """The router's 1/H as the reference has it: a double rounded to the activation dtype (a host value)."""
+    return float(torch.tensor(1.0 / H, dtype=dtype))
 
 
 @triton.jit

@@ -8,8 +8,8 @@ Math, per token, with predictions P_0..P_{A-1} [H] (A = 4) and the layer output 
     corrected_k = P_k + g_k * innovation                     for every k (k = active too)
     scaled      = corrected_active * correct_output_scale    (None when no scale is given)
 Shapes: predictions [A, ..., H]; activated [..., H]; correction_coefs [A, A]; correct_output_scale [H] or None.
-Returns (corrected [A, ..., H], scaled [..., H] or None), both in activated.dtype. Coefficient clipping is not
-done here (the model clips once at load).
+Returns (corrected [A, ..., H], scaled [..., H] or None), both in activated.dtype. The coefficients are used as
+given (unclipped, as the reference and HF at inference).
 Numerics: each step is rounded to the activation dtype where the reference rounds (router chain, g before and
 after the +1, innovation, the product g_k * innovation, the add); ``scaled`` is computed in fp32, rounded to the
 scale's dtype, then to the activation dtype (the reference's ``.to(scale.dtype) * scale`` then ``.to(x.dtype)``).
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows, stream_rows
+from ._rowwise import router_input_scale
 from .altup_predict import _altup_modalities, _check_router
 
 
@@ -33,7 +34,7 @@ from .altup_predict import _altup_modalities, _check_router
 def _altup_correct_kernel(
     p_ptr, o_ptr, norm_w_ptr, router_w_ptr, coef_ptr, scale_ptr, out_ptr, scaled_ptr,
     H, p_stream_stride, p_token_stride, o_token_stride, out_stream_stride, out_token_stride, scaled_token_stride,
-    router_row_stride, coef_row_stride, coef_col_stride, eps, active,
+    router_row_stride, coef_row_stride, coef_col_stride, input_scale, eps, active,
     A: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -41,7 +42,8 @@ def _altup_correct_kernel(
     p_tok = p_ptr + token * p_token_stride
     o_row = o_ptr + token * o_token_stride
     out_tok = out_ptr + token * out_token_stride
-    modal = _altup_modalities(o_row, norm_w_ptr, router_w_ptr, H, router_row_stride, eps, dtype, A, BLOCK)  # [A]
+    modal = _altup_modalities(o_row, norm_w_ptr, router_w_ptr, H, router_row_stride, input_scale, eps, dtype, A,
+                              BLOCK)  # [A]
 
     # g_k = sum_a coefs[k, a] * r[a], rounded (F.linear), then + 1 rounded again.
     k_idx = tl.arange(0, A)
@@ -120,7 +122,8 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
     _altup_correct_kernel[(p3.shape[1],)](
         p3, o2, router_norm_weight.contiguous(), router_w, correction_coefs, scale, out3, scaled2,
         H, p3.stride(0), p3.stride(1), o2.stride(0), out3.stride(0), out3.stride(1), scaled2.stride(0),
-        router_w.stride(0), correction_coefs.stride(0), correction_coefs.stride(1), float(eps), int(active),
+        router_w.stride(0), correction_coefs.stride(0), correction_coefs.stride(1),
+        router_input_scale(H, activated.dtype), float(eps), int(active),
         A=A, HAS_SCALE=correct_output_scale is not None, BLOCK=block, num_warps=4 if block >= 512 else 2,
     )
     return out, scaled

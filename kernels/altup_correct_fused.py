@@ -8,8 +8,8 @@ Math (the contract is ``reference.ops.altup_correct_fused``), per token with pre
     corrected_k = P_k + g_k * (o - P_active)                           for every k (k = active too)
     scaled      = corrected_active * correct_output_scale              (None without a scale)
 Returns (corrected [A, ..., H], scaled [..., H] or None), rounded where the reference rounds (``rms_norm`` with a
-residual, then ``altup_correct`` in reference.ops). Coefficient clipping is not done here (the model clips once at
-load).
+residual, then ``altup_correct`` in reference.ops). The coefficients are used as given (unclipped, as the reference
+and HF at inference).
 Shapes: predictions [A, ..., H] (tokens through a stream stride and a token stride, unit last stride); mlp_out, h
 [..., H]; post_ffn_norm_weight, router_norm_weight [H]; router_weight [A, H]; correction_coefs [A, A];
 correct_output_scale [H] or None.
@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_out, last_dim_contiguous, round_to, rows, stream_rows
-from ._rowwise import check_rows, check_weights, inv_rms, pick_row, router_modalities, row_block
+from ._rowwise import (check_rows, check_weights, inv_rms, pick_row, router_input_scale, router_modalities,
+                       row_block)
 from .altup_predict import _check_router
-from .altup_predict_fused import check_streams, router_input_scale
+from .altup_predict_fused import check_streams
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 
 Math, per token, with streams S_0..S_{A-1} [H] (A = 4) and x = S_active:
     n      = rms_norm(x; router_norm_weight)                        (fp32 inside, rounded)
-    r      = tanh(router_weight @ (n * 1/H))                        [A]  (matmul rounded, tanh in fp32, rounded)
+    r      = tanh(router_weight @ (n * 1/H))                        [A]  (1/H, the matmul and tanh rounded)
     C      = (prediction_coefs @ r).view(A, A)                      [A, A], C[k][j] = out[A*k + j] (rounded)
     pred_k = S_k + sum_j C[k][j] * S_j                              (the mix in fp32, rounded once, then the add)
 Shapes: streams [A, ..., H]; router_norm_weight [H]; router_weight [A, H]; prediction_coefs [A*A, A];
@@ -22,12 +22,14 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, stream_rows, tanh
+from ._rowwise import router_input_scale
 
 
 @triton.jit
-def _altup_modalities(x_row, norm_w_ptr, router_w_ptr, H, router_row_stride, eps,
+def _altup_modalities(x_row, norm_w_ptr, router_w_ptr, H, router_row_stride, input_scale, eps,
                       dtype: tl.constexpr, A: tl.constexpr, BLOCK: tl.constexpr):
-    """Router of one token row: tanh(router_weight @ (rms_norm(x) / H)), each step rounded like the reference -> [A] fp32."""
+    """Router of one token row: tanh(router_weight @ (rms_norm(x) * input_scale)), each step rounded like the
+    reference -> [A] fp32. ``input_scale`` is 1/H rounded to the activation dtype (``router_input_scale``)."""
     cols = tl.arange(0, BLOCK)
     streams = tl.arange(0, A)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -41,7 +43,7 @@ def _altup_modalities(x_row, norm_w_ptr, router_w_ptr, H, router_row_stride, eps
         x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(norm_w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
         normed = round_to(x * inv_rms * w, dtype).to(tl.float32)  # rms_norm's output, in the activation dtype
-        scaled = round_to(normed * (1.0 / H), dtype).to(tl.float32)  # router_input_scale = 1/H, rounded
+        scaled = round_to(normed * input_scale, dtype).to(tl.float32)
         rw = tl.load(router_w_ptr + streams[:, None] * router_row_stride + start + cols[None, :],
                      mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
         routed += rw * scaled[None, :]
@@ -53,7 +55,7 @@ def _altup_modalities(x_row, norm_w_ptr, router_w_ptr, H, router_row_stride, eps
 def _altup_predict_kernel(
     s_ptr, norm_w_ptr, router_w_ptr, coef_ptr, out_ptr,
     H, s_stream_stride, s_token_stride, out_stream_stride, out_token_stride,
-    router_row_stride, coef_row_stride, coef_col_stride, eps, active,
+    router_row_stride, coef_row_stride, coef_col_stride, input_scale, eps, active,
     A: tl.constexpr, BLOCK: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -61,7 +63,7 @@ def _altup_predict_kernel(
     s_tok = s_ptr + token * s_token_stride
     out_tok = out_ptr + token * out_token_stride
     modal = _altup_modalities(s_tok + active * s_stream_stride, norm_w_ptr, router_w_ptr, H, router_row_stride,
-                              eps, dtype, A, BLOCK)  # [A]
+                              input_scale, eps, dtype, A, BLOCK)  # [A]
 
     # C[k][j] = sum_a coefs[A*k + j, a] * r[a], rounded to the activation dtype (F.linear's output).
     k_idx = tl.arange(0, A)
@@ -122,7 +124,8 @@ def altup_predict(streams: torch.Tensor, router_norm_weight: torch.Tensor, route
     _altup_predict_kernel[(s3.shape[1],)](
         s3, norm_w, router_w, prediction_coefs, out3,
         H, s3.stride(0), s3.stride(1), out3.stride(0), out3.stride(1),
-        router_w.stride(0), prediction_coefs.stride(0), prediction_coefs.stride(1), float(eps), int(active),
+        router_w.stride(0), prediction_coefs.stride(0), prediction_coefs.stride(1),
+        router_input_scale(H, streams.dtype), float(eps), int(active),
         A=A, BLOCK=block, num_warps=4 if block >= 512 else 2,
     )
     return out

@@ -20,15 +20,13 @@ CUDA-graph safe.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows, stream_rows
 from ._rowwise import (check_rows, check_weights, inject_per_layer_input, inv_rms, pick_row,
-                       router_modalities, row_block)
+                       router_input_scale, router_modalities, row_block)
 from .altup_predict import _check_router
 
 
@@ -81,12 +79,6 @@ def check_streams(fn: str, streams: torch.Tensor, active: int, name: str = "stre
     if not isinstance(active, int) or not 0 <= active < A:
         raise ValueError(f"{fn}: active must be an int in [0, {A}), got {active!r}")
     return A, H
-
-
-@functools.lru_cache(maxsize=None)
-def router_input_scale(H: int, dtype: torch.dtype) -> float:
-    """The router's 1/H as the reference has it: a double rounded to the activation dtype (a host value)."""
-    return float(torch.tensor(1.0 / H, dtype=dtype))
 
 
 def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
