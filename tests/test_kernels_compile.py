@@ -87,12 +87,13 @@ cases = [
      dict(SPARSE=True, WRITE_COUNT=True, BLOCK=4096)),
     (P._altup_predict_kernel, sig("s_ptr norm_w_ptr router_w_ptr coef_ptr out_ptr H s_stream_stride s_token_stride "
                                   "out_stream_stride out_token_stride router_row_stride coef_row_stride "
-                                  "coef_col_stride eps active", f"{bf} {bf} {bf} {bf} {bf} " + "i32 " * 8 + "fp32 i32"),
+                                  "coef_col_stride input_scale eps active",
+                                  f"{bf} {bf} {bf} {bf} {bf} " + "i32 " * 8 + "fp32 fp32 i32"),
      dict(A=4, BLOCK=512)),
     (C._altup_correct_kernel, sig("p_ptr o_ptr norm_w_ptr router_w_ptr coef_ptr scale_ptr out_ptr scaled_ptr H "
                                   "p_stream_stride p_token_stride o_token_stride out_stream_stride out_token_stride "
-                                  "scaled_token_stride router_row_stride coef_row_stride coef_col_stride eps active",
-                                  f"{bf} {bf} {bf} {bf} {bf} *fp32 {bf} {bf} " + "i32 " * 10 + "fp32 i32"),
+                                  "scaled_token_stride router_row_stride coef_row_stride coef_col_stride input_scale eps active",
+                                  f"{bf} {bf} {bf} {bf} {bf} *fp32 {bf} {bf} " + "i32 " * 10 + "fp32 fp32 i32"),
      dict(A=4, HAS_SCALE=True, BLOCK=512)),
 ]
 for fn, signature, constexprs in cases:
