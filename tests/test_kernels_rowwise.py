@@ -86,6 +86,26 @@ def test_rms_norm_parity(dtype_id, shape_id, with_weight, residual, spy):
     assert_2x(ours, ref, ref64, f"rms_norm {dtype_id} {shape_id}")
 
 
+# Rows whose mean square sits around eps = 1e-6 (row scales 3e-4 .. 3e-3): there (ms + eps)^-1/2 differs from
+# ms^-1/2 by up to ~50 %, so where eps enters (inside the square root, not added after it) is visible.
+NEAR_EPS_ROW_SCALES = (3e-4, 7e-4, 1e-3, 1.5e-3, 3e-3, 1.0)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("H", [1000, 9000])  # one register block, and the two-pass loop
+def test_rms_norm_rows_near_eps(dtype_id, H):
+    from gemma3n_fast.kernels.rms_norm import rms_norm
+
+    dtype = DTYPES[dtype_id]
+    scales = torch.tensor(NEAR_EPS_ROW_SCALES, dtype=torch.float64)[:, None]
+    x64 = randn((len(NEAR_EPS_ROW_SCALES), H), torch.float64, _seed("near-eps", dtype_id, H)) * scales.to(DEVICE)
+    x, w = x64.to(dtype), randn((H,), dtype, _seed("near-eps-w", H))
+    ms = x.double().pow(2).mean(-1)
+    assert ((ms > 1e-7) & (ms < 1e-5)).sum() >= 3, ms  # the rows really straddle eps
+    ours = rms_norm(x, w, 1e-6, out=nans_like(x))
+    assert_2x(ours, ops.rms_norm(x, w, 1e-6), ops.rms_norm(x.double(), w.double(), 1e-6), f"rms_norm near eps {dtype_id}")
+
+
 def test_rms_norm_strided_and_copied_inputs():
     from gemma3n_fast.kernels.rms_norm import rms_norm
 
