@@ -7,7 +7,8 @@ editable finder, which may point at another checkout (a venv shared by several w
 checkout's folders here, first.
 TRITON_INTERPRET must be set before triton is imported anywhere, so it is decided here too, before any kernel import.
 On a machine without CUDA every kernel runs through the interpreter (never a PyTorch fallback);
-tests marked ``gpu`` are deselected there (not skipped) and run on the device with ``-m gpu``.
+tests marked ``gpu`` are deselected there (not skipped) and run on the device with ``-m gpu``; tests marked
+``interpreter`` (they steer the interpreter itself) are deselected on a CUDA machine.
 """
 import importlib.util
 import os
@@ -38,11 +39,11 @@ if not HAS_CUDA:
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
+    # gpu tests need compiled kernels; interpreter tests need the interpreter (e.g. its program order).
+    other_machine = "interpreter" if HAS_CUDA else "gpu"
     keep, drop = [], []
     for item in items:
-        (drop if item.get_closest_marker("gpu") else keep).append(item)
+        (drop if item.get_closest_marker(other_machine) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

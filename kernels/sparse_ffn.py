@@ -151,11 +151,18 @@ def _sparse_down_kernel(
         tl.debug_barrier()  # every thread's partial is written before the single atomic below publishes them
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:  # the last slice to finish adds all slices in a fixed order
-            y = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for k in tl.static_range(SPLITS):
-                y += tl.load(tile_ws + k * BLOCK_H + offs, cache_modifier=".cg")
-            tl.store(lock_ptr + tile, 0)  # counters start at zero again for the next launch / graph replay
-            tl.store(out_ptrs, round_to(y, out_ptr.dtype.element_ty), mask=h_mask)
+            _finish_tile(tile_ws, lock_ptr, tile, out_ptrs, h_mask, SPLITS, BLOCK_H)
+
+
+@triton.jit
+def _finish_tile(tile_ws, lock_ptr, tile, out_ptrs, h_mask, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Add a tile's SPLITS fp32 partials in slice order, reset its counter, round once and store."""
+    offs = tl.arange(0, BLOCK_H)
+    y = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(SPLITS):
+        y += tl.load(tile_ws + k * BLOCK_H + offs, cache_modifier=".cg")
+    tl.store(lock_ptr + tile, 0)  # counters start at zero again for the next launch / graph replay
+    tl.store(out_ptrs, round_to(y, out_ptrs.dtype.element_ty), mask=h_mask)
 
 
 # ---- settings, workspace, bytes -------------------------------------------------------------------------

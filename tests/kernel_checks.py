@@ -116,3 +116,63 @@ def spy(monkeypatch):
         monkeypatch.setattr(mod, kernel_name, s)
         return s
     return install
+
+
+class ProgramOrder:
+    """What ``shuffled_programs`` saw: per launch, the grid and the order its programs ran in."""
+
+    def __init__(self):
+        self.launches: list[tuple[tuple[int, int, int], list[tuple[int, int, int]]]] = []
+
+
+@pytest.fixture
+def shuffled_programs(monkeypatch):
+    """Run every interpreted launch's programs in a seeded random order instead of the interpreter's fixed x-y-z
+    order (where, e.g., the last K slice of a split-K tile always arrives last). A GPU gives no order at all, so
+    a kernel that is right only in launch order is wrong. The interpreter calls ``set_grid_dim`` once per launch,
+    then ``set_grid_idx`` once per program, in order; the n-th call is mapped to the n-th index of a permutation.
+    Returns a ProgramOrder recording each launch (CPU only: compiled kernels do not go through the interpreter)."""
+    import random
+
+    import triton.runtime.interpreter as interpreter
+
+    builder = interpreter.interpreter_builder
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+    record, rng, state = ProgramOrder(), random.Random(20261205), {}
+
+    def shuffled_dim(nx, ny, nz):
+        order = [(x, y, z) for x in range(nx) for y in range(ny) for z in range(nz)]
+        rng.shuffle(order)
+        state["order"], state["next"] = order, 0
+        record.launches.append(((nx, ny, nz), []))
+        return set_dim(nx, ny, nz)
+
+    def shuffled_idx(x, y, z):
+        idx = state["order"][state["next"]]
+        state["next"] += 1
+        record.launches[-1][1].append(idx)
+        return set_idx(*idx)
+
+    monkeypatch.setattr(builder, "set_grid_dim", shuffled_dim)
+    monkeypatch.setattr(builder, "set_grid_idx", shuffled_idx)
+    return record
+
+
+@pytest.fixture
+def finish_counter(monkeypatch):
+    """``finish_counter(module_name, helper_name)`` wraps the interpreted jit helper that finishes a split tile
+    (its third argument is the tile index) and returns a collections.Counter of the tiles it finished."""
+    import collections
+
+    def install(module_name, helper_name):
+        mod = importlib.import_module(f"gemma3n_fast.kernels.{module_name}")
+        helper, counts = getattr(mod, helper_name), collections.Counter()
+
+        def counted(*args, **kwargs):
+            tile = args[2]
+            counts[int(tile.handle.data.item()) if hasattr(tile, "handle") else int(tile)] += 1
+            return helper(*args, **kwargs)
+
+        monkeypatch.setattr(mod, helper_name, counted)
+        return counts
+    return install

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from gemma3n_fast.reference import ops
-from kernel_checks import DEVICE, DTYPES, assert_2x_torch, nans, randn, spy  # noqa: F401 (spy: fixture)
+from kernel_checks import (DEVICE, DTYPES, assert_2x_torch, finish_counter, nans, randn,  # noqa: F401 (fixtures)
+                           shuffled_programs, spy)
 
 # On top of 2x torch's own error: ~8 fp32 ulps at |y| ~ 4 for fp32 (another summation order over K), a fraction
 # of an ulp at |y| ~ 1 for the 16-bit types (a gelu or tanh a rounding step away from torch's).
@@ -128,6 +129,38 @@ def test_split_k_is_deterministic_and_leaves_counters_at_zero():
     assert torch.equal(first, second)
     _, locks = gemv._WORKSPACES[x.device]
     assert int(locks.abs().sum()) == 0, "split-K counters must be back at zero after every launch"
+
+
+@pytest.mark.interpreter  # the order is the interpreter's to shuffle; a GPU picks its own
+@pytest.mark.parametrize("variant,rows", [("linear", 1), ("gelu_mul", 1), ("dual", 1), ("gelu_mul", 3), ("dual", 3)])
+def test_split_k_finishes_each_tile_once_in_any_program_order(variant, rows, shuffled_programs, finish_counter):
+    """Programs in a shuffled order (the interpreter otherwise runs the last K slice last), the workspace
+    poisoned with NaN: each tile must be finished exactly once, by whichever slice arrives last, from the
+    partials of this launch only; the counters must be back at zero."""
+    from gemma3n_fast.kernels import gemv
+
+    cfg = _config("split", rows)
+    x, w = _inputs("fp32", (rows,), 20, w_rows=2 * N)
+    x2, w2 = _inputs("fp32", (rows,), 22, k=23)
+    run = {"linear": lambda: (gemv.linear(x, w, out=nans((rows, 2 * N), x.dtype), config=cfg),),
+           "gelu_mul": lambda: (gemv.linear_gelu_mul(x, w, out=nans((rows, N), x.dtype), config=cfg),),
+           "dual": lambda: gemv.dual_linear(x, w[:N], x2, w2[:N], config=cfg)}[variant]
+    run()  # builds the cached workspace, which is then poisoned
+    ws, locks = gemv._WORKSPACES[x.device]
+    ws.fill_(float("nan"))
+    finished = finish_counter("gemv", "_finish")
+    ours = run()
+    tiles = math.ceil((2 * N if variant == "linear" else N) / cfg.BLOCK_N) * (2 if variant == "dual" else 1)
+    assert shuffled_programs.launches[-1][0] == (tiles, cfg.SPLIT_K, 1)
+    assert finished == {t: 1 for t in range(tiles)}, f"tiles finished other than once: {finished}"
+    assert int(locks.abs().sum()) == 0, "split-K counters must be back at zero after every launch"
+    refs = {"linear": lambda: (ops.linear(x.double(), w.double()),),
+            "gelu_mul": lambda: (ops.linear_gelu_mul(x.double(), w.double()),),
+            "dual": lambda: ops.dual_linear(x.double(), w[:N].double(), x2.double(), w2[:N].double())}[variant]()
+    lowp = {"linear": lambda: (ops.linear(x, w),), "gelu_mul": lambda: (ops.linear_gelu_mul(x, w),),
+            "dual": lambda: ops.dual_linear(x, w[:N], x2, w2[:N])}[variant]()
+    for o, r, r64 in zip(ours, lowp, refs):
+        assert_2x(o, r, r64, f"split-K {variant} {rows} rows, shuffled programs")
 
 
 def test_heuristic_settings_cover_real_shapes():

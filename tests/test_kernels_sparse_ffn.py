@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from gemma3n_fast.reference import ops
-from kernel_checks import DEVICE, DTYPES, assert_2x_torch, nans_like, randn, spy  # noqa: F401 (spy: fixture)
+from kernel_checks import (DEVICE, DTYPES, assert_2x_torch, finish_counter, nans_like, randn,  # noqa: F401
+                           shuffled_programs, spy)  # (fixtures)
 
 # On top of 2x torch's own error: fp32 summation-order noise over I (|y| ~ 1); for the 16-bit types a fraction of
 # an ulp at |y| ~ 1 (the down sum is rounded once, as F.linear does).
@@ -146,6 +147,26 @@ def test_split_down_is_deterministic_and_leaves_counters_at_zero():
     first = _check(x, weights, 0.5, "fp32", "z=0.5, 5 splits", ws, cfg)  # ~30 % active
     second = sparse_ffn(x, *weights, 0.5, workspace=ws, config=cfg)
     assert torch.equal(first, second)
+    assert int(ws.locks.abs().sum()) == 0
+
+
+@pytest.mark.interpreter  # the order is the interpreter's to shuffle; a GPU picks its own
+def test_split_down_finishes_each_tile_once_in_any_program_order(shuffled_programs, finish_counter):
+    """The down kernel's programs in a shuffled order (the interpreter otherwise runs the last slice last), the
+    workspace poisoned: each (row, H block) tile is finished exactly once, from this launch's partials."""
+    from gemma3n_fast.kernels.sparse_ffn import SparseFFNConfig
+
+    dtype = torch.float32
+    x = _randn((3, H), 12).to(dtype).to(DEVICE)
+    weights = _weights(dtype, 13)
+    cfg = SparseFFNConfig(up_programs=3, BLOCK_C=4, BLOCK_HU=64, up_warps=4, down_splits=4, BLOCK_S=8,
+                          BLOCK_HD=16, down_warps=4)
+    ws = _poisoned_workspace(3, dtype, cfg)
+    finished = finish_counter("sparse_ffn", "_finish_tile")
+    _check(x, weights, 0.5, "fp32", "z=0.5, 4 splits, shuffled programs", ws, cfg)
+    tiles = 3 * math.ceil(H / cfg.BLOCK_HD)
+    assert (cfg.down_splits, math.ceil(H / cfg.BLOCK_HD), 3) in [grid for grid, _ in shuffled_programs.launches]
+    assert finished == {t: 1 for t in range(tiles)}, f"tiles finished other than once: {finished}"
     assert int(ws.locks.abs().sum()) == 0
 
 
