@@ -22,9 +22,13 @@ last program of each column tile to arrive (an atomic counter) adds the partials
 applies the epilogue, so the result does not depend on which program finished last, and resets its counter
 for the next launch. Settings come from the static shapes only (``gemv_config``); rows M > 16 (prefill) are
 not this kernel's job: the launchers hand them to torch (F.linear / matmul, then the reference epilogue).
-Workspace: split-K launches use a per-device cached buffer (partials fp32 + int32 counters, zeroed once),
-grown only outside CUDA-graph capture; run every shape once eagerly before capturing (the decode warm-up
-does), or a clear error says so. Otherwise no host sync and no allocation beyond the outputs: CUDA-graph safe.
+Workspace (``GemvWorkspace``: fp32 partials + int32 counters, zeroed once, left at zero by every launch): sized
+once by ``gemv_workspace`` for EVERY launch ``gemv_config`` can pick with up to ``max_rows`` rows (any N, K,
+epilogue: ~1.6 MB, ``gemv_workspace_size``) and never reallocated, so a CUDA graph may point at it for as long as
+it lives. Pass one as ``workspace=`` (the fast model's decode state owns one); without it a per-device default of
+the same size is used, created on first use (outside capture; a clear error says so otherwise). A too-small or
+too-few-rows workspace is an error, never grown; only an explicit ``config=`` beyond the default's bound gets a
+one-launch scratch buffer. Otherwise no host sync and no allocation beyond the outputs: CUDA-graph safe.
 Bytes each launch must move: ``gemv_bytes``. Requires triton >= 3.6, torch >= 2.11.
 """
 from __future__ import annotations
@@ -42,6 +46,8 @@ _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU 
 EPILOGUE_NONE, EPILOGUE_GELU_MUL, EPILOGUE_GELU_AUX, EPILOGUE_SOFTCAP = 0, 1, 2, 3
 MAX_ROWS = 16  # rows of x the kernel takes; more (prefill) go to torch, where a GEMM is the right tool
 H100_SMS = 132  # the heuristics size grids for an H100 (a static choice: shapes alone decide a launch)
+_MIN_PROGRAMS, _TARGET_PROGRAMS = 2 * H100_SMS, 4 * H100_SMS  # split K below the first, aiming at the second
+_MAX_SPLIT_K = 16
 
 
 # ---- kernel ---------------------------------------------------------------------------------------------
@@ -210,7 +216,7 @@ def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, *, gate_up: bool = F
     elem = dtype.itemsize
     vec = 16 // elem  # elements per 16-byte load
     nacc = 2 if gate_up else 1
-    min_programs, target_programs = 2 * H100_SMS, 4 * H100_SMS
+    min_programs, target_programs = _MIN_PROGRAMS, _TARGET_PROGRAMS
     if M == 1:
         block_m = 1
         block_k = min(triton.next_power_of_2(K), 128 * vec)  # 1024 bf16 / 512 fp32 per row chunk
@@ -226,7 +232,7 @@ def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, *, gate_up: bool = F
     split_k = 1
     chunks = triton.cdiv(K, block_k)
     if tiles < min_programs and chunks > 1:
-        want = min(triton.cdiv(target_programs, tiles), chunks, 16)
+        want = min(triton.cdiv(target_programs, tiles), chunks, _MAX_SPLIT_K)
         per = triton.cdiv(chunks, want)
         split_k = triton.cdiv(chunks, per)  # no empty slice
     return GemvConfig(block_m, block_n, block_k, split_k, num_warps)
@@ -239,22 +245,64 @@ def _interpreter_config(M: int, N: int, K: int) -> GemvConfig:
                       min(max(triton.next_power_of_2(K), 16), 256), 1, 4)
 
 
-_WORKSPACES: dict = {}  # device -> (fp32 partials, int32 counters); grown outside graph capture only
+@dataclass(frozen=True)
+class GemvWorkspace:
+    """Split-K scratch of GEMV launches of up to ``max_rows`` rows: fp32 partials and int32 arrival counters (zero
+    between launches: the last program of each tile resets its counter). Launches on one stream take turns in it.
+    Frozen: its buffers are never swapped, so whatever captured a launch keeps pointing at live memory."""
+    partials: torch.Tensor
+    locks: torch.Tensor
+    max_rows: int
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"partials": self.partials, "locks": self.locks}
 
 
-def _workspace(device: torch.device, n_partials: int, n_locks: int, fn: str):
-    """Cached split-K workspace on ``device`` with room for ``n_partials`` floats and ``n_locks`` counters."""
-    ws, locks = _WORKSPACES.get(device, (None, None))
-    if ws is None or ws.numel() < n_partials or locks.numel() < n_locks:
+def gemv_workspace_size(max_rows: int = MAX_ROWS) -> tuple[int, int]:
+    """(fp32 partials, int32 counters) covering every launch ``gemv_config`` picks for up to ``max_rows`` rows, any
+    N, K, epilogue or pair count. A launch splits K only when its column tiles t < _MIN_PROGRAMS, into at most
+    min(_MAX_SPLIT_K, cdiv(_TARGET_PROGRAMS, t)) slices; its tiles are then at most 16 columns wide (one row: always
+    <= 16; more rows: 32 and 64 only with >= _MIN_PROGRAMS tiles) by 1 (one row) or 16 rows, two accumulators for
+    gate|up. ~1.6 MB for more than one row, ~0.1 MB for one."""
+    if not 1 <= max_rows <= MAX_ROWS:
+        raise ValueError(f"gemv_workspace_size: max_rows must be in 1..{MAX_ROWS}, got {max_rows}")
+    programs = max(t * min(_MAX_SPLIT_K, triton.cdiv(_TARGET_PROGRAMS, t)) for t in range(1, _MIN_PROGRAMS))
+    return programs * 2 * 16 * (1 if max_rows == 1 else 16), _MIN_PROGRAMS - 1
+
+
+def gemv_workspace(device, max_rows: int = MAX_ROWS) -> GemvWorkspace:
+    """A workspace for every heuristic GEMV launch of up to ``max_rows`` rows on ``device`` (allocated here, once)."""
+    n_partials, n_locks = gemv_workspace_size(max_rows)
+    return GemvWorkspace(torch.empty(n_partials, dtype=torch.float32, device=device),
+                         torch.zeros(n_locks, dtype=torch.int32, device=device), max_rows)
+
+
+_WORKSPACES: dict = {}  # device -> GemvWorkspace(max_rows=MAX_ROWS), created once, never reallocated
+
+
+def _default_workspace(device: torch.device, fn: str) -> GemvWorkspace:
+    ws = _WORKSPACES.get(device)
+    if ws is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{fn}: the split-K workspace must grow during CUDA-graph capture; run this "
-                               "shape once eagerly before capturing (its buffer is then reused by the graph)")
-        n_partials = max(n_partials, ws.numel() if ws is not None else 0)
-        n_locks = max(n_locks, locks.numel() if locks is not None else 0)
-        ws = torch.empty(n_partials, dtype=torch.float32, device=device)
-        locks = torch.zeros(n_locks, dtype=torch.int32, device=device)  # the kernel leaves them at zero
-        _WORKSPACES[device] = (ws, locks)
-    return ws, locks
+            raise RuntimeError(f"{fn}: the default split-K workspace would be allocated inside a CUDA-graph capture "
+                               "(in the graph's private pool); pass workspace=gemv_workspace(device) or make one "
+                               "eager call before capturing")
+        ws = _WORKSPACES[device] = gemv_workspace(device)
+    return ws
+
+
+def _split_buffers(fn: str, device, n_partials: int, n_locks: int, workspace: GemvWorkspace | None):
+    """(partials, counters) for a split-K launch: the caller's workspace, else the default one; neither grows."""
+    ws = workspace if workspace is not None else _default_workspace(device, fn)
+    if ws.partials.numel() >= n_partials and ws.locks.numel() >= n_locks:
+        return ws.partials, ws.locks
+    if workspace is not None:
+        raise ValueError(f"{fn}: workspace too small for this launch ({n_partials} partials and {n_locks} counters "
+                         f"needed, it has {ws.partials.numel()} and {ws.locks.numel()}); build it with "
+                         "gemv_workspace(device, max_rows)")
+    # only an explicit config= beyond gemv_config's bound gets here: a scratch for this launch, the default untouched
+    return (torch.empty(n_partials, dtype=torch.float32, device=device),
+            torch.zeros(n_locks, dtype=torch.int32, device=device))
 
 
 def gemv_bytes(kind: str, M: int, N: int, K: int, dtype: torch.dtype, *, K2: int = 0) -> int:
@@ -296,8 +344,15 @@ def _check_x(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, cap=0.0, x2_rows=None, w2=None,
-            out2_rows=None, config=None):
+            out2_rows=None, config=None, workspace: GemvWorkspace | None = None):
     M, K = x_rows.shape
+    if workspace is not None:  # checked whether or not this launch splits K: the same calls fail on CPU and GPU
+        if not isinstance(workspace, GemvWorkspace):
+            raise TypeError(f"{fn}: workspace must be a GemvWorkspace (gemv_workspace(...)), got "
+                            f"{type(workspace).__name__}")
+        if M > workspace.max_rows or workspace.partials.device != x_rows.device:
+            raise ValueError(f"{fn}: workspace is for up to {workspace.max_rows} rows on {workspace.partials.device}, "
+                             f"got {M} rows on {x_rows.device}")
     N = out_rows.shape[1]
     dual = x2_rows is not None
     K_max = max(K, x2_rows.shape[1]) if dual else K
@@ -308,7 +363,8 @@ def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, c
     tiles = triton.cdiv(N, cfg.BLOCK_N) * (2 if dual else 1)
     if cfg.SPLIT_K > 1:
         nacc = 2 if epilogue == EPILOGUE_GELU_MUL else 1
-        ws, locks = _workspace(x_rows.device, tiles * cfg.SPLIT_K * nacc * cfg.BLOCK_N * cfg.BLOCK_M, tiles, fn)
+        ws, locks = _split_buffers(fn, x_rows.device, tiles * cfg.SPLIT_K * nacc * cfg.BLOCK_N * cfg.BLOCK_M,
+                                   tiles, workspace)
     else:
         ws, locks = out_rows, out_rows  # unused pointers
     aux_rows = aux_rows if aux_rows is not None else out_rows
@@ -342,20 +398,21 @@ def _operands(fn: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None,
-           config: GemvConfig | None = None) -> torch.Tensor:
+           config: GemvConfig | None = None, workspace: GemvWorkspace | None = None) -> torch.Tensor:
     """``x @ weight^T``: x [..., K], weight [N, K] -> [..., N] in x.dtype (Triton for <= 16 rows, else torch).
-    ``config`` overrides ``gemv_config`` (tuning and tests)."""
+    ``config`` overrides ``gemv_config`` (tuning and tests); ``workspace``: the split-K scratch (``gemv_workspace``;
+    default: the per-device one), the same for every launcher here."""
     fn = "linear"
     weight, out, x_rows, out_rows = _operands(fn, x, weight, out)
     if x_rows.shape[0] > MAX_ROWS:
         torch.matmul(x_rows, weight.t(), out=out_rows)
     else:
-        _launch(fn, x_rows, weight, out_rows, config=config)
+        _launch(fn, x_rows, weight, out_rows, config=config, workspace=workspace)
     return out
 
 
 def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor, *, out: torch.Tensor | None = None,
-                    config: GemvConfig | None = None) -> torch.Tensor:
+                    config: GemvConfig | None = None, workspace: GemvWorkspace | None = None) -> torch.Tensor:
     """``gelu_tanh(x Wg^T) * (x Wu^T)`` with ``gate_up_weight = [Wg; Wu]`` [2I, K]: x [..., K] -> [..., I]."""
     fn = "linear_gelu_mul"
     x = _check_x(fn, "x", x)
@@ -371,12 +428,13 @@ def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor, *, out: torch
         gate, up = F.linear(x_rows, gate_up_weight).chunk(2, dim=-1)
         torch.mul(_gelu_tanh_torch(gate), up, out=out_rows)
     else:
-        _launch(fn, x_rows, gate_up_weight, out_rows, epilogue=EPILOGUE_GELU_MUL, config=config)
+        _launch(fn, x_rows, gate_up_weight, out_rows, epilogue=EPILOGUE_GELU_MUL, config=config,
+                workspace=workspace)
     return out
 
 
 def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor, aux: torch.Tensor, *, out: torch.Tensor | None = None,
-                    config: GemvConfig | None = None) -> torch.Tensor:
+                    config: GemvConfig | None = None, workspace: GemvWorkspace | None = None) -> torch.Tensor:
     """``gelu_tanh(x @ weight^T) * aux``: x [..., K], weight [N, K], aux [..., N] (x's leading shape) -> [..., N]."""
     fn = "linear_gelu_aux"
     x = _check_x(fn, "x", x)
@@ -393,29 +451,32 @@ def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor, aux: torch.Tensor, *,
     if x_rows.shape[0] > MAX_ROWS:
         torch.mul(_gelu_tanh_torch(F.linear(x_rows, weight)), aux_rows, out=out_rows)
     else:
-        _launch(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_GELU_AUX, aux_rows=aux_rows, config=config)
+        _launch(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_GELU_AUX, aux_rows=aux_rows, config=config,
+                workspace=workspace)
     return out
 
 
 def linear_softcap(x: torch.Tensor, weight: torch.Tensor, cap: float | None, *, out: torch.Tensor | None = None,
-                   config: GemvConfig | None = None) -> torch.Tensor:
+                   config: GemvConfig | None = None, workspace: GemvWorkspace | None = None) -> torch.Tensor:
     """``cap * tanh((x @ weight^T) / cap)`` in x.dtype (the LM head); ``cap=None``: plain ``linear``."""
     fn = "linear_softcap"
     if cap is None:
-        return linear(x, weight, out=out, config=config)
+        return linear(x, weight, out=out, config=config, workspace=workspace)
     if not isinstance(cap, (int, float)) or not cap > 0:
         raise ValueError(f"{fn}: cap must be a positive Python number or None, got {cap!r}")
     weight, out, x_rows, out_rows = _operands(fn, x, weight, out)
     if x_rows.shape[0] > MAX_ROWS:
         out_rows.copy_(torch.tanh(F.linear(x_rows, weight) / cap) * cap)
     else:
-        _launch(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_SOFTCAP, cap=float(cap), config=config)
+        _launch(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_SOFTCAP, cap=float(cap), config=config,
+                workspace=workspace)
     return out
 
 
 def dual_linear(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor, w2: torch.Tensor, *,
                 out1: torch.Tensor | None = None, out2: torch.Tensor | None = None,
-                config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                config: GemvConfig | None = None,
+                workspace: GemvWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x1 @ w1^T, x2 @ w2^T)`` in one launch: x1 [..., K1], w1 [N, K1], x2 [..., K2] (x1's leading shape),
     w2 [N, K2] -> two [..., N] (o_proj on the attention output and LAuReL's right projection)."""
     fn = "dual_linear"
@@ -438,5 +499,5 @@ def dual_linear(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor, w2: torch.
         torch.matmul(x1_rows, w1.t(), out=o1)
         torch.matmul(x2_rows, w2.t(), out=o2)
     else:
-        _launch(fn, x1_rows, w1, o1, x2_rows=x2_rows, w2=w2, out2_rows=o2, config=config)
+        _launch(fn, x1_rows, w1, o1, x2_rows=x2_rows, w2=w2, out2_rows=o2, config=config, workspace=workspace)
     return out1, out2

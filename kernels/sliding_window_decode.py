@@ -28,8 +28,9 @@ time, one program per (batch, KV head, query row, 64 head-dim columns). With one
 the output directly and the workspace is unused.
 
 workspace: fp32 tensor with at least ``B * Hkv * num_splits * G * Tq * (D + 2)`` elements; allocated per call
-if None (pass one in to avoid the allocation under a CUDA graph; ``decode_workspace_size`` gives the size, from
-``decode_num_splits``).
+if None (pass one in to avoid the allocation under a CUDA graph; ``decode_workspace_size`` gives the size for a
+split count, ``decode_workspace_need`` the size a launch with the default split needs: the fast model's decode
+state owns one sized so for its cache).
 
 Numerics: fp32 dots (``ieee`` for fp32 inputs), fp32 online softmax in base 2, P rounded to v.dtype for PV.
 Inputs with a non-unit last stride are copied; any other strides are used as they are.
@@ -192,6 +193,27 @@ def decode_workspace_size(batch: int, q_heads: int, q_tokens: int, head_dim: int
     return batch * q_heads * q_tokens * num_splits * (head_dim + 2)
 
 
+def _splits(batch: int, kv_heads: int, cache_slots: int, head_dim: int, dtype: torch.dtype,
+            num_splits: int | None = None) -> tuple[int, int]:
+    """(key splits, keys per tile) of a launch: ``num_splits`` or the static default, then trimmed so that no split
+    is empty at a full cache."""
+    if num_splits is None:
+        # under the interpreter programs run one by one: two splits keep the split + merge path exercised
+        num_splits = decode_num_splits(batch, kv_heads, cache_slots)
+        num_splits = min(2, num_splits) if INTERPRETING.value else num_splits
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"sliding_window_attention_decode: num_splits must be a positive int, got {num_splits!r}")
+    S, block_n = cache_slots, decode_block_n(cache_slots, num_splits, head_dim, dtype)
+    return triton.cdiv(S, triton.cdiv(triton.cdiv(S, num_splits), block_n) * block_n), block_n  # none empty at full S
+
+
+def decode_workspace_need(batch: int, q_heads: int, kv_heads: int, q_tokens: int, head_dim: int, cache_slots: int,
+                          dtype: torch.dtype) -> int:
+    """fp32 elements of workspace a launch with the default split needs at these shapes (0: one split, none)."""
+    num_splits, _ = _splits(batch, kv_heads, cache_slots, head_dim, dtype)
+    return decode_workspace_size(batch, q_heads, q_tokens, head_dim, num_splits) if num_splits > 1 else 0
+
+
 def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                                     k_pos: torch.Tensor, *, window: int | None = None, scaling: float = 1.0,
                                     softcap: float | None = None, out: torch.Tensor | None = None,
@@ -215,13 +237,7 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
                              f"{getattr(last_slot, 'dtype', type(last_slot).__name__)} "
                              f"{tuple(getattr(last_slot, 'shape', ()))}")
     G = Hq // Hkv
-    if num_splits is None:
-        # under the interpreter programs run one by one: two splits keep the split + merge path exercised
-        num_splits = min(2, decode_num_splits(B, Hkv, S)) if INTERPRETING.value else decode_num_splits(B, Hkv, S)
-    if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"{fn}: num_splits must be a positive int, got {num_splits!r}")
-    BLOCK_N = decode_block_n(S, num_splits, D, q.dtype)
-    num_splits = triton.cdiv(S, triton.cdiv(triton.cdiv(S, num_splits), BLOCK_N) * BLOCK_N)  # none empty at full S
+    num_splits, BLOCK_N = _splits(B, Hkv, S, D, q.dtype, num_splits)
     split = num_splits > 1
     if split:
         need = decode_workspace_size(B, Hq, Tq, D, num_splits)

@@ -31,8 +31,10 @@ skips 2 * 0.95 * I * H * 2 bytes per sparse layer (bf16): 63.8 MB on E2B (I 8192
 per token), 127.5 MB on E4B (I 16384; 10 layers: 1.27 GB per token).
 Workspace (``SparseFFNWorkspace``): gate/act [M, I] activation dtype, active list [M, I] int32 (capacity I: a
 row with every channel active is still exact), count [M] int32, down partials fp32, counters int32 (zeroed
-once, left at zero by every launch). Pass one built by ``sparse_ffn_workspace`` for CUDA graphs (or run each
-shape once eagerly before capture: the cached default grows only outside capture).
+once, left at zero by every launch), and the gate GEMV's split-K scratch (a ``GemvWorkspace``, which may be shared
+with other GEMVs). Built once by ``sparse_ffn_workspace`` for up to ``max_rows`` rows and never reallocated; pass
+one for CUDA graphs (the fast model's decode state owns one per I). Without it a cached default per (device, I,
+H, dtype) for SPARSE_MAX_ROWS rows is used, created on first use (outside capture, or a clear error).
 Requires triton >= 3.6, torch >= 2.11. I > 32768 takes the dense path too (the up kernel holds a row of g in
 registers).
 """
@@ -46,7 +48,8 @@ import triton.language as tl
 
 from ._common import check_dtype, check_out, round_to, rows
 from .gaussian_topk import gaussian_topk_gelu_mul
-from .gemv import H100_SMS, MAX_ROWS, _launch, linear
+from .gemv import H100_SMS, MAX_ROWS, GemvWorkspace, _launch, gemv_workspace, linear
+from .gemv import _default_workspace as _default_gemv_workspace
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
 SPARSE_MAX_ROWS = 8  # more rows: the dense path (see the module docstring for the numbers)
@@ -197,27 +200,41 @@ def sparse_ffn_config(M: int, I: int, H: int, dtype: torch.dtype) -> SparseFFNCo
     return SparseFFNConfig(up_programs, block_c, block_hu, up_warps, down_splits, block_s, block_hd, down_warps)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseFFNWorkspace:
     """Buffers of one sparse FFN call for up to ``max_rows`` rows (reusable across calls and layers of the
-    same I, H, dtype; ``count[:M]`` holds each row's number of active channels after a call)."""
+    same I, H, dtype; ``count[:M]`` holds each row's number of active channels after a call). Frozen: its
+    buffers are never swapped (a captured graph may point at them)."""
     gate: torch.Tensor  # [max_rows, I] activation dtype
     act: torch.Tensor  # [max_rows, I] activation dtype: act of the active channels, in list order
     index: torch.Tensor  # [max_rows, I] int32: the active channels, ascending
     count: torch.Tensor  # [max_rows] int32
     partials: torch.Tensor  # fp32, down partial sums
     locks: torch.Tensor  # int32 counters, zero between launches
+    gemv: GemvWorkspace  # the gate GEMV's split-K scratch (and the dense path's GEMVs)
 
     @property
     def max_rows(self) -> int:
         return self.gate.shape[0]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"gate": self.gate, "act": self.act, "index": self.index, "count": self.count,
+                "partials": self.partials, "locks": self.locks,
+                **{f"gemv.{k}": t for k, t in self.gemv.tensors().items()}}
+
 
 def sparse_ffn_workspace(max_rows: int, I: int, H: int, dtype: torch.dtype, device,
-                         config: SparseFFNConfig | None = None) -> SparseFFNWorkspace:
-    """Allocate a workspace for ``sparse_ffn`` calls of up to ``max_rows`` rows (<= SPARSE_MAX_ROWS)."""
+                         config: SparseFFNConfig | None = None, *,
+                         gemv: GemvWorkspace | None = None) -> SparseFFNWorkspace:
+    """Allocate a workspace for ``sparse_ffn`` calls of up to ``max_rows`` rows (<= SPARSE_MAX_ROWS). ``gemv``: a
+    GEMV workspace to share (default: a new one for MAX_ROWS rows, which the dense path's up to 16 rows need)."""
     if not 1 <= max_rows <= SPARSE_MAX_ROWS:
         raise ValueError(f"sparse_ffn_workspace: max_rows must be in 1..{SPARSE_MAX_ROWS}, got {max_rows}")
+    if gemv is None:
+        gemv = gemv_workspace(device)
+    elif gemv.max_rows < max_rows:
+        raise ValueError(f"sparse_ffn_workspace: the gemv workspace is for {gemv.max_rows} rows, fewer than "
+                         f"max_rows={max_rows}")
     cfgs = [config] if config is not None else [sparse_ffn_config(m, I, H, dtype) for m in range(1, max_rows + 1)]
     tiles = max(max_rows * triton.cdiv(H, c.BLOCK_HD) for c in cfgs)
     n_partials = max(max_rows * triton.cdiv(H, c.BLOCK_HD) * c.down_splits * c.BLOCK_HD for c in cfgs)
@@ -228,10 +245,11 @@ def sparse_ffn_workspace(max_rows: int, I: int, H: int, dtype: torch.dtype, devi
         count=torch.empty(max_rows, dtype=torch.int32, device=device),
         partials=torch.empty(n_partials, dtype=torch.float32, device=device),
         locks=torch.zeros(tiles, dtype=torch.int32, device=device),
+        gemv=gemv,
     )
 
 
-_WORKSPACES: dict = {}  # (device, I, H, dtype) -> SparseFFNWorkspace for SPARSE_MAX_ROWS rows
+_WORKSPACES: dict = {}  # (device, I, H, dtype, config) -> SparseFFNWorkspace for SPARSE_MAX_ROWS rows, never replaced
 
 
 def _default_workspace(device, I, H, dtype, config, fn) -> SparseFFNWorkspace:
@@ -241,7 +259,8 @@ def _default_workspace(device, I, H, dtype, config, fn) -> SparseFFNWorkspace:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{fn}: no workspace for these shapes during CUDA-graph capture; pass "
                                "workspace=sparse_ffn_workspace(...) or run the shape once eagerly first")
-        ws = _WORKSPACES[key] = sparse_ffn_workspace(SPARSE_MAX_ROWS, I, H, dtype, device, config)
+        ws = _WORKSPACES[key] = sparse_ffn_workspace(SPARSE_MAX_ROWS, I, H, dtype, device, config,
+                                                     gemv=_default_gemv_workspace(device, fn))
     return ws
 
 
@@ -263,8 +282,8 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
                workspace: SparseFFNWorkspace | None = None, config: SparseFFNConfig | None = None) -> torch.Tensor:
     """Triton version of ``reference.ops.sparse_ffn``: x [..., H], gate/up weights [I, H], down_weight_t [I, H]
     (the down weight transposed) -> [..., H]. Up to 8 rows: 3 launches reading only the active channels' up and
-    down rows; more rows: the dense path. ``workspace``: see ``sparse_ffn_workspace`` (needed for CUDA graphs
-    unless the shape ran once before capture); ``config`` overrides ``sparse_ffn_config``."""
+    down rows; more rows: the dense path. ``workspace``: see ``sparse_ffn_workspace`` (default: a cached one,
+    created on first use); ``config`` overrides ``sparse_ffn_config``."""
     fn = "sparse_ffn"
     check_dtype(fn, "x", x)
     if x.dim() < 1 or x.numel() == 0:
@@ -287,7 +306,8 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     x_rows, out_rows = rows(x, H), out.view(-1, H)
     M = x_rows.shape[0]
     if M > SPARSE_MAX_ROWS or I > MAX_INTERMEDIATE:  # dense: the union of active sets nears every channel
-        gate, up = linear(x_rows, gate_weight), linear(x_rows, up_weight)
+        gemv_ws = workspace.gemv if workspace is not None else None
+        gate, up = linear(x_rows, gate_weight, workspace=gemv_ws), linear(x_rows, up_weight, workspace=gemv_ws)
         act = gaussian_topk_gelu_mul(gate, up, float(std_multiplier))
         torch.matmul(act, down_weight_t, out=out_rows)
         return out
@@ -302,7 +322,7 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     # z rounded to the activation dtype exactly as the reference does (a CPU scalar op, no device sync).
     z = float(torch.tensor(float(std_multiplier)).to(x.dtype).float())
     gate = ws.gate[:M]
-    _launch(fn, x_rows, gate_weight, gate)  # 1: dense gate GEMV (M <= 8 <= MAX_ROWS)
+    _launch(fn, x_rows, gate_weight, gate, workspace=ws.gemv)  # 1: dense gate GEMV (M <= 8 <= MAX_ROWS)
     _sparse_up_kernel[(cfg.up_programs, M)](  # 2: cutoff, active list, sparse up x gelu
         x_rows, gate, up_weight, ws.index, ws.act, ws.count,
         I, H, x_rows.stride(0), gate.stride(0), up_weight.stride(0), ws.index.stride(0), ws.act.stride(0), z,

@@ -203,6 +203,12 @@ def test_decode_workspace_and_splits():
     assert (out.double() - ref).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="workspace"):
         dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws[:10], num_splits=2)
+    # decode_workspace_need: exactly what a launch with the default split takes (what a decode state preallocates)
+    need = dec_mod.decode_workspace_need(B, Hq, Hkv, 1, D, S, q.dtype)
+    assert need > 0 and dec_mod.decode_workspace_need(B, Hq, Hkv, 1, D, 16, q.dtype) == 0  # 16 slots: one split
+    dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws.new_empty(need))
+    with pytest.raises(ValueError, match="workspace"):
+        dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws.new_empty(need - 1))
 
 
 def _bounded_cache(B, Hkv, S, D, dtype, pads, last, ring_window=None):

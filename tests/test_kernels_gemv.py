@@ -9,6 +9,7 @@ interpreter's bf16 tl.dot is wrong). The ``gpu`` tests run compiled kernels in b
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -124,11 +125,53 @@ def test_split_k_is_deterministic_and_leaves_counters_at_zero():
 
     x, w = _inputs("fp32", (1,), 9, w_rows=2 * N)
     cfg = _config("split", 1)
-    first = gemv.linear_gelu_mul(x, w, config=cfg)
-    second = gemv.linear_gelu_mul(x, w, config=cfg)
+    ws = gemv.gemv_workspace(x.device, max_rows=1)
+    first = gemv.linear_gelu_mul(x, w, config=cfg, workspace=ws)
+    second = gemv.linear_gelu_mul(x, w, config=cfg)  # the per-device default workspace
     assert torch.equal(first, second)
-    _, locks = gemv._WORKSPACES[x.device]
-    assert int(locks.abs().sum()) == 0, "split-K counters must be back at zero after every launch"
+    for locks in (ws.locks, gemv._WORKSPACES[x.device].locks):
+        assert int(locks.abs().sum()) == 0, "split-K counters must be back at zero after every launch"
+
+
+def test_workspace_covers_every_heuristic_launch_and_never_grows():
+    """``gemv_workspace_size`` bounds what every ``gemv_config`` launch needs (so one buffer, sized once, serves
+    every launch and a CUDA graph may keep pointing at it); a workspace that does not fit is an error, never grown."""
+    import itertools
+
+    import triton
+
+    from gemma3n_fast.kernels import gemv
+
+    bound = {m: gemv.gemv_workspace_size(m) for m in (1, 2)}
+    ns = sorted({1, 7, 16, 37, 100, 256, 1000, 2048, 2049, 3136, 4096, 8192, 16384, 262400} |
+                {16 * t for t in range(1, 300, 7)} | {8 * t for t in range(1, 300, 11)})
+    for M, n, k, gate_up, pairs, dtype in itertools.product((1, 2, 16), ns, (23, 64, 300, 2048, 8192, 16384),
+                                                           (False, True), (1, 2), (torch.float32, torch.bfloat16)):
+        cfg = gemv.gemv_config(M, n, k, dtype, gate_up=gate_up, pairs=pairs)
+        tiles = triton.cdiv(n, cfg.BLOCK_N) * pairs
+        if cfg.SPLIT_K > 1:
+            need = tiles * cfg.SPLIT_K * (2 if gate_up else 1) * cfg.BLOCK_N * cfg.BLOCK_M
+            partials, locks = bound[min(M, 2)]
+            assert need <= partials and tiles <= locks, (M, n, k, gate_up, pairs, cfg)
+
+    x, w = _inputs("fp32", (3,), 14)
+    ws = gemv.gemv_workspace(x.device, max_rows=2)
+    ptrs = (ws.partials.data_ptr(), ws.locks.data_ptr())
+    with pytest.raises(ValueError, match="up to 2 rows"):  # refused with or without a split (CPU and GPU alike)
+        gemv.linear(x, w, workspace=ws)
+    small = gemv.GemvWorkspace(ws.partials[:10], ws.locks, max_rows=16)
+    with pytest.raises(ValueError, match="workspace too small"):
+        gemv.linear(x, w, config=_config("split", 3), workspace=small)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ws.partials = torch.empty(1)
+    assert (ws.partials.data_ptr(), ws.locks.data_ptr()) == ptrs
+    default = gemv._default_workspace(x.device, "test")
+    default_ptrs = (default.partials.data_ptr(), default.locks.data_ptr())
+    big = gemv.GemvConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, SPLIT_K=16, num_warps=4)  # 32 tiles: beyond the bound
+    xs, wb = _inputs("fp32", (2,), 15, n=2048, k=256)
+    torch.testing.assert_close(gemv.linear(xs, wb, config=big), ops.linear(xs, wb))  # a one-launch scratch
+    assert gemv._WORKSPACES[x.device] is default
+    assert (default.partials.data_ptr(), default.locks.data_ptr()) == default_ptrs
 
 
 @pytest.mark.interpreter  # the order is the interpreter's to shuffle; a GPU picks its own
@@ -146,8 +189,8 @@ def test_split_k_finishes_each_tile_once_in_any_program_order(variant, rows, shu
            "gelu_mul": lambda: (gemv.linear_gelu_mul(x, w, out=nans((rows, N), x.dtype), config=cfg),),
            "dual": lambda: gemv.dual_linear(x, w[:N], x2, w2[:N], config=cfg)}[variant]
     run()  # builds the cached workspace, which is then poisoned
-    ws, locks = gemv._WORKSPACES[x.device]
-    ws.fill_(float("nan"))
+    locks = gemv._WORKSPACES[x.device].locks
+    gemv._WORKSPACES[x.device].partials.fill_(float("nan"))
     finished = finish_counter("gemv", "_finish")
     ours = run()
     tiles = math.ceil((2 * N if variant == "linear" else N) / cfg.BLOCK_N) * (2 if variant == "dual" else 1)

@@ -193,6 +193,30 @@ def test_bad_inputs():
         sparse_ffn(x, wg, wu, wdt, Z_95, workspace=sparse_ffn_workspace(1, I + 1, H, torch.float32, DEVICE))
     with pytest.raises(ValueError, match="max_rows"):
         sparse_ffn_workspace(9, I, H, torch.float32, DEVICE)
+    from gemma3n_fast.kernels.gemv import gemv_workspace
+
+    with pytest.raises(ValueError, match="gemv workspace is for 1 rows"):
+        sparse_ffn_workspace(4, I, H, torch.float32, DEVICE, gemv=gemv_workspace(DEVICE, max_rows=1))
+
+
+def test_workspace_is_used_in_place_and_shares_its_gemv_scratch():
+    """A given workspace (and the GEMV scratch it shares) serves the sparse and the dense path in place: the
+    buffers a captured graph would point at are the same before and after calls of every row count."""
+    import dataclasses
+
+    from gemma3n_fast.kernels.gemv import gemv_workspace
+    from gemma3n_fast.kernels.sparse_ffn import sparse_ffn_workspace
+
+    gemv_ws = gemv_workspace(DEVICE)
+    ws = sparse_ffn_workspace(8, I, H, torch.float32, DEVICE, gemv=gemv_ws)
+    assert ws.gemv is gemv_ws
+    ptrs = {k: t.data_ptr() for k, t in ws.tensors().items()}
+    weights = _weights(torch.float32, 16)
+    for M in (1, 8, 12):  # sparse path, and 12 rows: the dense path's GEMVs take the shared scratch
+        _check(_randn((M, H), 17).float().to(DEVICE), weights, Z_95, "fp32", f"{M} rows, given workspace", ws=ws)
+    assert {k: t.data_ptr() for k, t in ws.tensors().items()} == ptrs
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ws.gate = torch.empty(1)
 
 
 def test_bytes_give_the_expected_saving():
