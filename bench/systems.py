@@ -117,7 +117,7 @@ class OursSystem:
         not_kernel = [op for op, src in m.backend.sources.items() if src != "kernel"]
         if m.backend.mode != "triton" or not_kernel:
             raise RuntimeError(f"gemma3n_fast is not on its kernels (mode {m.backend.mode}; {not_kernel})")
-        if not any(st.graph is not None for st in m._graphs.values()):
+        if not any(st.graph is not None for st in m._decode_states.values()):
             raise RuntimeError("gemma3n_fast decoded without a captured CUDA graph")
         self.info["decode"] = "CUDA graph, Triton kernels"
 

@@ -6,10 +6,14 @@ Arguments, defaults and checks are HF's and shared with the reference model (``r
 Decode loop (gpt-fast style):
   * ``prefill`` runs once (chunked for long prompts); the KV-shared layers see only the last prompt token;
   * every ``decode_step`` reads and writes static buffers only (token, position, column, done flags, step
-    counter, seen-ids buffer of the repetition penalty, score buffers, output buffer, KV cache), selects the token
-    on the device and has no host synchronisation;
+    counter, seen-ids buffer of the repetition penalty, score buffers, output buffer, KV cache, the kernels'
+    workspaces), selects the token on the device and has no host synchronisation;
+  * those buffers belong to one ``DecodeState`` per configuration (batch size, cache length, settings), kept for
+    the next call with the same configuration on every device. Each is allocated once, at the state's creation,
+    sized for every launch of the configuration (prefill chunks included: prefill uses the same workspaces) and
+    never reallocated, so a prompt of any length leaves them where they are;
   * on CUDA the step is captured once into a CUDA graph (after a warm-up that compiles the kernels) and replayed;
-    the graph and its buffers are kept for the next call with the same batch size, cache length and settings;
+    the graph lives in its state, so whatever it points at lives at least as long;
   * the host looks at the device every ``EOS_CHECK_EVERY`` steps (every step when streaming): whether every row
     has finished (eos), and, with ``stop_strings``, whether a new token completed one (host-side: a row found
     stopped gets its done flag set then, and its tokens after the stop become pad, so the result equals HF's).
@@ -38,7 +42,8 @@ PROCESSOR_OPTIONS = ("audio_segment_seconds", "truncate_audio", "sampling_rate")
 
 
 class DecodeState:
-    """The static buffers of one decode configuration: what a captured step reads and writes."""
+    """The static buffers of one decode configuration: what a captured step reads and writes (``buffers()``), and
+    the graph. Nothing here is reallocated after ``__init__``: a captured graph keeps pointing at live memory."""
 
     def __init__(self, model, batch: int, max_length: int, plan: GenerationPlan, record: int = 0):
         dev, V = model.device, model.text_config.vocab_size
@@ -47,6 +52,7 @@ class DecodeState:
                               scores=plan.return_dict and plan.output_scores,
                               logits=plan.return_dict and plan.output_logits)
         self.cache = StaticKVCache(model.text_config, batch, max_length, dev, model.dtype)
+        self.workspaces = model.make_workspaces(batch, self.cache)  # the kernels' scratch, prefill's too
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, 1, dtype=torch.int32, device=dev)
         self.col = torch.zeros(1, dtype=torch.long, device=dev)
@@ -56,6 +62,17 @@ class DecodeState:
     @property
     def done(self):
         return self.tok.done
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every persistent buffer a prefill or decode step of this state uses, by name: the KV cache and its
+        position tables, the step's inputs and outputs, token selection's buffers, the kernels' workspaces."""
+        out = {f"cache.k[{i}]": k for i, k in enumerate(self.cache.k)}
+        out |= {f"cache.v[{i}]": v for i, v in enumerate(self.cache.v)}
+        out |= {f"cache.pos[{t}]": p for t, p in self.cache.pos.items()}
+        out |= {"tokens": self.tokens, "positions": self.positions, "col": self.col, "out": self.out}
+        out |= {f"tok.{name}": t for name, t in vars(self.tok).items() if isinstance(t, torch.Tensor)}
+        out |= {f"workspaces.{name}": t for name, t in self.workspaces.tensors().items()}
+        return out
 
     def reset(self, input_ids, attention_mask) -> None:
         for p in self.cache.pos.values():
@@ -73,7 +90,7 @@ class DecodeState:
 
 def _step(model, st: DecodeState) -> None:
     """One token for every row: static shapes, no host sync (this is what is captured)."""
-    st.record(model.decode_step(st.tokens, st.positions, st.col, st.cache))
+    st.record(model.decode_step(st.tokens, st.positions, st.col, st.cache, st.workspaces))
     st.positions += 1
     st.col += 1
 
@@ -134,12 +151,12 @@ class GenerationMixin:
         use_graph = self.backend.mode == "triton" and self.use_cuda_graph and N > 1  # reference ops may sync
         key = (B, max_length, tuple(plan.eos), plan.pad, plan.sampler, record, plan.return_dict and
                plan.output_scores, plan.return_dict and plan.output_logits)
-        st = self._graphs.get(key)
+        st = self._decode_states.get(key)
         if st is None:
-            st = DecodeState(self, B, max_length, plan, record)
-            if use_graph:
-                _capture(self, st)  # a failure is an error: eager decode would hide a kernel that syncs
-                self._graphs = {key: st}  # one configuration at a time (the cache can be large)
+            self._decode_states.clear()  # one configuration at a time (the cache can be large): free it first
+            st = self._decode_states[key] = DecodeState(self, B, max_length, plan, record)
+        if use_graph and st.graph is None:
+            _capture(self, st)  # a failure is an error: eager decode would hide a kernel that syncs
         st.reset(input_ids, attention_mask)
         generator = None
         if not plan.sampler.greedy:
@@ -148,7 +165,7 @@ class GenerationMixin:
             generator.manual_seed(int(seed))
             st.tok.noise.exponential_(generator=generator)
         self._media_stats = None
-        st.record(self.prefill(input_ids, attention_mask, st.cache, plan.media, PREFILL_CHUNK))
+        st.record(self.prefill(input_ids, attention_mask, st.cache, plan.media, PREFILL_CHUNK, st.workspaces))
         st.positions.copy_(self.last_positions(input_ids, attention_mask) + 1)
         st.col.fill_(T)
 

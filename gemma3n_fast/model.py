@@ -6,7 +6,8 @@ and wraps the module tree it returns; ``state_dict`` keys are HF's (``model.lang
 differs from the reference, and why:
   * q|k|v and gate|up are fused into one matrix each at load: one GEMM instead of three / two; the HF-named
     weights become views of the fused matrix, so there is one copy;
-  * K/V go to a static cache (cache.py) written in place, so a decode step has static shapes;
+  * K/V go to a static cache (cache.py) written in place, so a decode step has static shapes; the kernels' scratch
+    buffers (``Workspaces``) are sized once per decode configuration and passed to every launch, never grown;
   * the multimodal hard-token embeddings are precomputed into one table at load, so the decode step embeds any id
     with one gather and no host sync;
   * every hot op goes through the op table (backend.py): Triton kernels, the interpreter or the reference ops.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +38,34 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, T, V]
+
+
+@dataclass(frozen=True)
+class Workspaces:
+    """The kernels' scratch buffers of one decode configuration, owned by its decode state (generate.py) and passed
+    to every launch of its prefill and decode steps, so nothing a captured decode step points at is freed or moved
+    while the graph lives. Each is sized at construction for every launch of the configuration and never grown (a
+    launch that does not fit is an error, on CPU as on GPU):
+      gemv       split-K partials + counters of every GEMV (decode rows and prefill chunks of up to 16 rows; the
+                 bound of every heuristic launch, ~1.6 MB);
+      sparse     {I: sparse-FFN workspace for up to 8 rows} per intermediate size of the sparse layers, sharing gemv;
+      attention  decode attention's split partials, for the longest cache of the configuration (None: one split).
+    ``Workspaces()`` (all empty): the kernels' own per-device defaults (``forward()``; the reference ops need none)."""
+    gemv: object = None  # kernels.gemv.GemvWorkspace
+    sparse: dict = field(default_factory=dict)  # I -> kernels.sparse_ffn.SparseFFNWorkspace
+    attention: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every buffer, by name (what a captured graph points at, besides the KV cache and the step's I/O)."""
+        out = {f"gemv.{k}": t for k, t in self.gemv.tensors().items()} if self.gemv is not None else {}
+        for I, ws in self.sparse.items():
+            out |= {f"sparse[{I}].{k}": t for k, t in ws.tensors().items()}
+        if self.attention is not None:
+            out["attention"] = self.attention
+        return out
+
+
+NO_WORKSPACES = Workspaces()
 
 
 class _KV:
@@ -122,7 +151,7 @@ class FastGemma3n(GenerationMixin, nn.Module):
         self.load_time_s: float | None = None
         self.num_threads: int | None = None  # torch's CPU thread count set by load() (None: not on the CPU)
         self.use_cuda_graph = True  # decode steps are captured into a CUDA graph on CUDA devices
-        self._graphs: dict = {}
+        self._decode_states: dict = {}  # the decode state (buffers, CUDA graph) of the last configuration
         c = self.text_config
         # RoPE inverse frequencies per layer type, fp32, as the reference's rope_cos_sin computes them
         self.inv_freq = {t: 1.0 / (base ** (torch.arange(0, c.head_dim, 2, dtype=torch.float, device=self.device)
@@ -170,14 +199,35 @@ class FastGemma3n(GenerationMixin, nn.Module):
             zeros = torch.zeros(1, ids.shape[1], self.text_config.hidden_size, device=self.device, dtype=self.dtype)
             self.hard_embeddings = embed_hard_tokens(ids, zeros, ev, ea)[0]
 
+    def make_workspaces(self, batch: int, cache: StaticKVCache) -> Workspaces:
+        """The scratch buffers every kernel launch of a ``batch``-row prefill + decode over ``cache`` needs (see
+        ``Workspaces``); empty with the reference ops."""
+        if self.backend.mode == "reference":
+            return NO_WORKSPACES
+        from gemma3n_fast.kernels.gemv import gemv_workspace
+        from gemma3n_fast.kernels.sliding_window_decode import decode_workspace_need
+        from gemma3n_fast.kernels.sparse_ffn import SPARSE_MAX_ROWS, sparse_ffn_workspace
+
+        c, dev, dtype = self.text_config, self.device, self.dtype
+        gemv = gemv_workspace(dev)  # for up to 16 rows: every GEMV launch (more rows go to torch)
+        sparse_sizes = sorted({layer.down_weight_t.shape[0] for layer in self.model.language_model.layers
+                               if layer.mlp.std_multiplier is not None})
+        sparse = {I: sparse_ffn_workspace(SPARSE_MAX_ROWS, I, c.hidden_size, dtype, dev, gemv=gemv)
+                  for I in sparse_sizes}
+        need = max((decode_workspace_need(batch, c.num_attention_heads, c.num_key_value_heads, 1, c.head_dim,
+                                          k.shape[2], dtype) for k in cache.k), default=0)
+        attention = torch.empty(need, dtype=torch.float32, device=dev) if need else None
+        return Workspaces(gemv, sparse, attention)
+
     # ---- embeddings --------------------------------------------------------------------------------------
-    def _per_layer_inputs(self, x, token_part):
+    def _per_layer_inputs(self, x, token_part, ws: Workspaces):
         lm, c = self.model.language_model, self.text_config
-        projection = self.backend.linear(x, lm.per_layer_model_projection.weight)
+        projection = self.backend.linear(x, lm.per_layer_model_projection.weight, workspace=ws.gemv)
         return self.backend.per_layer_inputs_combine(projection, token_part, lm.per_layer_projection_norm.weight,
                                                      c.hidden_size, c.rms_norm_eps)
 
-    def _embed(self, input_ids, pixel_values=None, input_features=None, input_features_mask=None):
+    def _embed(self, input_ids, pixel_values=None, input_features=None, input_features_mask=None, *,
+               ws: Workspaces = NO_WORKSPACES):
         """Prefill: ids (+ media) -> inputs_embeds [B, T, H], per-layer inputs [B, T, L, P] (the reference merge).
         With media, the time of the embedding (the vision / audio towers, synchronised on CUDA) and the number of
         images and audio segments go to ``self._media_stats`` (the stats of generate())."""
@@ -191,22 +241,22 @@ class FastGemma3n(GenerationMixin, nn.Module):
             self._media_stats = {"media_encode_s": time.perf_counter() - t0,
                                  "images": 0 if pixel_values is None else int(pixel_values.shape[0]),
                                  "audio_segments": 0 if input_features is None else int(input_features.shape[0])}
-        return x, self._per_layer_inputs(x, token_part)
+        return x, self._per_layer_inputs(x, token_part, ws)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _embed_decode(self, input_ids):
+    def _embed_decode(self, input_ids, ws: Workspaces = NO_WORKSPACES):
         """Decode: the same for any id in one gather launch (text table or the hard-embedding table), no host sync."""
         lm, c = self.model.language_model, self.text_config
         x, token_part = self.backend.token_embeddings(input_ids, lm.embed_tokens.weight, self.embed_scales[0],
                                                       lm.embed_tokens_per_layer.weight, self.embed_scales[1],
                                                       self.hard_embeddings, self.mm_offset or 0)
-        return x, self._per_layer_inputs(x, token_part.unflatten(-1, (c.num_hidden_layers, -1)))
+        return x, self._per_layer_inputs(x, token_part.unflatten(-1, (c.num_hidden_layers, -1)), ws)
 
     # ---- the decoder ---------------------------------------------------------------------------------------
-    def _layer(self, i: int, carry, per_layer_input, positions, kv: _KV, decode: bool):
+    def _layer(self, i: int, carry, per_layer_input, positions, kv: _KV, decode: bool, ws: Workspaces):
         """One decoder layer: the reference's ``DecoderLayer.forward`` as a chain of fused ops.
 
         carry = (streams [A, B, T, H], the previous layer's per-layer projection before its norm, or None): the
@@ -224,7 +274,7 @@ class FastGemma3n(GenerationMixin, nn.Module):
                                            au.modality_router.weight, au.prediction_coefs.weight,
                                            layer.input_layernorm.weight, eps, active)
         B, T = an.shape[:2]
-        qkv_left = ops.linear(an, layer.qkv_weight)  # [B, T, (Hq + 2 Hkv) D + laurel_rank]
+        qkv_left = ops.linear(an, layer.qkv_weight, workspace=ws.gemv)  # [B, T, (Hq + 2 Hkv) D + laurel_rank]
         n_qkv = (Hq + (0 if at.is_consumer else 2 * Hkv)) * D
         k = v = slots = None
         if not at.is_consumer:
@@ -234,36 +284,40 @@ class FastGemma3n(GenerationMixin, nn.Module):
         K, V, k_pos = kv.shared[t] if at.is_consumer else kv.keys(i, t, k, v)
         if decode:
             o = ops.sliding_window_attention_decode(q, K, V, positions, k_pos, window=at.window, scaling=1.0,
-                                                    softcap=None, last_slot=kv.col)
+                                                    softcap=None, last_slot=kv.col, workspace=ws.attention)
         else:
             o = ops.sliding_window_attention(q, K, V, positions, k_pos, window=at.window, scaling=1.0, softcap=None)
         o, laurel_branch = ops.dual_linear(o.transpose(1, 2).reshape(B, T, Hq * D), at.o_proj.weight,
-                                           qkv_left[..., n_qkv:], layer.laurel.linear_right.weight)
+                                           qkv_left[..., n_qkv:], layer.laurel.linear_right.weight,
+                                           workspace=ws.gemv)
         h, hn = ops.post_attention_chain(o, pred[active], laurel_branch, an, layer.post_attention_layernorm.weight,
                                          layer.laurel.post_laurel_norm.weight, layer.pre_feedforward_layernorm.weight,
                                          eps)
         mlp = layer.mlp
         if mlp.std_multiplier is None:
-            m = ops.linear(ops.linear_gelu_mul(hn, layer.gate_up_weight), mlp.down_proj.weight)
+            m = ops.linear(ops.linear_gelu_mul(hn, layer.gate_up_weight, workspace=ws.gemv), mlp.down_proj.weight,
+                           workspace=ws.gemv)
         else:
             I = layer.down_weight_t.shape[0]
             m = ops.sparse_ffn(hn, layer.gate_up_weight[:I], layer.gate_up_weight[I:], layer.down_weight_t,
-                               mlp.std_multiplier)
+                               mlp.std_multiplier, workspace=ws.sparse.get(I))
         corrected, scaled = ops.altup_correct_fused(pred, m, h, layer.post_feedforward_layernorm.weight,
                                                     au.router_norm.weight, au.modality_router.weight,
                                                     au.correction_coefs.weight,
                                                     au.correct_output_scale if au.use_scale else None, eps, active)
         g = ops.linear_gelu_aux(scaled if scaled is not None else corrected[active], layer.per_layer_input_gate.weight,
-                                per_layer_input)
-        return corrected, ops.linear(g, layer.per_layer_projection.weight)
+                                per_layer_input, workspace=ws.gemv)
+        return corrected, ops.linear(g, layer.per_layer_projection.weight, workspace=ws.gemv)
 
-    def _decoder(self, x, per_layer, positions, kv: _KV, *, last_only=False, owners_only=False, decode=False):
+    def _decoder(self, x, per_layer, positions, kv: _KV, *, last_only=False, owners_only=False, decode=False,
+                 ws: Workspaces = NO_WORKSPACES):
         """Run the layers -> the last carry. owners_only: stop after the KV-owning layers (a non-final prefill
         chunk: only their K/V matter). last_only: KV-shared layers run on the last column only (they write no K/V,
         so the last token's output is exact)."""
         c, lm, ops = self.text_config, self.model.language_model, self.backend
         A, H = c.altup_num_inputs, c.hidden_size
-        projected = ops.linear(x, lm.altup_projection_weight).unflatten(-1, (A - 1, H)).movedim(-2, 0)
+        projected = ops.linear(x, lm.altup_projection_weight, workspace=ws.gemv)
+        projected = projected.unflatten(-1, (A - 1, H)).movedim(-2, 0)
         carry = (ops.altup_make_streams(x, projected), None)
         for i in range(c.num_hidden_layers):
             if i == c.first_kv_shared_layer:
@@ -272,10 +326,10 @@ class FastGemma3n(GenerationMixin, nn.Module):
                 if last_only and x.shape[1] > 1:
                     carry = (carry[0][:, :, -1:], carry[1][:, -1:])
                     per_layer, positions = per_layer[:, -1:], positions[:, -1:]
-            carry = self._layer(i, carry, per_layer[:, :, i], positions, kv, decode)
+            carry = self._layer(i, carry, per_layer[:, :, i], positions, kv, decode, ws)
         return carry
 
-    def _logits(self, carry, last_only=False):
+    def _logits(self, carry, last_only=False, ws: Workspaces = NO_WORKSPACES):
         """The last layer's injection, AltUp collapse, final norm, tied LM head with softcap -> logits."""
         c, lm, ops = self.text_config, self.model.language_model, self.backend
         eps, A = c.rms_norm_eps, c.altup_num_inputs
@@ -287,7 +341,7 @@ class FastGemma3n(GenerationMixin, nn.Module):
         others = streams[1:].flatten(1, 2)  # [A-1, B*T, H]
         unembedded = torch.bmm(others, lm.altup_unembed_weight.transpose(1, 2)).view(streams[1:].shape)
         hidden = ops.altup_collapse_norm(streams[0], unembedded, lm.norm.weight, eps)
-        return ops.linear_softcap(hidden, lm.embed_tokens.weight, c.final_logit_softcapping)
+        return ops.linear_softcap(hidden, lm.embed_tokens.weight, c.final_logit_softcapping, workspace=ws.gemv)
 
     # ---- public forward, prefill and decode step ----------------------------------------------------------
     @torch.no_grad()
@@ -302,26 +356,31 @@ class FastGemma3n(GenerationMixin, nn.Module):
         return ModelOutput(logits=self._logits(self._decoder(x, per_layer, positions, _KV(positions))))
 
     @torch.no_grad()
-    def prefill(self, input_ids, attention_mask, cache: StaticKVCache, media: dict, chunk: int) -> torch.Tensor:
-        """Write the prompt's K/V into ``cache`` (``chunk`` columns at a time) -> next-token logits [B, V]."""
+    def prefill(self, input_ids, attention_mask, cache: StaticKVCache, media: dict, chunk: int,
+                workspaces: Workspaces = NO_WORKSPACES) -> torch.Tensor:
+        """Write the prompt's K/V into ``cache`` (``chunk`` columns at a time) -> next-token logits [B, V].
+        ``workspaces``: the kernels' scratch (the decode state's; default: the kernels' own)."""
         positions = positions_of(input_ids, attention_mask)
         if bool((positions.max(dim=1).values < 0).any()):
             raise ValueError("attention_mask: a row has no real token")
-        x, per_layer = self._embed(input_ids, **media)
+        x, per_layer = self._embed(input_ids, **media, ws=workspaces)
         T = input_ids.shape[1]
         for col0 in range(0, T, chunk):
             col1, last = min(col0 + chunk, T), col0 + chunk >= T
             carry = self._decoder(x[:, col0:col1], per_layer[:, col0:col1], positions[:, col0:col1],
                                   _KV(positions[:, col0:col1], cache, col0=col0), last_only=last,
-                                  owners_only=not last)
-        return self._logits(carry, last_only=True)[:, -1]
+                                  owners_only=not last, ws=workspaces)
+        return self._logits(carry, last_only=True, ws=workspaces)[:, -1]
 
-    def decode_step(self, tokens, positions, col, cache: StaticKVCache) -> torch.Tensor:
+    def decode_step(self, tokens, positions, col, cache: StaticKVCache,
+                    workspaces: Workspaces = NO_WORKSPACES) -> torch.Tensor:
         """tokens [B, 1] at ``positions`` [B, 1], cache column ``col`` [1] (device) -> logits [B, V]; writes K/V.
-        Static shapes, no host sync: capturable."""
-        x, per_layer = self._embed_decode(tokens)
+        Static shapes, no host sync: capturable. ``workspaces``: the kernels' scratch; a captured step needs the
+        decode state's (``make_workspaces``), which live as long as the graph."""
+        x, per_layer = self._embed_decode(tokens, workspaces)
         kv = _KV(positions, cache, col=col)
-        return self._logits(self._decoder(x, per_layer, positions, kv, decode=True))[:, -1]
+        return self._logits(self._decoder(x, per_layer, positions, kv, decode=True, ws=workspaces),
+                            ws=workspaces)[:, -1]
 
     def _check_ids(self, input_ids, attention_mask=None):
         """forward()'s ids and mask: shapes, ids inside the vocabulary, mask values 0/1 (any padding side)."""

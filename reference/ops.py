@@ -148,11 +148,13 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                                     k_pos: torch.Tensor, *, window: int | None = None, scaling: float = 1.0,
-                                    softcap: float | None = None, last_slot: torch.Tensor | None = None) -> torch.Tensor:
+                                    softcap: float | None = None, last_slot: torch.Tensor | None = None,
+                                    workspace=None) -> torch.Tensor:
     """Decode: the same math with few queries against a (possibly ring-buffered) static cache.
 
     ``last_slot`` ([B] or [1] int, the highest cache slot written so far) lets a kernel skip the slots above it;
-    they are empty (k_pos = -1), so reading every slot, as here, gives the same result."""
+    they are empty (k_pos = -1), so reading every slot, as here, gives the same result. ``workspace``: the
+    kernel's scratch, unused here (as in every op below that takes one)."""
     return sliding_window_attention(q, k, v, q_pos, k_pos, window=window, scaling=scaling, softcap=softcap)
 
 
@@ -205,39 +207,40 @@ def chunked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
 
 # ---- decode GEMVs and the sparse FFN ----------------------------------------------------------------
-# The decode step's projections with their fused epilogues; weights are nn.Linear weights [N, K].
+# The decode step's projections with their fused epilogues; weights are nn.Linear weights [N, K]. ``workspace``
+# is the kernels' split-K scratch (the fast model passes its decode state's), accepted and unused here.
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, *, workspace=None) -> torch.Tensor:
     """``x @ weight^T`` (F.linear without bias). x [..., K], weight [N, K] -> [..., N]."""
     return F.linear(x, weight)
 
 
-def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor, *, workspace=None) -> torch.Tensor:
     """The dense MLP's ``gelu_tanh(x Wg^T) * (x Wu^T)`` with ``gate_up_weight = [Wg; Wu]`` [2I, K] -> [..., I].
     Same values as ``gaussian_topk_gelu_mul(F.linear(x, Wg), F.linear(x, Wu), None)``."""
     gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
 
 
-def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor, aux: torch.Tensor, *, workspace=None) -> torch.Tensor:
     """``gelu_tanh(x @ weight^T) * aux`` (the per-layer-input gate times the per-layer input). aux [..., N]."""
     return F.gelu(F.linear(x, weight), approximate="tanh") * aux
 
 
-def linear_softcap(x: torch.Tensor, weight: torch.Tensor, cap: float | None) -> torch.Tensor:
+def linear_softcap(x: torch.Tensor, weight: torch.Tensor, cap: float | None, *, workspace=None) -> torch.Tensor:
     """The LM head: ``cap * tanh((x @ weight^T) / cap)`` in x.dtype (logits rounded first), or plain if cap is None."""
     logits = F.linear(x, weight)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def dual_linear(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor,
-                w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                w2: torch.Tensor, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent projections with the same output width: ``(x1 @ w1^T, x2 @ w2^T)``."""
     return F.linear(x1, w1), F.linear(x2, w2)
 
 
 def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight_t: torch.Tensor,
-               std_multiplier: float) -> torch.Tensor:
+               std_multiplier: float, *, workspace=None) -> torch.Tensor:
     """The MLP of a layer with a sparsity target: ``down(gaussian_topk_gelu_mul(gate(x), up(x), z))``.
 
     gate_weight, up_weight: [I, H]; down_weight_t: [I, H], the down projection's weight TRANSPOSED (the

@@ -46,7 +46,7 @@ def test_uses_kernels_and_a_cuda_graph(models):
     assert fast.backend.mode == "triton"
     assert set(fast.backend.sources.values()) == {"kernel"}
     fast.generate(_prompt(0), max_new_tokens=4, eos_token_id=[])
-    assert any(st.graph is not None for st in fast._graphs.values()), "decode step was not captured"
+    assert any(st.graph is not None for st in fast._decode_states.values()), "decode step was not captured"
 
 
 def test_prefill_logits_by_the_2x_rule(models):
