@@ -99,3 +99,24 @@ def test_sampling_in_graph_is_seeded(models):
     ids = _prompt(8, batch=2)
     kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=50, top_p=0.95, eos_token_id=[])
     assert torch.equal(fast.generate(ids, seed=3, **kw), fast.generate(ids, seed=3, **kw))
+
+
+def test_captured_step_buffers_stay_put_across_prompt_lengths(models):
+    """The graph is captured when the decode state is created, before its first prefill; longer prompts afterwards
+    (16 prefill rows through the split-K GEMVs, then 34 rows through torch) must not move anything it points at,
+    and its replay must still give the eager step's tokens (the CPU counterpart: tests/test_decode_buffers.py)."""
+    fast, _, _ = models
+    fast.generate(_prompt(4, batch=2, length=1), max_new_tokens=3, eos_token_id=[])
+    (st,) = fast._decode_states.values()
+    graph, before = st.graph, {k: t.data_ptr() for k, t in st.buffers().items()}
+    assert graph is not None
+    for length in (8, 17):
+        ids = _prompt(5, batch=2, length=length)
+        graphed = fast.generate(ids, max_new_tokens=6, eos_token_id=[])
+        assert list(fast._decode_states.values()) == [st] and st.graph is graph
+        assert {k: t.data_ptr() for k, t in st.buffers().items()} == before
+        fast.use_cuda_graph = False
+        try:
+            assert torch.equal(graphed, fast.generate(ids, max_new_tokens=6, eos_token_id=[]))
+        finally:
+            fast.use_cuda_graph = True
