@@ -118,6 +118,41 @@ def test_greedy_ragged_batch_of_3_equals_hf(fast, hf):
     assert torch.equal(out, ref)
 
 
+def test_decode_step_logits_equal_hf_past_the_ring_wrap(fast, hf):
+    """Every decode step's logits (``output_logits``) through the kernels against HF's, for a left-padded ragged
+    batch whose longest prompt (12) has already wrapped the sliding-window ring (window 6), for 9 new tokens: more
+    decode steps than the window, so every ring slot is overwritten again and each step's query must see its own
+    key (written by the same step) and no slot it should not."""
+    ids, mask = _left_padded([4, 12, 9], seed=12)
+    N = 9
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
+                      return_dict_in_generate=True, output_logits=True)
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=N, eos_token_id=[], return_dict_in_generate=True,
+                        output_logits=True)
+    assert len(out.logits) == len(ref.logits) == N
+    for step, (ours, theirs) in enumerate(zip(out.logits, ref.logits)):
+        assert _rel_err(ours, theirs) <= LOGIT_REL_TOL, f"decode step {step}: logits differ from HF's"
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_a_reused_decode_state_equals_a_fresh_model(fast_ops, folder):
+    """The second call with the same configuration (batch, cache length, settings) reuses the first call's decode
+    state (cache, buffers, graph on CUDA) and must forget it: a shorter, differently padded prompt gives exactly
+    the tokens and logits of a freshly loaded model (same ops, so bit-equal)."""
+    kw = dict(max_new_tokens=20, eos_token_id=[], return_dict_in_generate=True, output_logits=True)
+    long_ids, long_mask = _left_padded([5, 14, 10], seed=13)
+    fast_ops.generate(long_ids, attention_mask=long_mask, **kw)  # fills the cache past where the next call ends
+    (state,) = fast_ops._decode_states.values()
+    ids, mask = _left_padded([3, 7, 2], seed=14)
+    reused = fast_ops.generate(ids, attention_mask=mask, **kw)
+    assert list(fast_ops._decode_states.values()) == [state], "the second call did not reuse the decode state"
+    fresh = gemma3n_fast.load(folder, device="cpu", dtype=torch.float32, kernels="reference")
+    expected = fresh.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(reused.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(reused.logits, expected.logits)):
+        assert torch.equal(a, b), f"step {step}: the reused state's logits differ from a fresh model's"
+
+
 def test_greedy_ragged_batch_of_3_32_tokens_on_reference_ops_equals_hf(fast_ops, hf):
     ids, mask = _left_padded([4, 12, 9], seed=4)
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
