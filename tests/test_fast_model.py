@@ -153,6 +153,67 @@ def test_a_reused_decode_state_equals_a_fresh_model(fast_ops, folder):
         assert torch.equal(a, b), f"step {step}: the reused state's logits differ from a fresh model's"
 
 
+# ---- bf16 on the CPU through the kernels: the model code's own rounding points ------------------------------
+# The kernel tests pin each kernel's rounding; these pin the model code around them (scales it computes, the
+# order it applies them) in the dtype users run. Six layers are shallow enough that bf16 is not chaotic (the
+# reference's bf16 logits are a few % of the largest logit from its fp32 ones).
+
+@pytest.fixture(scope="module")
+def bf16_models(folder):
+    """(fast bf16 on the kernels, reference bf16, reference fp32): one checkpoint."""
+    from gemma3n_fast import reference
+
+    return (gemma3n_fast.load(folder, device="cpu", dtype=torch.bfloat16, kernels="interpret"),
+            reference.load(folder, device="cpu", dtype=torch.bfloat16),
+            reference.load(folder, device="cpu", dtype=torch.float32))
+
+
+def test_bf16_decode_embedding_rounds_like_the_reference(bf16_models):
+    """The decode step's embedding (one gather launch, scales computed once at load) against the reference's
+    embed + per-layer inputs in bf16: the scaled embedding bit for bit (a gather times sqrt(H) rounded to bf16,
+    one rounding), the per-layer inputs as the plain ops round them (their projection sums in another order)."""
+    from kernel_checks import assert_rounds_like
+
+    fast, ref16, _ = bf16_models
+    lm = ref16.language_model
+    ids = _ids(3, 1, seed=15)
+    x, per_layer = fast._embed_decode(ids)
+    with torch.no_grad():
+        ref_x = lm.embed(ids)
+        ref_per_layer = lm.per_layer_inputs(ref_x, lm.per_layer_token_inputs(ids))
+    assert x.dtype == per_layer.dtype == torch.bfloat16
+    assert torch.equal(x, ref_x), "the decode embedding is not the reference's bf16 embedding bit for bit"
+    assert_rounds_like(per_layer, ref_per_layer, "decode per-layer inputs, bf16")
+
+
+def _bf16_2x(ours, ref16, ref32, what):
+    """flash-attention's rule at model level: our bf16 error against the fp32 model at most twice the reference's
+    own bf16 error, in max norm, plus 2 bf16 ulps of the largest logit (a rounding flip at a near-tie)."""
+    truth = ref32.float()
+    scale = truth.abs().max()
+    err, yardstick = (ours.float() - truth).abs().max() / scale, (ref16.float() - truth).abs().max() / scale
+    assert err <= 2 * yardstick + 2 * 2.0 ** -7, f"{what}: bf16 err {err:.3g} vs the reference's bf16 {yardstick:.3g}"
+
+
+def test_bf16_prefill_and_decode_logits_by_the_2x_rule(bf16_models):
+    """A left-padded ragged batch (prompts past the window), prefill then 6 decode steps through the kernels in
+    bf16; every step's logits are judged on the tokens the fast model chose (the fp32 and bf16 reference models
+    re-read the whole sequence), so a near-tie that picks another token does not derail the comparison."""
+    fast, ref16, ref32 = bf16_models
+    ids, mask = _left_padded([5, 11, 8], seed=16)
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=7, eos_token_id=[], return_dict_in_generate=True,
+                        output_logits=True)
+    seq = out.sequences
+    full_mask = torch.cat([mask, torch.ones(3, seq.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        l16 = ref16(seq, attention_mask=full_mask).logits
+        l32 = ref32(seq, attention_mask=full_mask).logits
+    T = ids.shape[1]
+    for step, ours in enumerate(out.logits):  # step 0: the prefill's last position
+        assert ours.dtype == torch.float32 or ours.dtype == torch.bfloat16
+        _bf16_2x(ours, l16[:, T - 1 + step], l32[:, T - 1 + step], f"bf16 logits, step {step}")
+
+
 def test_greedy_ragged_batch_of_3_32_tokens_on_reference_ops_equals_hf(fast_ops, hf):
     ids, mask = _left_padded([4, 12, 9], seed=4)
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
