@@ -1,4 +1,5 @@
-"""The fast model (fp32, CPU) against HF transformers (the oracle) and the reference model.
+"""The fast model on the CPU against HF transformers (the oracle) and the reference model: fp32 to 1e-4, and bf16
+through the kernels (the model code's rounding points) against the reference in bf16.
 
 Two instances of the same loaded model: ``fast`` runs the Triton kernels through the interpreter (the
 parity tests: logits, greedy 32 tokens, ragged batch, chunked prefill), ``fast_ops`` runs the same model code on
