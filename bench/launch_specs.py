@@ -1,6 +1,6 @@
 """The exact variant Triton compiles for every kernel launch of a real-shape step, and each one compiled for sm_90.
 
-    python -m bench.launch_specs [--steps e2b-decode-b1,...] [--jobs 2] [--markdown] [--json PATH]
+    python -m bench.launch_specs [--steps e2b-decode-b1-1024,...] [--jobs 2] [--markdown] [--json PATH]
 
 No GPU is needed, and the process must NOT run the Triton interpreter (TRITON_INTERPRET unset): the launchers
 choose their configurations by whether they are interpreted (``INTERPRETING``), and only compiled kernels have
