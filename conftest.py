@@ -8,6 +8,9 @@ checkout's folders here, first.
 TRITON_INTERPRET must be set before triton is imported anywhere, so it is decided here too, before any kernel import.
 On a machine without CUDA every kernel runs through the interpreter (never a PyTorch fallback);
 tests marked ``gpu`` are deselected there (not skipped) and run on the device with ``-m gpu``.
+With ``--collect-only`` and ``GEMMA3N_FAST_COLLECT_AS_GPU=1``, collection is what a CUDA machine collects (the
+``gpu`` items kept, the benchmarks at their real shapes) and nothing runs: bench/gpu_round.sh's dry run checks its
+selections that way on the CPU.
 """
 import importlib.util
 import os
@@ -37,8 +40,18 @@ if not HAS_CUDA:
     torch.set_num_threads(1)
 
 
+COLLECT_AS_GPU = False
+
+
+def pytest_configure(config):
+    global COLLECT_AS_GPU
+    if config.option.collectonly and os.environ.get("GEMMA3N_FAST_COLLECT_AS_GPU") == "1":
+        COLLECT_AS_GPU = True
+        torch.cuda.is_available = lambda: True  # read by the benchmark modules at import: their GPU shapes
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
+    if HAS_CUDA or COLLECT_AS_GPU:
         return
     keep, drop = [], []
     for item in items:
