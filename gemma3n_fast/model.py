@@ -484,7 +484,8 @@ def cpu_threads(num_threads: int | None = None) -> int:
 def _physical_cores() -> int | None:
     """Distinct (package, core) pairs in /proc/cpuinfo (Linux); None when unknown."""
     try:
-        text = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
     except OSError:
         return None
     cores, package = set(), None
