@@ -15,7 +15,8 @@ from torch import nn
 from gemma3n_fast.reference.config import Gemma3nConfig, load_config
 from gemma3n_fast.reference.embedder import MultimodalEmbedder
 from gemma3n_fast.reference.generation import GenerationConfig
-from gemma3n_fast.reference.loader import CheckpointError, assign_state_dict, read_state_dict, resolve_checkpoint
+from gemma3n_fast.reference.loader import (CheckpointError, assign_state_dict, check_device, read_state_dict,
+                                            read_tokenizer, resolve_checkpoint)
 from gemma3n_fast.reference.matformer import MatformerSlice
 from gemma3n_fast.reference.matformer import resolve as resolve_matformer
 from gemma3n_fast.reference.text import Gemma3nTextModel, KVCache, TextOutput
@@ -210,32 +211,50 @@ def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config:
     ``matformer``: load a MatFormer slice of the checkpoint (``"E2B"`` and the other ``reference.matformer.PRESETS``
     for an E4B checkpoint, or ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``). It is checked against the
     config before any weight is read (``MatformerError``), and only the kept parts of the tensors are read from the
-    files; ``model.config`` is the sliced model's, with ``model.config.matformer`` = the spec."""
+    files; ``model.config`` is the sliced model's, with ``model.config.matformer`` = the spec.
+
+    Checked before any weight is read: ``device`` exists here (``loader.check_device``: a ``ValueError`` naming
+    ``device=`` and the devices available), config.json, the MatFormer slice, and the small files
+    (generation_config.json, tokenizer.json, the processor's JSON files: an error naming the file)."""
     t0 = time.perf_counter()
+    device = check_device(device)
     dtype = dtype or torch.float32
     folder = resolve_checkpoint(path_or_hub_id, revision)
     config = load_config(folder, strict=strict_config)
     sliced = resolve_matformer(matformer, config)
+    files = _read_files(folder, config)  # the small files first: a corrupt one fails before any weight is read
     keep, _ = _key_rules(config, with_vision, sliced)
     raw = read_state_dict(folder, dtype=dtype, device=device, keep=keep,
                           transform=None if sliced is None else sliced.part)
     model = build(config, raw, device=device, dtype=dtype, with_vision=with_vision, what=f"checkpoint {folder}",
                   matformer=sliced)
-    _attach_files(model, folder)
+    _attach_files(model, folder, files)
     model.source = str(folder)
     model.load_seconds = time.perf_counter() - t0
     return model
 
 
-def _attach_files(model: Gemma3nReference, folder: Path) -> None:
+def _read_files(folder: Path, config: Gemma3nConfig) -> dict:
+    """The checkpoint's generation_config.json, tokenizer.json and (multimodal) processor files, parsed; each bad
+    file raises an error naming it (``CheckpointError`` / ``ValueError``). ``load`` calls this before reading any
+    weight, so a corrupt tokenizer fails in a moment, not after gigabytes."""
+    files = {"generation_config": None, "tokenizer": None, "processor": None}
     gc_file = folder / "generation_config.json"
     if gc_file.is_file():
-        model.generation_config = GenerationConfig.from_json_file(gc_file)
+        files["generation_config"] = GenerationConfig.from_json_file(gc_file)
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        model.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        if not model.config.text_only:  # the processor needs the multimodal special tokens
+        files["tokenizer"] = read_tokenizer(folder / "tokenizer.json")
+        if not config.text_only:  # the processor needs the multimodal special tokens
             from gemma3n_fast.reference.processor import Processor
 
-            model.processor = Processor.from_pretrained(folder)
+            files["processor"] = Processor.from_pretrained(folder, tokenizer=files["tokenizer"])
+    return files
+
+
+def _attach_files(model: Gemma3nReference, folder: Path, files: dict | None = None) -> None:
+    """Give ``model`` its generation defaults, tokenizer and processor (``files`` from ``_read_files``, else read
+    from ``folder`` now)."""
+    files = _read_files(folder, model.config) if files is None else files
+    if files["generation_config"] is not None:
+        model.generation_config = files["generation_config"]
+    model.tokenizer, model.processor = files["tokenizer"], files["processor"]

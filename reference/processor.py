@@ -226,23 +226,32 @@ class Processor:
     # -- loading -------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, **overrides) -> "Processor":
-        """From a checkpoint folder: tokenizer.json, tokenizer_config.json, chat template, processor configs."""
-        from tokenizers import Tokenizer
+    def from_pretrained(cls, path, tokenizer=None, **overrides) -> "Processor":
+        """From a checkpoint folder: tokenizer.json, tokenizer_config.json, chat template, processor configs.
+        ``tokenizer``: the folder's tokenizer.json already parsed (``tokenizers.Tokenizer``), else it is read here.
+        A file that cannot be parsed raises ``ProcessorError`` naming it."""
+        from gemma3n_fast.reference.loader import CheckpointError, read_tokenizer
 
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise ProcessorError(f"no tokenizer.json in {path}")
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        if tokenizer is None:
+            if not (path / "tokenizer.json").is_file():
+                raise ProcessorError(f"no tokenizer.json in {path}")
+            try:
+                tokenizer = read_tokenizer(path / "tokenizer.json")
+            except CheckpointError as e:
+                raise ProcessorError(str(e)) from None
 
         def read(name):
             f = path / name
             if not f.is_file():
                 return {}
             try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
+                d = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ProcessorError(f"{f}: not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise ProcessorError(f"{f}: expected a JSON object ({{...}}), got {type(d).__name__}")
+            return d
 
         tok_cfg, proc_cfg, pre_cfg = read("tokenizer_config.json"), read("processor_config.json"), \
             read("preprocessor_config.json")
