@@ -282,10 +282,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Errors that name a problem with the input (bad path, file, value), as opposed to a bug."""
+    """Errors that name a problem with the input (bad path, file, value, a checkpoint whose weights give NaN logits),
+    as opposed to a bug."""
+    from gemma3n_fast.reference.generation import NonFiniteLogitsError
     from gemma3n_fast.reference.loader import CheckpointError
 
-    return isinstance(e, (UsageError, ValueError, OSError, CheckpointError))
+    return isinstance(e, (UsageError, ValueError, OSError, CheckpointError, NonFiniteLogitsError))
 
 
 def main(argv=None) -> int:

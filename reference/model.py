@@ -94,7 +94,8 @@ class Gemma3nReference(nn.Module):
         """Prompt + new tokens [B, T + N], like HF: the same arguments, defaults and checks as the fast model's
         generate (``reference.generation.prepare_generation``), the same token selection (``TokenState``, one
         Exp(1) draw [B, V] per step from a generator seeded by ``seed``: the same seed gives the same tokens) and
-        the same result (``finish``). Eager: a cached forward per token; stop strings are checked every step."""
+        the same result (``finish``), and a ``streamer`` gets the same calls. Eager: a cached forward per token; stop
+        strings and non-finite logits are checked every step."""
         from gemma3n_fast.reference.generation import TokenState, finish, prepare_generation, row_ends
 
         plan, input_ids, attention_mask = prepare_generation(self, input_ids, attention_mask, kwargs)
@@ -109,6 +110,9 @@ class Gemma3nReference(nn.Module):
         if not plan.sampler.greedy:
             gen = torch.Generator(device=dev)
             gen.manual_seed(int(plan.seed) if plan.seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
+        streamer = plan.streamer
+        if streamer is not None:  # HF's protocol, as the fast model: the prompt, each step's tokens, end()
+            streamer.put(input_ids.cpu())
         cache = KVCache()
         logits = self.forward(input_ids, attention_mask, cache=cache, logits_to_keep=1, **plan.media).logits[:, -1]
         new, stopped = [], {}
@@ -119,6 +123,8 @@ class Gemma3nReference(nn.Module):
             nxt = tok.pick(logits)
             tok.advance(nxt)
             new.append(nxt)
+            if streamer is not None:
+                streamer.put(nxt.cpu())
             if plan.stop_strings is not None:
                 so_far = torch.stack(new, 1).cpu()
                 before = len(stopped)
@@ -126,11 +132,13 @@ class Gemma3nReference(nn.Module):
                                        dict(enumerate(row_ends(so_far, plan.eos))))
                 if len(stopped) > before:
                     tok.done[torch.tensor(sorted(stopped), device=dev)] = True
-            if bool(tok.done.all()) or step == N - 1:
+            if tok.finished() or step == N - 1:  # raises on NaN / inf logits
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
             # forward (not the bare language model): a sampled multimodal id takes its embedder's hard vector
             logits = self.forward(nxt[:, None], attention_mask, cache=cache).logits[:, -1]
+        if streamer is not None:
+            streamer.end()
         return finish(plan, input_ids, torch.stack(new, 1), stopped, tok.scores, tok.logits)
 
 
