@@ -444,7 +444,8 @@ def _media(kind):
 @pytest.mark.parametrize("kind", ["image", "audio"])
 def test_multimodal_logits_and_greedy_32_equal_hf(mm, kind):
     fast, hf = mm
-    inputs = fast.chat_inputs([{"role": "user", "content": [_media(kind), {"type": "text", "text": "say"}]}])
+    inputs = fast.chat_inputs([{"role": "user", "content": [_media(kind), {"type": "text", "text": "say"}]}],
+                              sampling_rate=16_000)  # the audio clip is made at 16 kHz
     inputs.pop("token_type_ids", None)
     media = "pixel_values" if kind == "image" else "input_features"
     assert media in inputs
