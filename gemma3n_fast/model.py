@@ -414,7 +414,8 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
     """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model.
 
     device: default CUDA if available, else CPU; a device this machine lacks is a ``ValueError`` naming ``device=``
-    and the devices available (``reference.loader.check_device``), before anything is read. dtype: default bf16 on CUDA, fp32 on CPU; fp16 is refused.
+    and the devices available (``reference.loader.check_device``), before anything is read.
+    dtype: default bf16 on CUDA, fp32 on CPU; fp16 is refused.
     kernels: "triton" | "interpret" | "reference" | None (see ``gemma3n_fast.backend``); checked before any weight
     is read. num_threads: torch's CPU thread count when the device is the CPU (see ``cpu_threads``). The
     tokenizer, processor and generation defaults come with the checkpoint (``model.tokenizer``,

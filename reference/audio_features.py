@@ -32,8 +32,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["AudioFeatureExtractor", "AudioError", "AudioWarning", "load_audio", "resample", "mel_filterbank", "pcm_to_float",
-           "split_into_segments"]
+__all__ = ["AudioFeatureExtractor", "AudioError", "AudioWarning", "load_audio", "resample", "mel_filterbank",
+           "pcm_to_float", "split_into_segments"]
 
 
 class AudioError(ValueError):
