@@ -597,8 +597,8 @@ class TokenState:
 
     Non-finite logits are recorded on the device too, in 5 launches per step: ``logit_sum`` [B] accumulates each
     row's fp32 logit sums while the row is live (not done), so it is NaN or inf from the first step where that row's
-    logits held a NaN or inf on (NaN and inf stay in a sum; finite logits could overflow it only above ~1e32 each,
-    and Gemma 3n's softcap bounds them by 30); ``last_clean`` [B] is the last step at which it was still finite
+    logits held a NaN or inf on (NaN and inf stay in a sum; finite logits overflow it only above ~1e28 each, over
+    262k ids and 100k steps, and Gemma 3n's softcap bounds them by 30); ``last_clean`` [B] is the last step at which it was still finite
     (-1: none). ``finished()``, the host's look at the device, raises when a row has a step after its last clean
     one."""
 
