@@ -9,6 +9,9 @@ TRITON_INTERPRET must be set before triton is imported anywhere, so it is decide
 On a machine without CUDA every kernel runs through the interpreter (never a PyTorch fallback);
 tests marked ``gpu`` are deselected there (not skipped) and run on the device with ``-m gpu``; tests marked
 ``interpreter`` (they steer the interpreter itself) are deselected on a CUDA machine.
+With ``--collect-only`` and ``GEMMA3N_FAST_COLLECT_AS_GPU=1``, collection is what a CUDA machine collects (the
+``gpu`` items kept, the ``interpreter`` items dropped, the benchmarks at their real shapes) and nothing runs:
+bench/gpu_round.sh's dry run checks its selections that way on the CPU.
 """
 import importlib.util
 import os
@@ -38,9 +41,20 @@ if not HAS_CUDA:
     torch.set_num_threads(1)
 
 
+COLLECT_AS_GPU = False
+
+
+def pytest_configure(config):
+    global COLLECT_AS_GPU
+    if config.option.collectonly and os.environ.get("GEMMA3N_FAST_COLLECT_AS_GPU") == "1":
+        COLLECT_AS_GPU = True
+        torch.cuda.is_available = lambda: True  # read by the benchmark modules at import: their GPU shapes
+
+
 def pytest_collection_modifyitems(config, items):
     # gpu tests need compiled kernels; interpreter tests need the interpreter (e.g. its program order).
-    other_machine = "interpreter" if HAS_CUDA else "gpu"
+    # COLLECT_AS_GPU collects as a CUDA machine does.
+    other_machine = "interpreter" if HAS_CUDA or COLLECT_AS_GPU else "gpu"
     keep, drop = [], []
     for item in items:
         (drop if item.get_closest_marker(other_machine) else keep).append(item)

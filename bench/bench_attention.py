@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import SMOKE, gpu_only, is_gpu, record, time_fn
+from bench.common import SMOKE, compiled, gpu_only, is_gpu, record, time_fn
 from gemma3n_fast.kernels.chunked_local_attention import chunked_local_attention
 from gemma3n_fast.kernels.sliding_window_attention import sliding_window_attention
 from gemma3n_fast.kernels.sliding_window_decode import sliding_window_attention_decode
@@ -56,7 +56,8 @@ def _run(benchmark, fn, **info):
 # Prefill
 # ---------------------------------------------------------------------------------------------------------------
 
-PREFILL_PROVIDERS = ["triton", "sdpa_window_mask", *gpu_only("sdpa_flash_causal", "flex_window"), "reference"]
+PREFILL_PROVIDERS = [
+    "triton", "sdpa_window_mask", *gpu_only("sdpa_flash_causal"), *compiled("flex_window"), "reference"]
 
 
 def _visible_pairs(T: int, window: int) -> int:
@@ -122,15 +123,16 @@ def test_prefill(benchmark, T, provider):
 # Decode
 # ---------------------------------------------------------------------------------------------------------------
 
-DECODE_PROVIDERS = ["triton", "reference", *gpu_only("reference_compiled")]
+DECODE_PROVIDERS = ["triton", "reference", *compiled("reference_compiled")]
 # The ring cache has the same size at every context: measured once per batch, at the first context.
 DECODE_CASES = [(b, s, layer) for b, s in DECODE for layer in ("global", "ring512")
                 if layer == "global" or s == DECODE[0][1]]
+DECODE_PARAMS = [pytest.param(b, s, layer, id=f"b{b}_ctx{s}-{layer}", marks=[pytest.mark.decode_step] if b == 1 else [])
+                 for b, s, layer in DECODE_CASES]  # batch 1: the decode step
 
 
 @pytest.mark.parametrize("provider", DECODE_PROVIDERS)
-@pytest.mark.parametrize("batch,context,layer", DECODE_CASES,
-                         ids=[f"b{b}_ctx{s}-{layer}" for b, s, layer in DECODE_CASES])
+@pytest.mark.parametrize("batch,context,layer", DECODE_PARAMS)
 def test_decode(benchmark, batch, context, layer, provider):
     benchmark.group = "attention_decode"
     torch.manual_seed(0)
@@ -165,7 +167,7 @@ def test_decode(benchmark, batch, context, layer, provider):
 # Conformer local attention
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("provider", ["triton", "reference", *gpu_only("reference_compiled")])
+@pytest.mark.parametrize("provider", ["triton", "reference", *compiled("reference_compiled")])
 def test_conformer_local_attention(benchmark, provider):
     benchmark.group = "conformer_local_attention"
     B, T, N, Dh = CLIP

@@ -10,7 +10,7 @@ Decode attention: a full-attention layer's cache sized for 32k tokens read at po
 split count before this heuristic: 4 programs). On CPU this is a smoke run (tiny shapes, fp32,
 ``--benchmark-disable``) so the harness never rots.
 
-    pytest bench/bench_fused.py --benchmark-only --benchmark-json=bench/results/fused.json
+    pytest bench/bench_fused.py --benchmark-only --benchmark-json=.benchmarks/fused.json
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 
-from bench.common import SMOKE, gpu_only, is_gpu, record, run_provider, sync, time_fn
+from bench.common import SMOKE, compiled, is_gpu, mark_decode_step, record, run_provider, sync, time_fn
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -28,7 +28,8 @@ HIDDEN = 96 if SMOKE else 2048
 HEADS = (2, 1, 32) if SMOKE else (8, 2, 256)  # q heads, KV heads, head_dim
 LAYERS, PLE = (3, 16) if SMOKE else (30, 256)  # per-layer inputs: layers x width
 TOKENS = {"decode3": 3} if SMOKE else {"decode1": 1, "decode8": 8, "prefill512": 512}
-PROVIDERS = ["triton", "eager", *gpu_only("compile")]
+PROVIDERS = ["triton", "eager", *compiled("compile")]
+TOKEN_IDS = mark_decode_step(TOKENS, "decode1")  # one token, batch 1: the decode step
 _run = functools.partial(run_provider, dtype=DTYPE)
 
 
@@ -41,7 +42,7 @@ def _altup_weights(H):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens_id", list(TOKENS))
+@pytest.mark.parametrize("tokens_id", TOKEN_IDS)
 @pytest.mark.parametrize("layer", ["owner", "shared"])
 def test_bench_qkv_norm_rope_cache(benchmark, layer, tokens_id, provider):
     from gemma3n_fast.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache
@@ -60,7 +61,7 @@ def test_bench_qkv_norm_rope_cache(benchmark, layer, tokens_id, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens_id", list(TOKENS))
+@pytest.mark.parametrize("tokens_id", TOKEN_IDS)
 def test_bench_post_attention_chain(benchmark, tokens_id, provider):
     from gemma3n_fast.kernels.post_attention_chain import post_attention_chain
 
@@ -73,7 +74,7 @@ def test_bench_post_attention_chain(benchmark, tokens_id, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens_id", list(TOKENS))
+@pytest.mark.parametrize("tokens_id", TOKEN_IDS)
 def test_bench_altup_predict_fused(benchmark, tokens_id, provider):
     from gemma3n_fast.kernels.altup_predict_fused import altup_predict_fused
 
@@ -87,7 +88,7 @@ def test_bench_altup_predict_fused(benchmark, tokens_id, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens_id", list(TOKENS))
+@pytest.mark.parametrize("tokens_id", TOKEN_IDS)
 def test_bench_altup_correct_fused(benchmark, tokens_id, provider):
     from gemma3n_fast.kernels.altup_correct_fused import altup_correct_fused
 
@@ -101,7 +102,7 @@ def test_bench_altup_correct_fused(benchmark, tokens_id, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens_id", list(TOKENS))
+@pytest.mark.parametrize("tokens_id", TOKEN_IDS)
 def test_bench_altup_inject(benchmark, tokens_id, provider):
     from gemma3n_fast.kernels.altup_inject import altup_inject
 
@@ -112,7 +113,7 @@ def test_bench_altup_inject(benchmark, tokens_id, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens_id", list(TOKENS))
+@pytest.mark.parametrize("tokens_id", TOKEN_IDS)
 @pytest.mark.parametrize("op", ["make_streams", "collapse_norm"])
 def test_bench_altup_streams(benchmark, op, tokens_id, provider):
     from gemma3n_fast.kernels.altup_collapse_norm import altup_collapse_norm
@@ -129,7 +130,7 @@ def test_bench_altup_streams(benchmark, op, tokens_id, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens_id", list(TOKENS))
+@pytest.mark.parametrize("tokens_id", TOKEN_IDS)
 def test_bench_per_layer_inputs_combine(benchmark, tokens_id, provider):
     from gemma3n_fast.kernels.per_layer_inputs_combine import per_layer_inputs_combine
 
@@ -144,6 +145,7 @@ def test_bench_per_layer_inputs_combine(benchmark, tokens_id, provider):
 BOUNDED = [(128, 40)] if SMOKE else [(32768, 1024), (32768, 8192)]
 
 
+@pytest.mark.decode_step
 @pytest.mark.parametrize("provider", ["bounded", "unbounded"])
 @pytest.mark.parametrize("slots,position", BOUNDED, ids=[f"cache{s}_pos{p}" for s, p in BOUNDED])
 def test_bench_decode_full_layer_bounded(benchmark, slots, position, provider):
@@ -166,6 +168,7 @@ def test_bench_decode_full_layer_bounded(benchmark, slots, position, provider):
     benchmark(lambda: (call(), sync()))
 
 
+@pytest.mark.decode_step
 @pytest.mark.parametrize("provider", ["default_splits", "2_splits"])
 def test_bench_decode_sliding_batch1(benchmark, provider):
     from gemma3n_fast.kernels.sliding_window_decode import sliding_window_attention_decode

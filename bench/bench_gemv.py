@@ -9,7 +9,7 @@ at the measured active fraction). On GPU ``extra_info`` also holds the CUDA-grap
 decode step pays, without launch overhead). On CPU this is a smoke run (tiny shapes, fp32,
 ``--benchmark-disable``) so the harness never rots.
 
-    pytest bench/bench_gemv.py --benchmark-only --benchmark-json=bench/results/gemv.json
+    pytest bench/bench_gemv.py --benchmark-only --benchmark-json=.benchmarks/gemv.json
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from bench.common import SMOKE, gpu_only, is_gpu, run_provider
+from bench.common import SMOKE, compiled, is_gpu, mark_decode_step, run_provider
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -44,7 +44,8 @@ GEMVS = {
 if SMOKE:  # same kinds, tiny widths that still cross the tile tails
     GEMVS = {name: (kind, min(max(8, n // 64), 60) + 3, max(8, k // 64) + 1, k2 and 5) for name, (kind, n, k, k2) in
              GEMVS.items() if name in ("qkv_laurel", "o_laurel_dual", "gate_up_e2b", "pli_gate", "lm_head")}
-PROVIDERS = ["triton", "eager", *gpu_only("compile")]
+PROVIDERS = ["triton", "eager", *compiled("compile")]
+ROW_IDS = mark_decode_step(ROWS, "rows1")  # M = 1: the decode step
 # cpu_reps=1: the CPU smoke run only needs the call to run once after the warm-up
 _run = functools.partial(run_provider, dtype=DTYPE, graph=True, cpu_reps=1)
 
@@ -54,7 +55,7 @@ def _randn(*shape, scale=1.0):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("rows_id", list(ROWS))
+@pytest.mark.parametrize("rows_id", ROW_IDS)
 @pytest.mark.parametrize("name", list(GEMVS))
 def test_bench_gemv(benchmark, name, rows_id, provider):
     from gemma3n_fast.kernels import gemv
@@ -79,11 +80,11 @@ def test_bench_gemv(benchmark, name, rows_id, provider):
          shape=[M, N, K, K2], kind=kind, rows=rows_id, config=str(cfg))
 
 
-FFN_PROVIDERS = ["triton", "triton_dense", "eager", *gpu_only("compile")]
+FFN_PROVIDERS = ["triton", "triton_dense", "eager", *compiled("compile")]
 
 
 @pytest.mark.parametrize("provider", FFN_PROVIDERS)
-@pytest.mark.parametrize("rows_id", list(ROWS))
+@pytest.mark.parametrize("rows_id", ROW_IDS)
 @pytest.mark.parametrize("model", list(INTERMEDIATE))
 def test_bench_sparse_ffn(benchmark, model, rows_id, provider):
     from gemma3n_fast.kernels import gemv

@@ -5,7 +5,7 @@ torch.compile; GPU only). GPU shapes are Gemma 3n's: hidden 2048, 4 AltUp stream
 16384 (E4B), at decode (batch 1 and 8, one token each) and prefill (512 and 2048 tokens), in bf16. On CPU this is a
 smoke run (tiny shapes, fp32, run with ``--benchmark-disable``) so the harness never rots.
 
-    pytest bench/bench_rowwise.py --benchmark-only --benchmark-json=bench/results/rowwise.json
+    pytest bench/bench_rowwise.py --benchmark-only --benchmark-json=.benchmarks/rowwise.json
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import functools
 import pytest
 import torch
 
-from bench.common import SMOKE, gpu_only, is_gpu, run_provider
+from bench.common import SMOKE, compiled, is_gpu, run_provider
 from gemma3n_fast.reference import ops
 
 DEVICE = "cuda" if is_gpu() else "cpu"
@@ -23,7 +23,7 @@ HIDDEN = 96 if SMOKE else 2048
 INTERMEDIATE = {"E2B": 200, "E4B": 264} if SMOKE else {"E2B": 8192, "E4B": 16384}
 TOKENS = {"decode1": 1, "decode8": 3} if SMOKE else {"decode1": 1, "decode8": 8, "prefill512": 512,
                                                      "prefill2048": 2048}
-PROVIDERS = ["triton", "eager", *gpu_only("compile")]
+PROVIDERS = ["triton", "eager", *compiled("compile")]
 _run = functools.partial(run_provider, dtype=DTYPE)
 Z_95 = 1.6448535919189453
 

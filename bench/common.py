@@ -25,6 +25,18 @@ def gpu_only(*values):
     return [pytest.param(value, marks=pytest.mark.gpu) for value in values]
 
 
+def compiled(*values):
+    """Providers that run the reference op under torch.compile: marked ``gpu`` (CUDA only, as ``gpu_only``) and
+    ``torch_compile`` (each item compiles first, seconds each), so a GPU round can select them apart."""
+    return [pytest.param(value, marks=[pytest.mark.gpu, pytest.mark.torch_compile]) for value in values]
+
+
+def mark_decode_step(ids, decode_id: str) -> list:
+    """``ids`` as parameter values, ``decode_id`` (the batch-1 decode shape) marked ``decode_step``; on the CPU smoke
+    run ``decode_id`` may be absent (its shapes are tiny stand-ins), then nothing is marked."""
+    return [pytest.param(i, marks=pytest.mark.decode_step) if i == decode_id else i for i in ids]
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if is_gpu() else f"cpu ({os.cpu_count()} cores)"
 
@@ -89,7 +101,7 @@ def run_provider(benchmark, group, provider, triton_fn, ref_fn, args, kwargs, by
     """Time one provider of a kernel benchmark and hand a synced callable to pytest-benchmark.
 
     ``provider``: "triton" calls ``triton_fn(*args, **kwargs)``, "eager" ``ref_fn``, "compile" ``ref_fn`` under
-    torch.compile (listed through ``gpu_only``, so never on the CPU smoke run). The median (CUDA events on GPU)
+    torch.compile (listed through ``compiled``, so never on the CPU smoke run). The median (CUDA events on GPU)
     goes to ``extra_info`` with ``bytes_moved``, ``dtype`` and ``info``; ``graph=True`` adds the CUDA-graph replay
     median (not for "compile")."""
     fn = {"triton": triton_fn, "eager": ref_fn}.get(provider) or torch.compile(ref_fn, dynamic=False)

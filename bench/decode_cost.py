@@ -1,7 +1,7 @@
 """Launches and bytes of ONE batch-1 decode step of gemma3n_fast, counted on the meta device (no GPU, no weights).
 
     python -m bench.decode_cost [--models e2b,e4b] [--context 1024] [--bandwidth-tbs 3.0] [--dtype bfloat16]
-                                [--json PATH]
+                                [--json PATH] [--dry-run]
 
 How it counts. The fast model is built at the real E2B / E4B text structure (``bench/configs.py``, i.e.
 ``reference/config.py``'s ``E2B_TEXT`` / ``E4B_TEXT``) on the meta device, with the op table in its "triton" mode
@@ -821,6 +821,7 @@ def main(argv=None):
     p.add_argument("--bandwidth-tbs", type=float, default=H100_COPY_BANDWIDTH / 1e12,
                    help="memory bandwidth for the floor, TB/s (default: the H100's measured copy bandwidth)")
     p.add_argument("--json", default=None, help="write the full accounting here")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print what would be counted, exit")
     args = p.parse_args(argv)
     from bench import configs
 
@@ -830,6 +831,10 @@ def main(argv=None):
             p.error(f"--models: unknown model {m!r}; choose from {','.join(configs.MODELS)}")
     if args.context < 1 or args.batch < 1 or args.bandwidth_tbs <= 0:
         p.error("--context and --batch must be >= 1, --bandwidth-tbs > 0")
+    if args.dry_run:
+        print(f"dry run: {','.join(models)} at batch {args.batch}, {args.context}-slot cache, {args.dtype}"
+              + (f", json {args.json}" if args.json else ""))
+        return
     results = [account(m, context=args.context, batch=args.batch, dtype=getattr(torch, args.dtype),
                        bandwidth=args.bandwidth_tbs * 1e12) for m in models]
     print(table(results))

@@ -1,14 +1,16 @@
 """End-to-end generation benchmark: gemma3n_fast vs the reference vs HF transformers, same GPU, same weights.
 
     python -m bench.e2e [--smoke] [--out DIR] [--models e2b,e4b] [--systems gemma3n_fast,hf,reference,hf-compile]
-                        [--workloads text,image,audio] [--budget-s N] [--cell-budget-s N] [--first-cell-budget-s N]
-                        [--new-tokens N] [--slow-new-tokens N] [--reps N] [--kernels-json PATH]
+                        [--workloads text,image,audio] [--batches 1,8] [--prompts 128,2048]
+                        [--budget-s N] [--cell-budget-s N] [--first-cell-budget-s N]
+                        [--new-tokens N] [--slow-new-tokens N] [--reps N] [--kernels-json PATH] [--dry-run]
 
 Models are the real E2B/E4B shapes (bench/configs.py) with random weights built directly on the device
 (no checkpoint files); ``--models`` also takes MatFormer slices of E4B (``e4b-as-e2b``, ``e4b-mix``), each with its
 decode weight bytes per token printed. Cells run in order of importance (E2B batch 1 prompt 128 first, then batch 8/32,
-long prompts, E4B, multimodal); a cell that does not fit the total budget is recorded as
-"skipped: time budget", a failure (OOM, compile error, timeout) as its error text: no row is dropped.
+long prompts, E4B, multimodal; ``--batches`` / ``--prompts`` keep a subset); a cell that does not fit the total
+budget is recorded as "skipped: time budget", a failure (OOM, compile error, timeout) as its error text: no row is
+dropped.
 Results are rewritten after every cell (e2e.json, e2e.md, e2e.png), so a run cut short keeps what it did.
 What is measured and how: BENCHMARKS.md.
 """
@@ -59,13 +61,17 @@ SMOKE_WORKLOADS = [Workload("text", 1, 6), Workload("text", 3, 16), Workload("te
 SMOKE_INTERPRETED = {"gemma3n_fast"}
 
 
-def plan(models: list[str], smoke: bool, kinds=("text", "image", "audio")) -> list[tuple[str, Workload]]:
-    """(model, workload) cells in run order: all text cells model by model, multimodal last (on the last model)."""
+def plan(models: list[str], smoke: bool, kinds=("text", "image", "audio"), batches=None,
+         prompts=None) -> list[tuple[str, Workload]]:
+    """(model, workload) cells in run order: all text cells model by model, multimodal last (on the last model);
+    ``batches`` / ``prompts`` (None: all) keep the cells of those batch sizes / prompt lengths (image and audio
+    cells: batch 1, prompt 32, the text around the soft tokens)."""
     if smoke:  # plus one text cell of a MatFormer slice of the smoke model
         cells = [("smoke", w) for w in SMOKE_WORKLOADS] + [("smoke-mix", SMOKE_WORKLOADS[0])]
     else:
         cells = [(m, w) for m in models for w in TEXT_WORKLOADS] + [(models[-1], w) for w in MM_WORKLOADS]
-    return [(m, w) for m, w in cells if w.kind in kinds]
+    return [(m, w) for m, w in cells if w.kind in kinds and (batches is None or w.batch in batches)
+            and (prompts is None or w.prompt in prompts)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +337,7 @@ def run(args) -> dict:
     out = Path(args.out)
     print(f"device {meta['device']}, {meta['dtype']}, copy bandwidth {meta['bandwidth_GBs']:.0f} GB/s", flush=True)
 
-    cells = plan(args.models, args.smoke, args.workloads)
+    cells = plan(args.models, args.smoke, args.workloads, args.batches, args.prompts)
     if args.smoke:  # the real-shape figures cost nothing: print them for the MatFormer slices of E4B
         meta["matformer_decode_weight_GB"] = {}
         for name in ("e4b", *(m for m, (base, _) in configs.MATFORMER.items() if base == "e4b")):
@@ -545,6 +551,9 @@ def main(argv=None):
                    help=f"comma list from {','.join(configs.MODELS)} (ignored with --smoke)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list from {','.join(SYSTEMS)}")
     p.add_argument("--workloads", default="text,image,audio", help="comma list of workload kinds to run")
+    p.add_argument("--batches", default=None, help="comma list: keep only cells of these batch sizes (default all)")
+    p.add_argument("--prompts", default=None,
+                   help="comma list: keep only cells of these prompt lengths (default all; image/audio cells: 32)")
     p.add_argument("--budget-s", type=float, default=None, help="total seconds for all cells (default 380; smoke 60)")
     p.add_argument("--cell-budget-s", type=float, default=None, help="seconds per system and cell (default 60)")
     p.add_argument("--first-cell-budget-s", type=float, default=None,
@@ -555,6 +564,7 @@ def main(argv=None):
     p.add_argument("--kernels-json", default=None, help="pytest-benchmark JSON of the kernel microbenchmarks")
     p.add_argument("--reps", type=int, default=None, help="timed repeats per cell, median kept (default 3; smoke 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print the cells to run, exit")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -568,7 +578,13 @@ def main(argv=None):
     for m in args.models:
         if m not in configs.MODELS:
             p.error(f"--models: unknown model {m!r}; choose from {','.join(configs.MODELS)}")
-    if not args.smoke and not torch.cuda.is_available():
+    for name in ("batches", "prompts"):
+        text = getattr(args, name)
+        try:
+            setattr(args, name, None if text is None else [int(v) for v in text.split(",") if v.strip()])
+        except ValueError:
+            p.error(f"--{name}: expected a comma list of integers, got {text!r}")
+    if not args.smoke and not args.dry_run and not torch.cuda.is_available():
         print("note: no CUDA device: full-size models on the CPU will be very slow; use --smoke for the CI path")
     d = dict(budget_s=(60, 380), cell_budget_s=(20, 60), first_cell_budget_s=(40, 150), new_tokens=(3, 128),
              slow_new_tokens=(3, 32), reps=(1, 3))
@@ -577,18 +593,25 @@ def main(argv=None):
             setattr(args, k, smoke_v if args.smoke else full_v)
     if args.new_tokens < 2 or args.slow_new_tokens < 2:
         p.error("--new-tokens and --slow-new-tokens must be >= 2 (decode time needs two steps)")
-    if args.kernels_json and not Path(args.kernels_json).is_file():
+    if args.kernels_json and not Path(args.kernels_json).is_file() and not args.dry_run:
         p.error(f"--kernels-json: no such file {args.kernels_json}")
+    cells = plan(args.models, args.smoke, args.workloads, args.batches, args.prompts)
+    if not cells:
+        p.error("no cell left: --models / --workloads / --batches / --prompts select nothing")
+    if args.dry_run:
+        print(f"dry run: {len(cells)} cells x {len(args.systems)} systems ({','.join(args.systems)}), "
+              f"budget {args.budget_s:g} s, out {args.out}")
+        for model, w in cells:
+            print(f"  {model} {w.kind} batch {w.batch} prompt {w.prompt}")
+        return
     torch.manual_seed(args.seed)
     result = run(args)
     if args.smoke:
         # every (cell, system) pair gives a row, plus the two probe rows
-        check_outputs(Path(args.out), expect_rows=len(plan(args.models, True, args.workloads)) * len(args.systems) + 2)
+        check_outputs(Path(args.out), expect_rows=len(cells) * len(args.systems) + 2)
     else:
         meta = result["meta"]
-        slug = "".join(c if c.isalnum() else "-" for c in meta["device"].lower()).strip("-")
-        while "--" in slug:
-            slug = slug.replace("--", "-")
+        slug = report.device_slug(meta["device"])
         print(f"wrote {args.out}/e2e.json, e2e.md, e2e.png ({meta['wall_s']:.0f} s); to publish: copy them to "
               f"bench/results/{meta['date'][:10]}-{slug}/")
     print("headline (gemma3n_fast, E2B batch 1 prompt 128): " + json.dumps(result["headline"]))

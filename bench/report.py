@@ -10,6 +10,15 @@ from bench import plot
 OURS = "gemma3n_fast"
 
 
+def device_slug(name: str) -> str:
+    """A device name as a folder-name part: lower case, runs of other characters as one '-'
+    ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3")."""
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug
+
+
 def _fmt(x, spec: str, scale: float = 1.0) -> str:
     return "" if x is None else format(x * scale, spec)
 
@@ -82,18 +91,23 @@ def markdown(result: dict) -> str:
         "BENCHMARKS.md.",
     ]
     if result.get("kernels"):
-        lines += ["", "## Kernel microbenchmarks", "",
-                  "| kernel | shape | provider | median us | GB/s | TFLOP/s | fraction of ceiling | x eager | "
-                  "x torch.compile |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-        for k in result["kernels"]:
-            lines.append(
-                f"| {k['kernel']} | {k['shape']} | {k['provider']} | {_fmt(k['median_s'], '.1f', 1e6)} | "
-                f"{_fmt(k['GB/s'], '.0f')} | {_fmt(k['TFLOP/s'], '.1f')} | {_fmt(k['fraction'], '.0%')} | "
-                f"{_fmt(k['speedup_eager'], '.2f')} | {_fmt(k['speedup_compile'], '.2f')} |")
+        lines += ["", "## Kernel microbenchmarks", "", *kernel_table(result["kernels"])]
     else:
         lines += ["", "## Kernel microbenchmarks", "", "(none collected: pass `--kernels-json PATH`)"]
     return "\n".join(lines) + "\n"
+
+
+def kernel_table(kernels: list[dict]) -> list[str]:
+    """Markdown lines of the kernel table, one row per ``collect_kernels`` row."""
+    lines = ["| kernel | shape | provider | median us | GB/s | TFLOP/s | fraction of ceiling | x eager | "
+             "x torch.compile |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for k in kernels:
+        lines.append(
+            f"| {k['kernel']} | {k['shape']} | {k['provider']} | {_fmt(k['median_s'], '.1f', 1e6)} | "
+            f"{_fmt(k['GB/s'], '.0f')} | {_fmt(k['TFLOP/s'], '.1f')} | {_fmt(k['fraction'], '.0%')} | "
+            f"{_fmt(k['speedup_eager'], '.2f')} | {_fmt(k['speedup_compile'], '.2f')} |")
+    return lines
 
 
 def write_all(result: dict, out: Path):

@@ -86,21 +86,14 @@ def _raw_tokenizer(model):
 
 
 def _check_device(text: str | None) -> None:
-    if text is None:
-        return
-    import torch
+    """--device: the check ``load()`` makes (``reference.loader.check_device``), before the media and the load."""
+    if text is not None:
+        from gemma3n_fast.reference.loader import check_device
 
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device {text!r}: not a device name (use cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {text!r}: gemma3n_fast runs on cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {text!r}: no CUDA device is available here (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        try:
+            check_device(text, label="--device")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def _check_media(images, audio) -> None:
@@ -289,10 +282,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Errors that name a problem with the input (bad path, file, value), as opposed to a bug."""
+    """Errors that name a problem with the input (bad path, file, value, a checkpoint whose weights give NaN logits),
+    as opposed to a bug."""
+    from gemma3n_fast.reference.generation import NonFiniteLogitsError
     from gemma3n_fast.reference.loader import CheckpointError
 
-    return isinstance(e, (UsageError, ValueError, OSError, CheckpointError))
+    return isinstance(e, (UsageError, ValueError, OSError, CheckpointError, NonFiniteLogitsError))
 
 
 def main(argv=None) -> int:

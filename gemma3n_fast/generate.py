@@ -18,6 +18,8 @@ Decode loop (gpt-fast style):
     has finished (eos), and, with ``stop_strings``, whether a new token completed one (host-side: a row found
     stopped gets its done flag set then, and its tokens after the stop become pad, so the result equals HF's).
     Finished rows emit pad_token_id and the output is cut where the last row finished, as HF stops.
+    The same looks (and the last one, after the loop) raise ``NonFiniteLogitsError`` naming the step when a live
+    row's logits held NaN or inf (recorded on the device by ``TokenState.pick``, no extra sync).
 Sampling: its Exp(1) noise is drawn from the seeded generator into a static buffer before each step, so a seed
 reproduces the same tokens (and the reference model's, for equal logits).
 """
@@ -182,7 +184,7 @@ class GenerationMixin:
                 if len(stopped) > before:
                     st.tok.done[torch.tensor(sorted(stopped), device=self.device)] = True
             checked = upto
-            return bool(st.tok.done.all())
+            return st.tok.finished()  # raises NonFiniteLogitsError on NaN / inf logits of a live row
 
         first = st.out[:, 0].cpu()
         finished = all_done(1) if stepwise else False

@@ -30,6 +30,7 @@ from gemma3n_fast.cache import StaticKVCache
 from gemma3n_fast.generate import GenerationMixin
 from gemma3n_fast.reference import model as reference_model
 from gemma3n_fast.reference.generation import check_media, check_prompt
+from gemma3n_fast.reference.loader import check_device
 
 log = logging.getLogger("gemma3n_fast")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -471,7 +472,9 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
          matformer=None, num_threads: int | None = None) -> FastGemma3n:
     """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model.
 
-    device: default CUDA if available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU; fp16 is refused.
+    device: default CUDA if available, else CPU; a device this machine lacks is a ``ValueError`` naming ``device=``
+    and the devices available (``reference.loader.check_device``), before anything is read.
+    dtype: default bf16 on CUDA, fp32 on CPU; fp16 is refused.
     kernels: "triton" | "interpret" | "reference" | None (see ``gemma3n_fast.backend``); checked before any weight
     is read. num_threads: torch's CPU thread count when the device is the CPU (see ``cpu_threads``). The
     tokenizer, processor and generation defaults come with the checkpoint (``model.tokenizer``,
@@ -481,7 +484,7 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
     ``model.config.matformer`` records it.
     """
     t0 = time.perf_counter()
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = check_dtype(dtype, device)
     threads = cpu_threads(num_threads) if device.type == "cpu" else None
     if pick_mode(kernels, device) == "interpret":  # before anything imports the kernels
@@ -543,7 +546,8 @@ def cpu_threads(num_threads: int | None = None) -> int:
 def _physical_cores() -> int | None:
     """Distinct (package, core) pairs in /proc/cpuinfo (Linux); None when unknown."""
     try:
-        text = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
     except OSError:
         return None
     cores, package = set(), None

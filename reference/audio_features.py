@@ -26,17 +26,39 @@ import json
 import math
 import os
 import struct
+import warnings
 import wave
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["AudioFeatureExtractor", "AudioError", "load_audio", "resample", "mel_filterbank", "pcm_to_float",
-           "split_into_segments"]
+__all__ = ["AudioFeatureExtractor", "AudioError", "AudioWarning", "load_audio", "resample", "mel_filterbank",
+           "pcm_to_float", "split_into_segments"]
 
 
 class AudioError(ValueError):
     """Bad audio input: empty, non-finite, wrong rate, unreadable file."""
+
+
+class AudioWarning(UserWarning):
+    """Audio that is read, but probably not as meant: no sampling rate given for an array (16 kHz is assumed), or
+    float samples at integer-PCM scale."""
+
+
+# Float samples are expected in [-1, 1]. Real recordings stay within a few dB of full scale (float WAVs may exceed
+# 1 a little, resampling overshoots a little); int16 PCM values stored as floats reach hundreds to 32767.
+FLOAT_SCALE_LIMIT = 4.0
+
+
+def warn_int_scale(x: np.ndarray, what: str) -> None:
+    """``AudioWarning`` when float samples reach far beyond [-1, 1] (|x| > 4): int16 (or int32) PCM values given as
+    floats, which the feature extractor would read as audio 30,000 times too loud."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if FLOAT_SCALE_LIMIT < peak < math.inf:  # NaN / inf samples are an error further on
+        scale = "int16" if peak <= 32768 else "int32"
+        warnings.warn(f"{what}: float samples reach {peak:.6g}, far outside [-1, 1]: they look like {scale} PCM "
+                      f"values stored as floats; divide by {32768 if scale == 'int16' else 2 ** 31} (or pass the "
+                      f"{scale} array itself, which is scaled)", AudioWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,6 +442,11 @@ class AudioFeatureExtractor:
         pad_to_multiple_of = self.pad_to_multiple_of if pad_to_multiple_of == -1 else pad_to_multiple_of
         truncate = self._check_truncate(self.truncate_audio if truncate_audio is None else truncate_audio)
         segment = self.segment_samples(audio_segment_seconds)  # checked even when truncating
+        if sampling_rate is None:  # HF's extractor warns here too
+            warnings.warn(f"AudioFeatureExtractor: no sampling_rate given; the waveforms are read as "
+                          f"{self.sampling_rate} Hz. Pass sampling_rate=... (other rates are resampled): audio at "
+                          "another rate read as this one gives wrong features without an error",
+                          AudioWarning, stacklevel=2)
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
         if hasattr(waveforms, "detach"):
             waveforms = _tensor_to_numpy(waveforms)
@@ -437,6 +464,8 @@ class AudioFeatureExtractor:
             if w.ndim != 1:
                 raise AudioError(f"{what}: expected a 1-D mono waveform, got shape {w.shape} "
                                  "(load_audio mixes channels down)")
+            if w.dtype.kind == "f":
+                warn_int_scale(w, what)
             w = _check_waveform(pcm_to_float(w, what).astype(np.float32), what)
             if rate != self.sampling_rate:
                 w = resample(w, rate, self.sampling_rate)

@@ -538,6 +538,19 @@ def expand_rows(n: int, config, input_ids, attention_mask, media: dict):
     return input_ids.repeat_interleave(n, 0), mask, out
 
 
+def check_streamer(streamer) -> None:
+    """HF's streamer protocol, checked before any work: ``put(tokens)`` and ``end()`` methods (``None``: no
+    streamer). Otherwise a ``TypeError`` naming what is missing, instead of an ``AttributeError`` after the
+    prefill."""
+    if streamer is None:
+        return
+    missing = [m for m in ("put", "end") if not callable(getattr(streamer, m, None))]
+    if missing:
+        raise TypeError(f"streamer: {type(streamer).__name__} has no {' and no '.join(m + '()' for m in missing)} "
+                        "method; a streamer follows HF's protocol: put(tokens) for the prompt and each step's "
+                        "tokens, end() at the end (e.g. transformers.TextStreamer)")
+
+
 MEDIA_KEYS = ("pixel_values", "input_features", "input_features_mask")
 
 
@@ -553,6 +566,7 @@ def prepare_generation(model, input_ids, attention_mask, kwargs: dict, what: str
     seed, streamer = kwargs.pop("seed", None), kwargs.pop("streamer", None)
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed: expected an int, got {seed!r}")
+    check_streamer(streamer)
     cfg, text = model.config, model.config.text
     input_ids, attention_mask = check_prompt(input_ids, attention_mask, text.vocab_size)
     check_media(cfg, input_ids, **media)
@@ -569,12 +583,24 @@ class CacheLengthError(ValueError):
     """Prompt + max_new_tokens does not fit the model's positions (or the cache)."""
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """A live row's logits held NaN or inf during generate(): the tokens would be meaningless (the argmax of NaN
+    logits is token 0, every step)."""
+
+
 # ---- per-step state on the device ------------------------------------------------------------------------
 class TokenState:
     """What token selection reads and writes each step, in static buffers on the device (no host sync):
     ``done`` [B] rows that emitted an eos id (they emit pad from then on), ``step`` [1] new tokens so far,
     ``seen`` [B, V] ids in the prompt or generated (repetition penalty), ``noise`` [B, V] Exp(1) draws
-    (sampling), ``scores`` / ``logits`` [B, R, V] what HF returns with output_scores / output_logits."""
+    (sampling), ``scores`` / ``logits`` [B, R, V] what HF returns with output_scores / output_logits.
+
+    Non-finite logits are recorded on the device too, in 5 launches per step: ``logit_sum`` [B] accumulates each
+    row's fp32 logit sums while the row is live (not done), so it is NaN or inf from the first step where that row's
+    logits held a NaN or inf on (NaN and inf stay in a sum; finite logits overflow it only above ~1e28 each, over
+    262k ids and 100k steps, and Gemma 3n's softcap bounds them by 30); ``last_clean`` [B] is the last step at which it was still finite
+    (-1: none). ``finished()``, the host's look at the device, raises when a row has a step after its last clean
+    one."""
 
     def __init__(self, sampler: Sampler, batch: int, vocab: int, eos: list[int], pad: int, device,
                  record: int = 0, scores: bool = False, logits: bool = False):
@@ -592,10 +618,13 @@ class TokenState:
         self.noise = torch.ones(batch, vocab, device=device) if not sampler.greedy else None
         self.scores = torch.full((batch, record, vocab), float("nan"), device=device) if scores else None
         self.logits = torch.full((batch, record, vocab), float("nan"), device=device) if logits else None
+        self.logit_sum = torch.zeros(batch, device=device)
+        self.last_clean = torch.full((batch,), -1.0, device=device)
+        self._zero = torch.zeros(1, device=device)
 
     def reset(self, input_ids, attention_mask=None) -> None:
         """Before a call: no row done, step 0, ``seen`` = the prompt's ids (left padding excluded, as HF)."""
-        self.step.zero_(), self.done.zero_()
+        self.step.zero_(), self.done.zero_(), self.logit_sum.zero_(), self.last_clean.fill_(-1.0)
         if self.seen is not None:
             self.seen.zero_()
             real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else \
@@ -615,7 +644,25 @@ class TokenState:
             nxt = logits.argmax(-1)
         if self.logits is not None:
             self.logits.index_copy_(1, self.step, logits.float()[:, None])
+        self.logit_sum.add_(logits.sum(-1, dtype=torch.float32).masked_fill_(self.done, 0.0))
+        # step + 0 * logit_sum: the step while the row's sum is finite, NaN after; fmax ignores the NaN
+        torch.fmax(self.last_clean, torch.addcmul(self.step, self.logit_sum, self._zero), out=self.last_clean)
         return torch.where(self.done, self.pad, nxt)
+
+    def finished(self) -> bool:
+        """The host's look at the device (one transfer): whether every row is done. Raises
+        ``NonFiniteLogitsError`` naming the step when a live row's logits held NaN or inf at a step so far."""
+        done, last_clean, steps = torch.stack([self.done.all().float(), self.last_clean.min(),
+                                               self.step[0].float()]).tolist()
+        clean = int(last_clean) + 1  # the first step whose logits were not finite in some live row, if < steps
+        if clean < steps:
+            at = "the prompt's logits (the prefill, new token 1)" if clean == 0 else \
+                f"the logits of decode step {clean} (new token {clean + 1})"
+            raise NonFiniteLogitsError(
+                f"generation stopped: {at} hold NaN or infinite values; the tokens would be meaningless (the argmax "
+                "of NaN logits is token 0). Likely cause: non-finite weights in the checkpoint (load() warns "
+                "naming those tensors with a CheckpointWarning)")
+        return bool(done)
 
     def advance(self, nxt) -> None:
         """After ``pick``: mark finished rows and seen ids, count the step."""

@@ -29,6 +29,40 @@ class CheckpointWarning(UserWarning):
     """A checkpoint that loads but looks broken (NaN or infinite weights)."""
 
 
+DEVICE_TYPES = ("cpu", "cuda")  # where the models run (the kernels are Triton's CUDA kernels; the rest is torch)
+
+
+def available_devices() -> list[str]:
+    """The devices of this machine that ``check_device`` accepts: ``cpu``, then ``cuda:0`` ... ``cuda:N-1``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return found
+
+
+def check_device(device, label: str | None = None) -> torch.device:
+    """``device`` (a name, ``torch.device`` or CUDA index) as a ``torch.device`` that exists on this machine, checked
+    before any work: the CPU or a present CUDA device. Otherwise a ``ValueError`` naming the value (as ``device=...``,
+    or as ``label`` gives it, e.g. the CLI's ``--device``) and the devices available here. ``load()`` of both models
+    and the CLI call this one function."""
+    where = f"{label} {device!r}" if label else f"device={device!r}"
+    here = ", ".join(available_devices())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{where}: not a device name (use cpu, cuda or cuda:N; available here: {here})") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"{where}: gemma3n_fast runs on cpu or cuda (available here: {here})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch finds no CUDA device"
+            raise ValueError(f"{where}: no CUDA device is available here ({why}); available here: {here}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{where}: this machine has {count} CUDA device(s); available here: {here}")
+    return dev
+
+
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder is used as is; anything else is a hub id fetched with huggingface_hub (cache-aware)."""
     text = os.fspath(path_or_hub_id)
@@ -63,6 +97,34 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None =
             f"could not fetch {text} from the Hub ({type(e).__name__}: {e}); pass a local folder or "
             "pre-populate the HF cache"
         ) from e
+
+
+def read_tokenizer(file: str | os.PathLike):
+    """``tokenizer.json`` -> ``tokenizers.Tokenizer``; a file that is not one (cut or corrupt JSON, or JSON that is
+    not a tokenizer) raises ``CheckpointError`` naming the file and what is wrong (tokenizers itself raises a bare
+    ``Exception`` naming neither)."""
+    from tokenizers import Tokenizer
+
+    file = Path(file)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises plain Exception for every kind of bad file
+        reason = str(e) or type(e).__name__
+    size = file.stat().st_size if file.is_file() else 0
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        what = f"not valid JSON ({e}): the file is cut or corrupt (an interrupted download?)"
+    except OSError as e:
+        what = f"cannot be read ({e})"
+    else:
+        if not isinstance(d, dict):
+            what = f"valid JSON, but a {type(d).__name__}, not a tokenizer object"
+        elif "model" not in d:
+            what = "valid JSON, but not a tokenizer (no 'model' entry)"
+        else:
+            what = f"valid JSON, but tokenizers cannot read it as a tokenizer ({reason})"
+    raise CheckpointError(f"{file} ({size} bytes): {what}; download the checkpoint's tokenizer.json again")
 
 
 def _shard_files(folder: Path) -> list[Path]:

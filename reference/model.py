@@ -15,7 +15,8 @@ from torch import nn
 from gemma3n_fast.reference.config import Gemma3nConfig, load_config
 from gemma3n_fast.reference.embedder import MultimodalEmbedder
 from gemma3n_fast.reference.generation import GenerationConfig
-from gemma3n_fast.reference.loader import CheckpointError, assign_state_dict, read_state_dict, resolve_checkpoint
+from gemma3n_fast.reference.loader import (CheckpointError, assign_state_dict, check_device, read_state_dict,
+                                            read_tokenizer, resolve_checkpoint)
 from gemma3n_fast.reference.matformer import MatformerSlice
 from gemma3n_fast.reference.matformer import resolve as resolve_matformer
 from gemma3n_fast.reference.text import Gemma3nTextModel, KVCache, TextOutput
@@ -93,7 +94,8 @@ class Gemma3nReference(nn.Module):
         """Prompt + new tokens [B, T + N], like HF: the same arguments, defaults and checks as the fast model's
         generate (``reference.generation.prepare_generation``), the same token selection (``TokenState``, one
         Exp(1) draw [B, V] per step from a generator seeded by ``seed``: the same seed gives the same tokens) and
-        the same result (``finish``). Eager: a cached forward per token; stop strings are checked every step."""
+        the same result (``finish``), and a ``streamer`` gets the same calls. Eager: a cached forward per token; stop
+        strings and non-finite logits are checked every step."""
         from gemma3n_fast.reference.generation import TokenState, finish, prepare_generation, row_ends
 
         plan, input_ids, attention_mask = prepare_generation(self, input_ids, attention_mask, kwargs)
@@ -108,6 +110,9 @@ class Gemma3nReference(nn.Module):
         if not plan.sampler.greedy:
             gen = torch.Generator(device=dev)
             gen.manual_seed(int(plan.seed) if plan.seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
+        streamer = plan.streamer
+        if streamer is not None:  # HF's protocol, as the fast model: the prompt, each step's tokens, end()
+            streamer.put(input_ids.cpu())
         cache = KVCache()
         logits = self.forward(input_ids, attention_mask, cache=cache, logits_to_keep=1, **plan.media).logits[:, -1]
         new, stopped = [], {}
@@ -118,6 +123,8 @@ class Gemma3nReference(nn.Module):
             nxt = tok.pick(logits)
             tok.advance(nxt)
             new.append(nxt)
+            if streamer is not None:
+                streamer.put(nxt.cpu())
             if plan.stop_strings is not None:
                 so_far = torch.stack(new, 1).cpu()
                 before = len(stopped)
@@ -125,11 +132,13 @@ class Gemma3nReference(nn.Module):
                                        dict(enumerate(row_ends(so_far, plan.eos))))
                 if len(stopped) > before:
                     tok.done[torch.tensor(sorted(stopped), device=dev)] = True
-            if bool(tok.done.all()) or step == N - 1:
+            if tok.finished() or step == N - 1:  # raises on NaN / inf logits
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
             # forward (not the bare language model): a sampled multimodal id takes its embedder's hard vector
             logits = self.forward(nxt[:, None], attention_mask, cache=cache).logits[:, -1]
+        if streamer is not None:
+            streamer.end()
         return finish(plan, input_ids, torch.stack(new, 1), stopped, tok.scores, tok.logits)
 
 
@@ -210,32 +219,50 @@ def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config:
     ``matformer``: load a MatFormer slice of the checkpoint (``"E2B"`` and the other ``reference.matformer.PRESETS``
     for an E4B checkpoint, or ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``). It is checked against the
     config before any weight is read (``MatformerError``), and only the kept parts of the tensors are read from the
-    files; ``model.config`` is the sliced model's, with ``model.config.matformer`` = the spec."""
+    files; ``model.config`` is the sliced model's, with ``model.config.matformer`` = the spec.
+
+    Checked before any weight is read: ``device`` exists here (``loader.check_device``: a ``ValueError`` naming
+    ``device=`` and the devices available), config.json, the MatFormer slice, and the small files
+    (generation_config.json, tokenizer.json, the processor's JSON files: an error naming the file)."""
     t0 = time.perf_counter()
+    device = check_device(device)
     dtype = dtype or torch.float32
     folder = resolve_checkpoint(path_or_hub_id, revision)
     config = load_config(folder, strict=strict_config)
     sliced = resolve_matformer(matformer, config)
+    files = _read_files(folder, config)  # the small files first: a corrupt one fails before any weight is read
     keep, _ = _key_rules(config, with_vision, sliced)
     raw = read_state_dict(folder, dtype=dtype, device=device, keep=keep,
                           transform=None if sliced is None else sliced.part)
     model = build(config, raw, device=device, dtype=dtype, with_vision=with_vision, what=f"checkpoint {folder}",
                   matformer=sliced)
-    _attach_files(model, folder)
+    _attach_files(model, folder, files)
     model.source = str(folder)
     model.load_seconds = time.perf_counter() - t0
     return model
 
 
-def _attach_files(model: Gemma3nReference, folder: Path) -> None:
+def _read_files(folder: Path, config: Gemma3nConfig) -> dict:
+    """The checkpoint's generation_config.json, tokenizer.json and (multimodal) processor files, parsed; each bad
+    file raises an error naming it (``CheckpointError`` / ``ValueError``). ``load`` calls this before reading any
+    weight, so a corrupt tokenizer fails in a moment, not after gigabytes."""
+    files = {"generation_config": None, "tokenizer": None, "processor": None}
     gc_file = folder / "generation_config.json"
     if gc_file.is_file():
-        model.generation_config = GenerationConfig.from_json_file(gc_file)
+        files["generation_config"] = GenerationConfig.from_json_file(gc_file)
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        model.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        if not model.config.text_only:  # the processor needs the multimodal special tokens
+        files["tokenizer"] = read_tokenizer(folder / "tokenizer.json")
+        if not config.text_only:  # the processor needs the multimodal special tokens
             from gemma3n_fast.reference.processor import Processor
 
-            model.processor = Processor.from_pretrained(folder)
+            files["processor"] = Processor.from_pretrained(folder, tokenizer=files["tokenizer"])
+    return files
+
+
+def _attach_files(model: Gemma3nReference, folder: Path, files: dict | None = None) -> None:
+    """Give ``model`` its generation defaults, tokenizer and processor (``files`` from ``_read_files``, else read
+    from ``folder`` now)."""
+    files = _read_files(folder, model.config) if files is None else files
+    if files["generation_config"] is not None:
+        model.generation_config = files["generation_config"]
+    model.tokenizer, model.processor = files["tokenizer"], files["processor"]

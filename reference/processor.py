@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -226,23 +228,32 @@ class Processor:
     # -- loading -------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, **overrides) -> "Processor":
-        """From a checkpoint folder: tokenizer.json, tokenizer_config.json, chat template, processor configs."""
-        from tokenizers import Tokenizer
+    def from_pretrained(cls, path, tokenizer=None, **overrides) -> "Processor":
+        """From a checkpoint folder: tokenizer.json, tokenizer_config.json, chat template, processor configs.
+        ``tokenizer``: the folder's tokenizer.json already parsed (``tokenizers.Tokenizer``), else it is read here.
+        A file that cannot be parsed raises ``ProcessorError`` naming it."""
+        from gemma3n_fast.reference.loader import CheckpointError, read_tokenizer
 
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise ProcessorError(f"no tokenizer.json in {path}")
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        if tokenizer is None:
+            if not (path / "tokenizer.json").is_file():
+                raise ProcessorError(f"no tokenizer.json in {path}")
+            try:
+                tokenizer = read_tokenizer(path / "tokenizer.json")
+            except CheckpointError as e:
+                raise ProcessorError(str(e)) from None
 
         def read(name):
             f = path / name
             if not f.is_file():
                 return {}
             try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
+                d = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ProcessorError(f"{f}: not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise ProcessorError(f"{f}: expected a JSON object ({{...}}), got {type(d).__name__}")
+            return d
 
         tok_cfg, proc_cfg, pre_cfg = read("tokenizer_config.json"), read("processor_config.json"), \
             read("preprocessor_config.json")
@@ -460,17 +471,22 @@ class Processor:
 
         Every clip is first brought to the extractor's rate (files at their header's rate, arrays at
         ``sampling_rate``), so segment lengths are counted in the samples the extractor sees."""
-        from gemma3n_fast.reference.audio_features import load_audio
+        from gemma3n_fast.reference.audio_features import AudioWarning, load_audio
 
         fe = self.feature_extractor
         rate = getattr(fe, "sampling_rate", 16_000)
+        arrays = sum(not isinstance(a, (str, os.PathLike)) for a in audio)
+        if sampling_rate is None and arrays:  # as HF's extractor warns; a file's header gives its rate
+            warnings.warn(f"audio: {arrays} array clip(s) without sampling_rate are read as {rate} Hz; pass "
+                          "sampling_rate=... (the processor call, apply_chat_template or model.chat_inputs / chat) "
+                          "for audio at another rate, which is then resampled", AudioWarning, stacklevel=4)
         clips = [load_audio(a, sampling_rate=rate if sampling_rate is None else sampling_rate, target_rate=rate)
                  for a in audio]
         seconds = self.audio_segment_seconds if audio_segment_seconds is None else audio_segment_seconds
         truncate = self.truncate_audio if truncate_audio is None else truncate_audio
         options = {k: v for k, v in (("audio_segment_seconds", seconds), ("truncate_audio", truncate))
                    if v is not None}
-        feats = fe(clips, **options)
+        feats = fe(clips, sampling_rate=rate, **options)  # the clips are at the extractor's rate now
         out = {}
         for key in ("input_features", "input_features_mask", "segments_per_clip"):
             if key not in feats:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,16 @@ _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 class ImageError(ValueError):
     """An image that cannot be read or has an unsupported mode, shape or dtype."""
+
+
+class ImageWarning(UserWarning):
+    """pixel_values that run, but probably not as meant (values at 0..255 scale)."""
+
+
+# The processor's pixel_values are in [0, 1] (do_rescale, no normalisation; [-1, 1] with do_normalize and Gemma's
+# mean = std = 0.5). Bicubic resizing (torch's, antialiased) of a float image to 768 x 768 overshoots at most to
+# 1.29 from [0, 1] input and 1.57 from [-1, 1]. 0..255 pixels exceed 2 unless every pixel is below 3 / 255.
+PIXEL_LIMIT = 2.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,10 +257,11 @@ def _flatten_images(images):
 
 
 def check_pixel_values(pixel_values) -> None:
-    """Raise ``ImageError`` unless ``pixel_values`` is a finite floating tensor [N, 3, H, W] with N >= 1.
+    """Raise ``ImageError`` unless ``pixel_values`` is a finite floating tensor [N, 3, H, W] with N >= 1; warn
+    (``ImageWarning``) when its values exceed 2, i.e. look like 0..255 pixels rather than the processor's [0, 1].
 
     NaN or inf pixels would run through the tower and come out as NaN soft tokens (then pad ids), so they are
-    refused here. One reduction over the pixels; on a GPU it waits for the device once (prefill only).
+    refused here. Two reductions over the pixels; on a GPU it waits for the device once (prefill only).
     """
     if not isinstance(pixel_values, torch.Tensor):
         raise ImageError(f"pixel_values must be a torch tensor, got {type(pixel_values).__name__}")
@@ -259,10 +271,15 @@ def check_pixel_values(pixel_values) -> None:
         raise ImageError(f"pixel_values must be floating point (the processor gives float32 in [0, 1]), "
                          f"got {pixel_values.dtype}")
     finite = torch.isfinite(pixel_values).flatten(1).all(1)
-    if not bool(finite.all()):
+    all_finite, peak = torch.stack([finite.all().float(), pixel_values.amax().float()]).tolist()  # one sync
+    if not all_finite:
         bad = (~finite).nonzero().flatten().tolist()
         raise ImageError(f"pixel_values contain NaN or infinite values (image(s) {bad[:8]} of "
                          f"{pixel_values.shape[0]})")
+    if peak > PIXEL_LIMIT:
+        warnings.warn(f"pixel_values look like 0..255 (max {peak:g}); expected [0, 1] (divide by 255) or a "
+                      "processor's output (model.processor(images=...)['pixel_values']): the vision tower would "
+                      "see an image up to 255 times too bright", ImageWarning, stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from gemma3n_fast.reference.audio_features import AudioError, AudioFeatureExtrac
 
 REL_TOL = 1e-5
 SR = 16_000
+# The extractor is called here at its own rate without sampling_rate, as HF's is: the warning that call gives is
+# tested in test_bad_input.py.
+pytestmark = pytest.mark.filterwarnings("ignore:AudioFeatureExtractor. no sampling_rate given:UserWarning")
 
 
 def noise(n, seed=0, scale=0.3):

@@ -109,3 +109,46 @@ def test_library_output_during_load_goes_to_stderr(capsys, monkeypatch, text_ckp
     rc, out, err = _run(capsys, "generate", "--model", str(text_ckpt), "--prompt", "hi", "--max-new-tokens", "2",
                         "--kernels", "reference", "--device", "cpu")
     assert rc == 0 and "a notice printed by the library" in err and "notice" not in out
+
+
+def _copy(src, dst):
+    import shutil
+
+    return shutil.copytree(src, dst)
+
+
+def test_corrupt_tokenizer_is_one_line(capsys, tmp_path, text_ckpt):
+    broken = _copy(text_ckpt, tmp_path / "ckpt")
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Wo')
+    rc, out, err = _run(capsys, "generate", "--model", str(broken), "--prompt", "x", "--kernels", "reference")
+    line = _one_error_line(err)
+    assert rc == EXIT_USAGE and out == ""
+    assert f"{broken / 'tokenizer.json'} (40 bytes): not valid JSON" in line and "cut or corrupt" in line, line
+
+
+def test_nan_weights_are_one_line(capsys, tmp_path, text_ckpt):
+    from safetensors.torch import load_file, save_file
+
+    broken = _copy(text_ckpt, tmp_path / "ckpt")
+    sd = load_file(broken / "model.safetensors")
+    sd["model.norm.weight"][:] = float("nan")
+    save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="hold NaN or infinite values: model.norm.weight"):  # the load's warning
+        rc, out, err = _run(capsys, "generate", "--model", str(broken), "--prompt", "x", "--kernels", "reference",
+                            "--device", "cpu")
+    notes, line = err.strip().splitlines()  # the load note, then the error: no traceback
+    assert notes.startswith("(loaded in ") and "Traceback" not in err
+    assert rc == EXIT_USAGE and out == ""
+    assert "error: generation stopped: the prompt's logits (the prefill, new token 1) hold NaN" in line, line
+    assert "non-finite weights in the checkpoint" in line
+
+
+@pytest.mark.parametrize("device, says", [
+    ("mps", "--device 'mps': gemma3n_fast runs on cpu or cuda (available here: cpu"),
+    ("cuda:7", "--device 'cuda:7': "),
+])
+def test_device_check_is_loads(capsys, device, says):
+    """The CLI's --device check is load()'s (``reference.loader.check_device``), worded for the flag."""
+    rc, out, err = _run(capsys, "generate", "--prompt", "x", "--device", device)
+    line = _one_error_line(err)
+    assert rc == EXIT_USAGE and says in line and "available here: cpu" in line, line

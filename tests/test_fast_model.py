@@ -459,11 +459,22 @@ def test_interpret_mode_needs_no_environment_variable(folder):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import torch, gemma3n_fast; torch.set_num_threads(1)\n"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # gemma3n_fast.kernels / .reference bound to this checkout's folders, as conftest.py binds them (the venv's
+    # editable install may map them to another checkout); conftest itself would set TRITON_INTERPRET.
+    bind = ("import importlib.util, os, sys, gemma3n_fast\n"
+            "for sub in ('kernels', 'reference'):\n"
+            "    folder = os.path.join(os.getcwd(), sub)\n"
+            "    spec = importlib.util.spec_from_file_location('gemma3n_fast.' + sub, os.path.join(folder, "
+            "'__init__.py'), submodule_search_locations=[folder])\n"
+            "    sys.modules['gemma3n_fast.' + sub] = mod = importlib.util.module_from_spec(spec)\n"
+            "    spec.loader.exec_module(mod)\n"
+            "    setattr(gemma3n_fast, sub, mod)\n")
+    code = (bind + "import torch, gemma3n_fast; torch.set_num_threads(1)\n"
             f"m = gemma3n_fast.load({str(folder)!r}, kernels='interpret')\n"
             "assert set(m.backend.sources.values()) == {'kernel'}\n"
             "print(m.generate(torch.tensor([[11, 12, 13]]), max_new_tokens=2, eos_token_id=[]).tolist())")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().startswith("[[11, 12, 13, ")
 
@@ -541,7 +552,8 @@ def _media(kind):
 @pytest.mark.parametrize("kind", ["image", "audio"])
 def test_multimodal_logits_and_greedy_32_equal_hf(mm, kind):
     fast, hf = mm
-    inputs = fast.chat_inputs([{"role": "user", "content": [_media(kind), {"type": "text", "text": "say"}]}])
+    inputs = fast.chat_inputs([{"role": "user", "content": [_media(kind), {"type": "text", "text": "say"}]}],
+                              sampling_rate=16_000)  # the audio clip is made at 16 kHz
     inputs.pop("token_type_ids", None)
     media = "pixel_values" if kind == "image" else "input_features"
     assert media in inputs

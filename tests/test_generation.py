@@ -413,7 +413,7 @@ def test_bad_media_and_placeholders_without_features(mm):
     ref, fast = mm
     audio = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1
     inputs = fast.chat_inputs([{"role": "user", "content": [{"type": "audio", "audio": audio},
-                                                            {"type": "text", "text": "hi"}]}])
+                                                            {"type": "text", "text": "hi"}]}], sampling_rate=16_000)
     bad = dict(inputs, input_features=inputs["input_features"].clone())
     bad["input_features"][0, 3, 5] = float("nan")
     for call in (fast.generate, ref.generate, fast):
@@ -472,8 +472,9 @@ def test_last_stats_for_every_call(folder, mm):
     _, fast_mm = mm
     audio = np.random.default_rng(1).standard_normal(20000).astype(np.float32) * 0.1  # 1.25 s at 16 kHz
     messages = [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": "hi"}]}]
-    assert fast_mm.chat_inputs(messages, audio_segment_seconds=0.5)["input_features"].shape[0] == 3
-    fast_mm.chat(messages, max_new_tokens=2, audio_segment_seconds=0.5)
+    assert fast_mm.chat_inputs(messages, audio_segment_seconds=0.5, sampling_rate=16_000)["input_features"] \
+        .shape[0] == 3
+    fast_mm.chat(messages, max_new_tokens=2, audio_segment_seconds=0.5, sampling_rate=16_000)
     s = fast_mm.last_stats
     assert s["audio_segments"] == 3 and s["images"] == 0 and s["media_encode_s"] > 0
     assert "media encode:" in stats_line(fast_mm) and "3 audio segments" in stats_line(fast_mm)
@@ -567,3 +568,156 @@ def test_hf_streamers_work(fast, folder):
     out = fast.generate(ids, streamer=streamer, do_sample=False, max_new_tokens=8, eos_token_id=None)
     text = "".join(streamer)
     assert text.strip() == tokenizer.decode(out[0, 6:], skip_special_tokens=True).strip() and text.strip()
+
+
+# ---- bad inputs found late: a streamer without the protocol, NaN logits, a file left open -------------------
+class _PutOnly:
+    def put(self, tokens):
+        raise AssertionError("put() was called: the streamer should have been refused before any work")
+
+
+@pytest.mark.parametrize("streamer, says", [
+    (object(), r"streamer: object has no put\(\) and no end\(\) method; .*HF's protocol"),
+    (_PutOnly(), r"streamer: _PutOnly has no end\(\) method"),
+])
+def test_streamer_is_checked_before_any_work(fast, ref, monkeypatch, streamer, says):
+    ids = _ids(1, 5)
+    want = fast.generate(ids, do_sample=False, max_new_tokens=4)
+    with monkeypatch.context() as m:
+        for model in (fast, ref):
+            m.setattr(model, "forward" if model is ref else "prefill",
+                      lambda *a, **k: pytest.fail("the model ran before the streamer was checked"))
+        for generate in (fast.generate, ref.generate):
+            with pytest.raises(TypeError, match=says):
+                generate(ids, do_sample=False, max_new_tokens=4, streamer=streamer)
+    assert torch.equal(fast.generate(ids, do_sample=False, max_new_tokens=4), want)  # the model still works
+
+
+def test_reference_generate_feeds_the_streamer_like_the_fast_model(fast, ref):
+    ids, mask = _left_padded(seed=10)
+    kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=5, eos_token_id=None)
+    calls = {}
+    for name, model in (("fast", fast), ("ref", ref)):
+        chunks, ended = [], []
+        streamer = _Collect(chunks)
+        streamer.end = lambda ended=ended: ended.append(True)
+        out = model.generate(ids, streamer=streamer, **kw)
+        assert ended == [True] and torch.equal(chunks[0], ids.reshape(-1))  # the prompt first, then the steps
+        assert torch.equal(torch.stack(chunks[1:], 1), out[:, 9:])
+        calls[name] = chunks
+    assert all(torch.equal(a, b) for a, b in zip(calls["fast"], calls["ref"], strict=True))
+
+
+def _nan_checkpoint(folder, tmp_path, edit):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gemma3n_fast.reference.loader import CheckpointWarning
+
+    dst = shutil.copytree(folder, tmp_path / "nan_ckpt")
+    sd = load_file(dst / "model.safetensors")
+    edit(sd)
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(CheckpointWarning, match="hold NaN or infinite values: model.norm.weight"):
+        fast_nan = gemma3n_fast.load(dst, device="cpu", kernels="reference")
+    with pytest.warns(CheckpointWarning):
+        ref_nan = reference_model.load(dst)
+    return dst, fast_nan, ref_nan
+
+
+def test_nan_weights_stop_generation_with_an_error(folder, tmp_path):
+    """A checkpoint with NaN weights loads with a warning; generating from it is an error naming the step and the
+    likely cause, not token 0 forever (greedy, sampling, streamed, scores recorded)."""
+    from gemma3n_fast.reference.generation import NonFiniteLogitsError
+
+    def edit(sd):
+        sd["model.norm.weight"][3] = float("nan")  # the final norm: every logit of every step is NaN
+
+    _, fast_nan, ref_nan = _nan_checkpoint(folder, tmp_path, edit)
+    says = (r"the prompt's logits \(the prefill, new token 1\) hold NaN or infinite values; .*token 0.*"
+            r"Likely cause: non-finite weights in the checkpoint \(load\(\) warns")
+    ids = _ids(1, 6)
+    for kw in (dict(do_sample=False), dict(do_sample=True, seed=1), dict(max_new_tokens=1),
+               dict(do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True),
+               dict(do_sample=False, streamer=_Collect([]))):
+        for generate in (fast_nan.generate, ref_nan.generate):
+            with pytest.raises(NonFiniteLogitsError, match=says):
+                generate(ids, **kw)
+    with pytest.raises(NonFiniteLogitsError, match=says):
+        list(fast_nan.stream(ids, max_new_tokens=3))
+    assert torch.isnan(fast_nan(ids).logits).all()  # forward returns the logits as they are (HF's forward too)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_nan_logits_mid_decode_name_the_step(folder, streamed):
+    """A token whose per-layer embedding row is NaN is harmless until it is generated and fed back (the main
+    embedding is the tied LM head, read at every step): the error names that
+    step, whether the host looks every step (streamed) or every 8 steps; shorter calls on the model still work."""
+    from gemma3n_fast.reference.generation import NonFiniteLogitsError
+
+    fast_model, ref_model = gemma3n_fast.load(folder, device="cpu", kernels="reference"), reference_model.load(folder)
+    ids = _ids(1, 6, seed=12)
+    kw = dict(do_sample=False, eos_token_id=None, repetition_penalty=3.0)  # no repeats: each step a new token
+    clean = fast_model.generate(ids, max_new_tokens=12, **kw)[0, 6:].tolist()
+    j = next(i for i in range(2, 12) if clean[i] not in clean[:i] + ids[0].tolist())
+    with torch.no_grad():
+        for m in (fast_model.model, ref_model):
+            m.language_model.embed_tokens_per_layer.weight[clean[j]] = float("nan")  # read for input ids only
+    for model in (fast_model, ref_model):
+        extra = dict(streamer=_Collect([])) if streamed else {}
+        with pytest.raises(NonFiniteLogitsError, match=rf"the logits of decode step {j + 1} \(new token {j + 2}\)"):
+            model.generate(ids, max_new_tokens=12, **kw, **extra)
+        # up to the poisoned token (never fed back): the clean tokens, no error
+        assert model.generate(ids, max_new_tokens=j + 1, **kw, **extra)[0, 6:].tolist() == clean[:j + 1]
+
+
+def test_nan_logits_of_finished_rows_are_not_an_error():
+    """Only live rows count: a row that already emitted eos keeps running (its tokens are pad) and may go NaN."""
+    from gemma3n_fast.reference.generation import NonFiniteLogitsError
+
+    sampler = Sampler.from_args(False)
+    state = TokenState(sampler, 2, 8, eos=[7], pad=0, device="cpu")
+    state.reset(torch.ones(2, 3, dtype=torch.long))
+    logits = torch.zeros(2, 8)
+    logits[0, 7] = 1.0  # row 0 emits eos at step 0
+    for step in range(3):
+        nxt = state.pick(logits)
+        state.advance(nxt)
+        assert state.finished() is False
+        logits = torch.zeros(2, 8)
+        logits[0] = float("nan")  # row 0 is done from step 1 on: its NaN logits are not looked at
+    assert torch.equal(state.last_clean, torch.tensor([2.0, 2.0]))  # steps 0-2 clean in both rows
+    logits[1, 2] = float("inf")  # row 1 is live
+    nxt = state.pick(logits)
+    assert nxt.tolist() == [0, 2]
+    state.advance(nxt)
+    with pytest.raises(NonFiniteLogitsError, match=r"decode step 3 \(new token 4\)"):
+        state.finished()
+    state.reset(torch.ones(2, 3, dtype=torch.long))  # the next call starts clean
+    state.advance(state.pick(torch.zeros(2, 8)))
+    assert state.finished() is False
+
+
+def test_cpu_load_leaves_no_file_open(folder, monkeypatch):
+    """_physical_cores reads /proc/cpuinfo with a context manager: no ResourceWarning at a CPU load."""
+    import gc
+
+    from gemma3n_fast import model as fast_model
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", fast_model.THREADS_ENV):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    real = fast_model._physical_cores
+    monkeypatch.setattr(fast_model, "_physical_cores", lambda: calls.append(1) or real())
+    n = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            real()
+            gemma3n_fast.load(folder, device="cpu", kernels="reference")
+            gc.collect()
+    finally:
+        torch.set_num_threads(n)
+    assert calls, "load() on the CPU did not look at the physical cores"
+    assert not [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]

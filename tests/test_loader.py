@@ -331,7 +331,7 @@ def test_tiny_checkpoint_is_complete_for_hf_auto_classes(tiny_mm_full):
                                              {"type": "audio", "audio": clip}]}]
     kw = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
     expected = hf_proc.apply_chat_template(messages, return_tensors="pt", **kw)
-    got = ours.apply_chat_template(messages, **kw)
+    got = ours.apply_chat_template(messages, sampling_rate=16_000, **kw)
     assert set(got) == set(expected.keys())
     for k in got:  # ids, masks and token types exactly; pixels and features too (same preprocessing)
         assert torch.equal(got[k], torch.as_tensor(expected[k]).to(got[k].dtype)), k

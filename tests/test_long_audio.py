@@ -53,6 +53,7 @@ def chat(*clips, text="What do you hear?"):
 
 
 def prompt(proc, conversations, **kw):
+    kw.setdefault("sampling_rate", SR)  # the clips here are made at 16 kHz
     return proc.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True, **kw)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gemma3n_fast.reference.audio_features import AudioError, AudioFeatureExtractor, resample
+from gemma3n_fast.reference.audio_features import AudioError, AudioFeatureExtractor, AudioWarning, resample
 from gemma3n_fast.reference.processor import BUILTIN_CHAT_TEMPLATE, Processor, ProcessorError
 from gemma3n_fast.reference.vision import ImageProcessor
 
@@ -142,7 +142,8 @@ def test_text_and_audio(pair):
     ours, hf, _ = pair
     text = "Transcribe <audio_soft_token> please"
     clip = _rand_audio(1, 16_000 + 123)
-    got, expected = ours(text=text, audio=[clip]), hf(text=text, audio=[clip], return_tensors="pt")
+    got = ours(text=text, audio=[clip], sampling_rate=16_000)
+    expected = hf(text=text, audio=[clip], return_tensors="pt")
     _assert_same(got, expected)
     for k in ("input_features", "input_features_mask"):
         assert torch.equal(got[k], torch.as_tensor(expected[k])), k
@@ -163,14 +164,15 @@ def test_chat_two_images_and_audio_equals_hf(pair):
     ]
     prompt = ours.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == hf.apply_chat_template(messages, add_generation_prompt=True)
-    got = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    got = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   sampling_rate=16_000)
     expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                       return_tensors="pt")
     _assert_same(got, expected)
     assert torch.equal(got["pixel_values"], expected["pixel_values"]) and got["pixel_values"].shape[0] == 2
     assert torch.equal(got["input_features"], torch.as_tensor(expected["input_features"]))
     assert (got["input_ids"] == ours.bos_token_id).sum() == 1  # the template's <bos>, none added twice
-    ids_only = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids_only = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, sampling_rate=16_000)
     assert torch.equal(ids_only, got["input_ids"])
 
 
@@ -286,6 +288,7 @@ def _audio_chat(clip):
 
 
 def _audio_batch(proc, clip, **kw):
+    kw.setdefault("sampling_rate", 16_000)  # arrays without it warn (see below)
     return proc.apply_chat_template(_audio_chat(clip), add_generation_prompt=True, tokenize=True, return_dict=True,
                                     **kw)
 
@@ -310,8 +313,11 @@ def test_chat_sampling_rate_is_honoured_for_arrays(pair, tmp_path):
         _assert_same(got, want)
         assert torch.equal(got["input_features"], torch.as_tensor(want["input_features"]))
         assert torch.equal(got["input_features_mask"], torch.as_tensor(want["input_features_mask"]))
-    # Without sampling_rate an array is taken at the extractor's 16 kHz (HF's convention): half the frames.
-    plain = _audio_batch(ours, clip)
+    # Without sampling_rate an array is taken at the extractor's 16 kHz (HF's convention, with a warning, as HF's
+    # extractor warns): half the frames.
+    with pytest.warns(AudioWarning, match=r"1 array clip\(s\) without sampling_rate are read as 16000 Hz"):
+        plain = ours.apply_chat_template(_audio_chat(clip), add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)
     assert plain["input_features"].shape[1] < want["input_features"].shape[1] * 0.55
 
 
@@ -325,7 +331,7 @@ def test_integer_pcm_arrays_are_scaled(pair, dtype):
     want = _audio_batch(ours, as_float)["input_features"]
     assert torch.equal(_audio_batch(ours, pcm)["input_features"], want)
     assert torch.equal(_audio_batch(ours, torch.from_numpy(pcm))["input_features"], want)
-    assert torch.equal(ours(text="x <audio_soft_token>", audio=[pcm])["input_features"], want)
+    assert torch.equal(ours(text="x <audio_soft_token>", audio=[pcm], sampling_rate=16_000)["input_features"], want)
 
 
 def test_audio_option_errors(pair):
