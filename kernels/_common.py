@@ -6,16 +6,21 @@ Kernel files import it relatively (``from ._common import ...``). Everything her
 - ``stream_rows(t, A, H)``: [A, ..., H] -> [A, rows, H] likewise (AltUp streams and per-stream tensors).
 - ``last_dim_contiguous(t)``: ``t`` itself when its last stride is 1, else a contiguous copy.
 - ``check_out(fn, out, shape, dtype, device, ...)``: validate a caller's ``out=`` (or allocate one when None).
+- ``round_scalar(value, dtype)``: a host constant rounded to an activation dtype as the reference rounds it (cached).
+- ``H100_SMS``: the streaming multiprocessors of the H100 SXM the static launch heuristics size grids for.
 - ``LOG2E``: log2(e) as a ``tl.constexpr`` (kernels use it as is; host code reads ``LOG2E.value``).
 - ``INTERPRETING``: whether kernels run in the Triton interpreter (``TRITON_INTERPRET`` set when the kernel
   files are imported, the moment each ``@triton.jit`` decides it too), as a ``tl.constexpr``.
-- jit helpers: ``round_to(x, dtype)`` (fp32 -> dtype, round-to-nearest-even), ``tanh(x)``, ``dot(a, b, IEEE)``
+- jit helpers: ``round_to(x, dtype)`` (fp32 -> dtype, round-to-nearest-even), ``tanh(x)``, ``gelu_tanh(x)``,
+  ``dot(a, b, IEEE)``
   (fp32-accumulated tl.dot; ``IEEE`` = exact fp32 products for fp32 operands instead of TF32).
 The interpreter differs from the GPU in two places, both handled here so kernels need not know: its cast
 fp32 -> bf16 truncates (``round_to`` rounds by hand there), and its ``tl.dot`` multiplies the raw bits of bf16
 operands (``dot`` upcasts to fp32 there).
 """
 from __future__ import annotations
+
+import functools
 
 if __name__ != "gemma3n_fast.kernels._common":  # one import path per module (see kernels/__init__.py)
     raise ImportError(f"the kernel modules are the package 'gemma3n_fast.kernels'; import them under that name, "
@@ -26,7 +31,9 @@ import triton
 import triton.language as tl
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+H100_SMS = 132  # an H100 SXM's SMs: the launch heuristics are static (shapes alone decide a launch), sized for it
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): softmax in base 2 uses exp2(x * log2(e)) = exp(x)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
 INTERPRETING = tl.constexpr(bool(triton.knobs.runtime.interpret))  # TRITON_INTERPRET, read as @triton.jit reads it
 
 
@@ -36,6 +43,13 @@ def check_dtype(fn: str, name: str, t) -> None:
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in DTYPES:
         raise TypeError(f"{fn}: {name} has unsupported dtype {t.dtype}; expected float32, float16 or bfloat16")
+
+
+@functools.lru_cache(maxsize=None)
+def round_scalar(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` as the reference's ``torch.tensor(value, dtype=dtype)`` rounds it, as a host
+    float (torch converts a Python float through fp32, so this is also ``torch.tensor(value).to(dtype)``)."""
+    return float(torch.tensor(value, dtype=dtype))
 
 
 def rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -94,6 +108,13 @@ def round_to(x, dtype: tl.constexpr):
 def tanh(x):
     """tanh(x) = 2 sigmoid(2x) - 1 in fp32 (tl.* only; libdevice paths move between triton versions)."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def gelu_tanh(x):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in fp32, written x * sigmoid(2 inner) (the same value)."""
+    inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+    return x * tl.sigmoid(2.0 * inner)
 
 
 @triton.jit

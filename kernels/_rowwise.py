@@ -3,24 +3,26 @@
 - ``row_block(fn, H)``: (BLOCK, num_warps) for a row of H values held in registers; a clear error past ``MAX_HIDDEN``.
 - ``check_rows(fn, pairs, shape, dtype, device)`` / ``check_weights(fn, pairs, H, device)``: activation and weight
   checks with messages that name the argument.
+- ``check_streams(fn, streams, active)`` -> (A, H): AltUp streams [A, ..., H] and the active index;
+  ``check_router(fn, ...)``: the router weights; ``projected_rows(fn, name, t, n, shape, dtype, device)``: a checked
+  [n, ..., H] stack as [n, tokens, H].
 - jit ``inv_rms(x, H, eps)``: ``(mean(x^2) + eps)^-1/2`` of a row in fp32 registers, the RMSNorm kernel's expression.
-- ``router_input_scale(H, dtype)``: the router's 1/H rounded to the activation dtype, as the reference has it.
 - jit ``router_modalities(...)``: AltUp's router on a row in registers, rounded like the reference.
 - jit ``pick_row(tile, k, row)``: one row of an [A, BLOCK] register tile.
-- jit ``rms_of(x, H, dtype)`` / ``match_magnitude(y, target, H, eps, dtype)``: AltUp's stream magnitude matching,
+- jit ``rms_of(x, H, dtype)`` / ``match_magnitude(y, target, H, eps, dtype)``: AltUp's stream magnitude matching
+  (``eps`` is ``round_scalar(MAGNITUDE_EPS, dtype)``),
   rounded like the reference (true division and square root: ``div_rn`` / ``sqrt_rn``, as PyTorch computes them).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, round_to, tanh
+from ._common import check_dtype, round_to, stream_rows, tanh
 
 MAX_HIDDEN = 8192  # a row tensor of 8192 fp32 values is 16 per thread at 16 warps
+MAGNITUDE_EPS = 1e-5  # AltUp's floor under the mean square in magnitude matching (the reference's constant)
 
 
 def row_block(fn: str, H: int) -> tuple[int, int]:
@@ -51,10 +53,41 @@ def check_weights(fn: str, pairs, H: int, device) -> None:
             raise ValueError(f"{fn}: {name} must be ({H},) on {device}, got {tuple(w.shape)} on {w.device}")
 
 
-@functools.lru_cache(maxsize=None)
-def router_input_scale(H: int, dtype: torch.dtype) -> float:
-    """The router's 1/H as the reference has it: a double rounded to the activation dtype (a host value)."""
-    return float(torch.tensor(1.0 / H, dtype=dtype))
+def check_streams(fn: str, streams: torch.Tensor, active: int, name: str = "streams") -> tuple[int, int]:
+    """streams must be a non-empty [A, ..., H] float tensor with A a power of two and 0 <= active < A -> (A, H)."""
+    check_dtype(fn, name, streams)
+    if streams.dim() < 2 or streams.numel() == 0:
+        raise ValueError(f"{fn}: {name} must be a non-empty [A, ..., H], got {tuple(streams.shape)}")
+    A, H = streams.shape[0], streams.shape[-1]
+    if A & (A - 1):
+        raise ValueError(f"{fn}: the number of streams A must be a power of two (Gemma 3n: 4), got {A}")
+    if not isinstance(active, int) or not 0 <= active < A:
+        raise ValueError(f"{fn}: active must be an int in [0, {A}), got {active!r}")
+    return A, H
+
+
+def check_router(fn: str, x_dtype, device, H: int, A: int, router_norm_weight, router_weight) -> None:
+    """AltUp's router weights on ``device``: router_norm_weight [H], router_weight [A, H] in the activation dtype."""
+    for name, t in (("router_norm_weight", router_norm_weight), ("router_weight", router_weight)):
+        check_dtype(fn, name, t)
+        if t.device != device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the activations are on {device}")
+    if router_norm_weight.shape != (H,):
+        raise ValueError(f"{fn}: router_norm_weight must be ({H},), got {tuple(router_norm_weight.shape)}")
+    if router_weight.shape != (A, H):
+        raise ValueError(f"{fn}: router_weight must be ({A}, {H}), got {tuple(router_weight.shape)}")
+    if router_weight.dtype != x_dtype:
+        raise TypeError(f"{fn}: router_weight dtype {router_weight.dtype} != activation dtype {x_dtype}")
+
+
+def projected_rows(fn: str, name: str, t: torch.Tensor, n: int, shape, dtype, device) -> torch.Tensor:
+    """[n, ..., H] -> [n, tokens, H] with a unit last stride (a view when possible, else one copy), checked."""
+    check_dtype(fn, name, t)
+    if t.dim() != len(shape) + 1 or t.shape[0] != n or tuple(t.shape[1:]) != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {(n, *shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype or t.device != device:
+        raise TypeError(f"{fn}: {name} must be {dtype} on {device}, got {t.dtype} on {t.device}")
+    return stream_rows(t, n, shape[-1])
 
 
 @triton.jit
@@ -78,7 +111,7 @@ def router_modalities(x, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride
                       dtype: tl.constexpr, A: tl.constexpr):
     """AltUp's router on one row held in fp32 registers -> [A] fp32:
     ``tanh(router_weight @ (rms_norm(x; norm_w) * input_scale))``, each step rounded to ``dtype`` as the reference
-    rounds (norm output, the scaled input, the matvec output, tanh). ``input_scale`` is 1/H in the activation dtype."""
+    rounds (norm output, the scaled input, the matvec output, tanh). ``input_scale``: ``round_scalar(1 / H, dtype)``."""
     w = tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     normed = round_to(x * inv_rms(x, H, eps) * w, dtype).to(tl.float32)
     scaled = round_to(normed * input_scale, dtype).to(tl.float32)

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, round_to, rows
-from ._rowwise import check_weights, inv_rms, match_magnitude, rms_of, row_block
-from .altup_make_streams import magnitude_eps, projected_rows
+from ._common import check_dtype, check_out, round_scalar, round_to, rows
+from ._rowwise import (MAGNITUDE_EPS, check_weights, inv_rms, match_magnitude, projected_rows, rms_of,
+                       row_block)
 
 
 @triton.jit
@@ -62,7 +62,8 @@ def altup_collapse_norm(stream0: torch.Tensor, unembedded: torch.Tensor, final_n
     x2, out2 = rows(stream0, H), out.view(-1, H)
     _altup_collapse_norm_kernel[(x2.shape[0],)](
         x2, u3, final_norm_weight.contiguous(), out2,
-        H, x2.stride(0), u3.stride(0), u3.stride(1), out2.stride(0), magnitude_eps(stream0.dtype), float(eps),
+        H, x2.stride(0), u3.stride(0), u3.stride(1), out2.stride(0),
+        round_scalar(MAGNITUDE_EPS, stream0.dtype), float(eps),
         A=A, BLOCK=block, num_warps=warps,
     )
     return out

@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows, stream_rows
-from ._rowwise import router_input_scale
-from .altup_predict import _altup_modalities, _check_router
+from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_scalar, round_to, rows, stream_rows
+from ._rowwise import check_router
+from .altup_predict import _altup_modalities
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
         raise ValueError(f"{fn}: the number of streams A must be a power of two (Gemma 3n: 4), got {A}")
     if not 0 <= active < A:
         raise ValueError(f"{fn}: active must be in [0, {A}), got {active}")
-    _check_router(fn, activated.dtype, activated.device, H, A, router_norm_weight, router_weight)
+    check_router(fn, activated.dtype, activated.device, H, A, router_norm_weight, router_weight)
     if not isinstance(correction_coefs, torch.Tensor) or correction_coefs.shape != (A, A):
         raise ValueError(f"{fn}: correction_coefs must be a ({A}, {A}) tensor, got "
                          f"{getattr(correction_coefs, 'shape', type(correction_coefs).__name__)}")
@@ -123,7 +123,7 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
         p3, o2, router_norm_weight.contiguous(), router_w, correction_coefs, scale, out3, scaled2,
         H, p3.stride(0), p3.stride(1), o2.stride(0), out3.stride(0), out3.stride(1), scaled2.stride(0),
         router_w.stride(0), correction_coefs.stride(0), correction_coefs.stride(1),
-        router_input_scale(H, activated.dtype), float(eps), int(active),
+        round_scalar(1.0 / H, activated.dtype), float(eps), int(active),
         A=A, HAS_SCALE=correct_output_scale is not None, BLOCK=block, num_warps=4 if block >= 512 else 2,
     )
     return out, scaled

@@ -24,11 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_out, last_dim_contiguous, round_to, rows, stream_rows
-from ._rowwise import (check_rows, check_weights, inv_rms, pick_row, router_input_scale, router_modalities,
+from ._common import DTYPES, check_out, last_dim_contiguous, round_scalar, round_to, rows, stream_rows
+from ._rowwise import (check_router, check_rows, check_streams, check_weights, inv_rms, pick_row, router_modalities,
                        row_block)
-from .altup_predict import _check_router
-from .altup_predict_fused import check_streams
 
 
 @triton.jit
@@ -84,7 +82,7 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
     dtype, dev = predictions.dtype, predictions.device
     check_rows(fn, (("mlp_out", mlp_out), ("h", h)), predictions.shape[1:], dtype, dev)
     check_weights(fn, (("post_ffn_norm_weight", post_ffn_norm_weight),), H, dev)
-    _check_router(fn, dtype, dev, H, A, router_norm_weight, router_weight)
+    check_router(fn, dtype, dev, H, A, router_norm_weight, router_weight)
     if not isinstance(correction_coefs, torch.Tensor) or correction_coefs.shape != (A, A) \
             or correction_coefs.dtype not in DTYPES or correction_coefs.device != dev:
         raise ValueError(f"{fn}: correction_coefs must be a ({A}, {A}) fp32/fp16/bf16 tensor on {dev}, got "
@@ -107,7 +105,7 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
         scale, out3, scaled2,
         H, p3.stride(0), p3.stride(1), m2.stride(0), h2.stride(0), out3.stride(0), out3.stride(1), scaled2.stride(0),
         router_w.stride(0), correction_coefs.stride(0), correction_coefs.stride(1),
-        router_input_scale(H, dtype), float(eps), int(active),
+        round_scalar(1.0 / H, dtype), float(eps), int(active),
         A=A, HAS_SCALE=correct_output_scale is not None, BLOCK=block, num_warps=warps,
     )
     return out, scaled

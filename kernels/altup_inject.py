@@ -17,8 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_out, rows, stream_rows
-from ._rowwise import check_rows, check_weights, inject_per_layer_input, row_block
-from .altup_predict_fused import check_streams
+from ._rowwise import check_rows, check_streams, check_weights, inject_per_layer_input, row_block
 
 
 @triton.jit

@@ -15,14 +15,12 @@ Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation when ``out`` 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, rows, stream_rows
-from ._rowwise import match_magnitude, rms_of, row_block
+from ._common import check_dtype, check_out, round_scalar, rows
+from ._rowwise import MAGNITUDE_EPS, match_magnitude, projected_rows, rms_of, row_block
 
 
 @triton.jit
@@ -45,22 +43,6 @@ def _altup_make_streams_kernel(
         tl.store(out_ptr + k * out_stream_stride + token * out_token_stride + cols, s.to(dtype), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def magnitude_eps(dtype: torch.dtype) -> float:
-    """The reference's ``torch.tensor(1e-5, dtype=dtype)``, as a host float."""
-    return float(torch.tensor(1e-5, dtype=dtype))
-
-
-def projected_rows(fn: str, name: str, t: torch.Tensor, n: int, shape, dtype, device) -> torch.Tensor:
-    """[n, ..., H] -> [n, tokens, H] with a unit last stride (a view when possible, else one copy), checked."""
-    check_dtype(fn, name, t)
-    if t.dim() != len(shape) + 1 or t.shape[0] != n or tuple(t.shape[1:]) != tuple(shape):
-        raise ValueError(f"{fn}: {name} must have shape {(n, *shape)}, got {tuple(t.shape)}")
-    if t.dtype != dtype or t.device != device:
-        raise TypeError(f"{fn}: {name} must be {dtype} on {device}, got {t.dtype} on {t.device}")
-    return stream_rows(t, n, shape[-1])
-
-
 def altup_make_streams(x0: torch.Tensor, projected: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``reference.ops.altup_make_streams``; plus ``out=`` ([A, ..., H])."""
     fn = "altup_make_streams"
@@ -76,7 +58,8 @@ def altup_make_streams(x0: torch.Tensor, projected: torch.Tensor, *, out: torch.
     x2, out3 = rows(x0, H), out.view(A, -1, H)
     _altup_make_streams_kernel[(x2.shape[0],)](
         x2, y3, out3,
-        H, x2.stride(0), y3.stride(0), y3.stride(1), out3.stride(0), out3.stride(1), magnitude_eps(x0.dtype),
+        H, x2.stride(0), y3.stride(0), y3.stride(1), out3.stride(0), out3.stride(1),
+        round_scalar(MAGNITUDE_EPS, x0.dtype),
         A=A, BLOCK=block, num_warps=warps,
     )
     return out

@@ -21,15 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, stream_rows, tanh
-from ._rowwise import router_input_scale
+from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_scalar, round_to, stream_rows, tanh
+from ._rowwise import check_router
 
 
 @triton.jit
 def _altup_modalities(x_row, norm_w_ptr, router_w_ptr, H, router_row_stride, input_scale, eps,
                       dtype: tl.constexpr, A: tl.constexpr, BLOCK: tl.constexpr):
     """Router of one token row: tanh(router_weight @ (rms_norm(x) * input_scale)), each step rounded like the
-    reference -> [A] fp32. ``input_scale`` is 1/H rounded to the activation dtype (``router_input_scale``)."""
+    reference -> [A] fp32. ``input_scale`` is 1/H rounded to the activation dtype (``round_scalar``)."""
     cols = tl.arange(0, BLOCK)
     streams = tl.arange(0, A)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -81,19 +81,6 @@ def _altup_predict_kernel(
         tl.store(out_tok + k_idx[:, None] * out_stream_stride + start + cols[None, :], pred, mask=mask[None, :])
 
 
-def _check_router(fn, x_dtype, device, H, A, router_norm_weight, router_weight):
-    for name, t in (("router_norm_weight", router_norm_weight), ("router_weight", router_weight)):
-        check_dtype(fn, name, t)
-        if t.device != device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but the activations are on {device}")
-    if router_norm_weight.shape != (H,):
-        raise ValueError(f"{fn}: router_norm_weight must be ({H},), got {tuple(router_norm_weight.shape)}")
-    if router_weight.shape != (A, H):
-        raise ValueError(f"{fn}: router_weight must be ({A}, {H}), got {tuple(router_weight.shape)}")
-    if router_weight.dtype != x_dtype:
-        raise TypeError(f"{fn}: router_weight dtype {router_weight.dtype} != activation dtype {x_dtype}")
-
-
 def altup_predict(streams: torch.Tensor, router_norm_weight: torch.Tensor, router_weight: torch.Tensor,
                   prediction_coefs: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
                   out: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,7 +94,7 @@ def altup_predict(streams: torch.Tensor, router_norm_weight: torch.Tensor, route
         raise ValueError(f"{fn}: the number of streams A must be a power of two (Gemma 3n: 4), got {A}")
     if not 0 <= active < A:
         raise ValueError(f"{fn}: active must be in [0, {A}), got {active}")
-    _check_router(fn, streams.dtype, streams.device, H, A, router_norm_weight, router_weight)
+    check_router(fn, streams.dtype, streams.device, H, A, router_norm_weight, router_weight)
     if not isinstance(prediction_coefs, torch.Tensor) or prediction_coefs.shape != (A * A, A):
         raise ValueError(f"{fn}: prediction_coefs must be a ({A * A}, {A}) tensor, got "
                          f"{getattr(prediction_coefs, 'shape', type(prediction_coefs).__name__)}")
@@ -125,7 +112,7 @@ def altup_predict(streams: torch.Tensor, router_norm_weight: torch.Tensor, route
         s3, norm_w, router_w, prediction_coefs, out3,
         H, s3.stride(0), s3.stride(1), out3.stride(0), out3.stride(1),
         router_w.stride(0), prediction_coefs.stride(0), prediction_coefs.stride(1),
-        router_input_scale(H, streams.dtype), float(eps), int(active),
+        round_scalar(1.0 / H, streams.dtype), float(eps), int(active),
         A=A, BLOCK=block, num_warps=4 if block >= 512 else 2,
     )
     return out

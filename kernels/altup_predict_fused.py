@@ -24,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_to, rows, stream_rows
-from ._rowwise import (check_rows, check_weights, inject_per_layer_input, inv_rms, pick_row,
-                       router_input_scale, router_modalities, row_block)
-from .altup_predict import _check_router
+from ._common import DTYPES, check_out, last_dim_contiguous, round_scalar, round_to, rows, stream_rows
+from ._rowwise import (check_router, check_rows, check_streams, check_weights, inject_per_layer_input, inv_rms,
+                       pick_row, router_modalities, row_block)
 
 
 @triton.jit
@@ -68,19 +67,6 @@ def _altup_predict_fused_kernel(
     tl.store(an_ptr + token * an_stride + cols, an, mask=mask)
 
 
-def check_streams(fn: str, streams: torch.Tensor, active: int, name: str = "streams") -> tuple[int, int]:
-    """streams must be a non-empty [A, ..., H] float tensor with A a power of two and 0 <= active < A -> (A, H)."""
-    check_dtype(fn, name, streams)
-    if streams.dim() < 2 or streams.numel() == 0:
-        raise ValueError(f"{fn}: {name} must be a non-empty [A, ..., H], got {tuple(streams.shape)}")
-    A, H = streams.shape[0], streams.shape[-1]
-    if A & (A - 1):
-        raise ValueError(f"{fn}: the number of streams A must be a power of two (Gemma 3n: 4), got {A}")
-    if not isinstance(active, int) or not 0 <= active < A:
-        raise ValueError(f"{fn}: active must be an int in [0, {A}), got {active!r}")
-    return A, H
-
-
 def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
                         per_layer_norm_weight: torch.Tensor | None, router_norm_weight: torch.Tensor,
                         router_weight: torch.Tensor, prediction_coefs: torch.Tensor, input_norm_weight: torch.Tensor,
@@ -91,7 +77,7 @@ def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
     fn = "altup_predict_fused"
     A, H = check_streams(fn, streams, active)
     dtype, dev = streams.dtype, streams.device
-    _check_router(fn, dtype, dev, H, A, router_norm_weight, router_weight)
+    check_router(fn, dtype, dev, H, A, router_norm_weight, router_weight)
     if not isinstance(prediction_coefs, torch.Tensor) or prediction_coefs.shape != (A * A, A) \
             or prediction_coefs.dtype not in DTYPES or prediction_coefs.device != dev:
         raise ValueError(f"{fn}: prediction_coefs must be a ({A * A}, {A}) fp32/fp16/bf16 tensor on {dev}, got "
@@ -116,7 +102,7 @@ def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
         out3, an2,
         H, s3.stride(0), s3.stride(1), p2.stride(0), out3.stride(0), out3.stride(1), an2.stride(0),
         router_w.stride(0), prediction_coefs.stride(0), prediction_coefs.stride(1),
-        router_input_scale(H, dtype), float(eps), int(active),
+        round_scalar(1.0 / H, dtype), float(eps), int(active),
         A=A, HAS_INJECT=proj_raw is not None, BLOCK=block, num_warps=warps,
     )
     return out, an

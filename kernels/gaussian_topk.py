@@ -22,9 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, round_to, rows
-
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
+from ._common import check_dtype, check_out, gelu_tanh, round_to, round_scalar, rows
 
 
 @triton.jit
@@ -63,8 +61,7 @@ def _gaussian_topk_gelu_mul_kernel(
         g = tl.load(gate_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         if SPARSE:
             g = tl.maximum(round_to(g - cutoff, dtype).to(tl.float32), 0.0)  # relu of the shifted gate
-        inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
-        act = round_to(g * tl.sigmoid(2.0 * inner), dtype).to(tl.float32)  # 0.5 g (1 + tanh(inner))
+        act = round_to(gelu_tanh(g), dtype).to(tl.float32)
         u = tl.load(up_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_row + start + cols, round_to(act * u, dtype), mask=mask)
         if WRITE_COUNT:
@@ -105,7 +102,7 @@ def gaussian_topk_gelu_mul(gate: torch.Tensor, up: torch.Tensor, std_multiplier:
             raise ValueError(f"gaussian_topk_gelu_mul: active_count is on {active_count.device}, gate on {gate.device}")
 
     # z rounded to the activation dtype exactly as the reference does (a CPU scalar op, no device sync).
-    z = 0.0 if std_multiplier is None else float(torch.tensor(float(std_multiplier)).to(gate.dtype).float())
+    z = 0.0 if std_multiplier is None else round_scalar(float(std_multiplier), gate.dtype)
     gate_rows, up_rows = rows(gate, I), rows(up, I)
     block = min(triton.next_power_of_2(I), 4096)
     num_warps = min(max(block // 256, 1), 8)

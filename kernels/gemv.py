@@ -40,12 +40,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, check_dtype, check_out, dot, last_dim_contiguous, round_to, rows, tanh
+from ._common import (H100_SMS, INTERPRETING, check_dtype, check_out, dot, gelu_tanh, last_dim_contiguous, round_to,
+                      rows, tanh)
 
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
-EPILOGUE_NONE, EPILOGUE_GELU_MUL, EPILOGUE_GELU_AUX, EPILOGUE_SOFTCAP = 0, 1, 2, 3
+# The fused epilogues (a constexpr of the kernel; globals read inside @triton.jit must be tl.constexpr).
+EPILOGUE_NONE = tl.constexpr(0)
+EPILOGUE_GELU_MUL = tl.constexpr(1)  # gelu_tanh(x W_gate^T) * (x W_up^T), one [2I, K] gate|up weight
+EPILOGUE_GELU_AUX = tl.constexpr(2)  # gelu_tanh(x W^T) * aux
+EPILOGUE_SOFTCAP = tl.constexpr(3)  # cap * tanh(x W^T / cap)
 MAX_ROWS = 16  # rows of x the kernel takes; more (prefill) go to torch, where a GEMM is the right tool
-H100_SMS = 132  # the heuristics size grids for an H100 (a static choice: shapes alone decide a launch)
 _MIN_PROGRAMS, _TARGET_PROGRAMS = 2 * H100_SMS, 4 * H100_SMS  # split K below the first, aiming at the second
 _MAX_SPLIT_K = 16
 
@@ -103,12 +106,6 @@ def _accumulate(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, up_rows, pid_n, pid
 
 
 @triton.jit
-def _gelu_tanh(g):
-    inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
-    return g * tl.sigmoid(2.0 * inner)  # = 0.5 g (1 + tanh(inner))
-
-
-@triton.jit
 def _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om, stride_o2m, stride_am, cap,
             EPILOGUE: tl.constexpr, DUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Round, apply the epilogue (each step rounded like the reference) and store the [BLOCK_N, BLOCK_M] tile."""
@@ -120,15 +117,15 @@ def _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om
     mask = (rn < N)[:, None] & (rm < M)[None, :]
     dtype = out_ptr.dtype.element_ty
     res = round_to(y, dtype)
-    if EPILOGUE == 1:  # gelu(gate) * up
+    if EPILOGUE == EPILOGUE_GELU_MUL:  # gelu(gate) * up
         g = res.to(tl.float32)
-        act = round_to(_gelu_tanh(g), dtype).to(tl.float32)
+        act = round_to(gelu_tanh(g), dtype).to(tl.float32)
         res = round_to(act * round_to(y_up, dtype).to(tl.float32), dtype)
-    elif EPILOGUE == 2:  # gelu(y) * aux
+    elif EPILOGUE == EPILOGUE_GELU_AUX:  # gelu(y) * aux
         aux = tl.load(aux_ptr + rm[None, :] * stride_am + rn[:, None], mask=mask, other=0.0).to(tl.float32)
-        act = round_to(_gelu_tanh(res.to(tl.float32)), dtype).to(tl.float32)
+        act = round_to(gelu_tanh(res.to(tl.float32)), dtype).to(tl.float32)
         res = round_to(act * aux, dtype)
-    elif EPILOGUE == 3:  # cap * tanh(y / cap), every step in the activation dtype
+    elif EPILOGUE == EPILOGUE_SOFTCAP:  # cap * tanh(y / cap), every step in the activation dtype
         t = round_to(res.to(tl.float32) / cap, dtype).to(tl.float32)
         t = round_to(tanh(t), dtype).to(tl.float32)
         res = round_to(t * cap, dtype)
@@ -151,7 +148,7 @@ def _gemv_kernel(
     tile = tl.program_id(0)  # column tile (dual: first pair's tiles, then the second's)
     pid_k = tl.program_id(1)  # slice of K
     n_blocks = tl.cdiv(N, BLOCK_N)
-    GATE_UP: tl.constexpr = EPILOGUE == 1
+    GATE_UP: tl.constexpr = EPILOGUE == EPILOGUE_GELU_MUL
     if DUAL:
         if tile >= n_blocks:
             y, y_up = _accumulate(x2_ptr, w2_ptr, M, N, K2, stride_x2m, stride_w2n, 0, tile - n_blocks, pid_k,
@@ -280,7 +277,8 @@ def gemv_workspace(device, max_rows: int = MAX_ROWS) -> GemvWorkspace:
 _WORKSPACES: dict = {}  # device -> GemvWorkspace(max_rows=MAX_ROWS), created once, never reallocated
 
 
-def _default_workspace(device: torch.device, fn: str) -> GemvWorkspace:
+def default_gemv_workspace(device: torch.device, fn: str) -> GemvWorkspace:
+    """The device's shared split-K workspace for launches given none (allocated on first use, never in a capture)."""
     ws = _WORKSPACES.get(device)
     if ws is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -293,7 +291,7 @@ def _default_workspace(device: torch.device, fn: str) -> GemvWorkspace:
 
 def _split_buffers(fn: str, device, n_partials: int, n_locks: int, workspace: GemvWorkspace | None):
     """(partials, counters) for a split-K launch: the caller's workspace, else the default one; neither grows."""
-    ws = workspace if workspace is not None else _default_workspace(device, fn)
+    ws = workspace if workspace is not None else default_gemv_workspace(device, fn)
     if ws.partials.numel() >= n_partials and ws.locks.numel() >= n_locks:
         return ws.partials, ws.locks
     if workspace is not None:
@@ -343,8 +341,11 @@ def _check_x(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, cap=0.0, x2_rows=None, w2=None,
-            out2_rows=None, config=None, workspace: GemvWorkspace | None = None):
+def launch_gemv(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, cap=0.0, x2_rows=None, w2=None,
+                out2_rows=None, config=None, workspace: GemvWorkspace | None = None):
+    """One ``_gemv_kernel`` launch on checked [M, K] row views (M <= MAX_ROWS): ``out_rows = x_rows @ w^T`` with
+    ``epilogue`` (and the second pair x2_rows / w2 / out2_rows when given); the building block of every entry point
+    here and of sparse_ffn's dense gate."""
     M, K = x_rows.shape
     if workspace is not None:  # checked whether or not this launch splits K: the same calls fail on CPU and GPU
         if not isinstance(workspace, GemvWorkspace):
@@ -356,13 +357,14 @@ def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, c
     N = out_rows.shape[1]
     dual = x2_rows is not None
     K_max = max(K, x2_rows.shape[1]) if dual else K
+    gate_up = bool(epilogue == EPILOGUE_GELU_MUL)
     cfg = config or (_interpreter_config(M, N, K_max) if INTERPRETING.value else
-                     gemv_config(M, N, K_max, x_rows.dtype, gate_up=epilogue == EPILOGUE_GELU_MUL, pairs=2 if dual else 1))
+                     gemv_config(M, N, K_max, x_rows.dtype, gate_up=gate_up, pairs=2 if dual else 1))
     if (cfg.BLOCK_M == 1) != (M == 1):
         raise ValueError(f"{fn}: config BLOCK_M={cfg.BLOCK_M} does not fit {M} rows (1 for one row, 16 else)")
     tiles = triton.cdiv(N, cfg.BLOCK_N) * (2 if dual else 1)
     if cfg.SPLIT_K > 1:
-        nacc = 2 if epilogue == EPILOGUE_GELU_MUL else 1
+        nacc = 2 if gate_up else 1
         ws, locks = _split_buffers(fn, x_rows.device, tiles * cfg.SPLIT_K * nacc * cfg.BLOCK_N * cfg.BLOCK_M,
                                    tiles, workspace)
     else:
@@ -375,7 +377,7 @@ def _launch(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, c
         x_rows, w, out_rows, aux_rows, x2_rows, w2, out2_rows, ws, locks,
         M, N, K, x2_rows.shape[1], x_rows.stride(0), w.stride(0), out_rows.stride(0), aux_rows.stride(0),
         x2_rows.stride(0), w2.stride(0), out2_rows.stride(0), float(cap),
-        EPILOGUE=epilogue, DUAL=dual, SPLIT_K=cfg.SPLIT_K, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        EPILOGUE=epilogue.value, DUAL=dual, SPLIT_K=cfg.SPLIT_K, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         # fp32 operands: IEEE products, never TF32. On CPU (the interpreter, whose bf16 tl.dot is wrong) 16-bit
         # operands are converted to fp32 first: the same exact products the GPU's tensor cores form.
         BLOCK_K=cfg.BLOCK_K, IEEE_DOT=x_rows.dtype == torch.float32 or x_rows.device.type == "cpu",
@@ -407,7 +409,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = 
     if x_rows.shape[0] > MAX_ROWS:
         torch.matmul(x_rows, weight.t(), out=out_rows)
     else:
-        _launch(fn, x_rows, weight, out_rows, config=config, workspace=workspace)
+        launch_gemv(fn, x_rows, weight, out_rows, config=config, workspace=workspace)
     return out
 
 
@@ -428,7 +430,7 @@ def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor, *, out: torch
         gate, up = F.linear(x_rows, gate_up_weight).chunk(2, dim=-1)
         torch.mul(_gelu_tanh_torch(gate), up, out=out_rows)
     else:
-        _launch(fn, x_rows, gate_up_weight, out_rows, epilogue=EPILOGUE_GELU_MUL, config=config,
+        launch_gemv(fn, x_rows, gate_up_weight, out_rows, epilogue=EPILOGUE_GELU_MUL, config=config,
                 workspace=workspace)
     return out
 
@@ -451,7 +453,7 @@ def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor, aux: torch.Tensor, *,
     if x_rows.shape[0] > MAX_ROWS:
         torch.mul(_gelu_tanh_torch(F.linear(x_rows, weight)), aux_rows, out=out_rows)
     else:
-        _launch(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_GELU_AUX, aux_rows=aux_rows, config=config,
+        launch_gemv(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_GELU_AUX, aux_rows=aux_rows, config=config,
                 workspace=workspace)
     return out
 
@@ -468,7 +470,7 @@ def linear_softcap(x: torch.Tensor, weight: torch.Tensor, cap: float | None, *, 
     if x_rows.shape[0] > MAX_ROWS:
         out_rows.copy_(torch.tanh(F.linear(x_rows, weight) / cap) * cap)
     else:
-        _launch(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_SOFTCAP, cap=float(cap), config=config,
+        launch_gemv(fn, x_rows, weight, out_rows, epilogue=EPILOGUE_SOFTCAP, cap=float(cap), config=config,
                 workspace=workspace)
     return out
 
@@ -499,5 +501,5 @@ def dual_linear(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor, w2: torch.
         torch.matmul(x1_rows, w1.t(), out=o1)
         torch.matmul(x2_rows, w2.t(), out=o2)
     else:
-        _launch(fn, x1_rows, w1, o1, x2_rows=x2_rows, w2=w2, out2_rows=o2, config=config, workspace=workspace)
+        launch_gemv(fn, x1_rows, w1, o1, x2_rows=x2_rows, w2=w2, out2_rows=o2, config=config, workspace=workspace)
     return out1, out2

@@ -14,13 +14,11 @@ Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation when ``out`` 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, round_to, rows
+from ._common import check_dtype, check_out, round_scalar, round_to, rows
 from ._rowwise import check_rows, check_weights, inv_rms, row_block
 
 
@@ -42,12 +40,6 @@ def _per_layer_inputs_combine_kernel(
         tok = tl.load(tok_ptr + row * tok_stride + cols, mask=mask, other=0.0).to(tl.float32)
         n = round_to(round_to(n.to(tl.float32) + tok, dtype).to(tl.float32) * combine_scale, dtype)
     tl.store(out_ptr + row * out_stride + cols, n, mask=mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _scale(value: float, dtype: torch.dtype) -> float:
-    """``torch.tensor(value).to(dtype)`` (an fp32 tensor rounded to the activation dtype), as a host float."""
-    return float(torch.tensor(value).to(dtype))
 
 
 def per_layer_inputs_combine(projection: torch.Tensor, token_inputs: torch.Tensor | None,
@@ -75,8 +67,8 @@ def per_layer_inputs_combine(projection: torch.Tensor, token_inputs: torch.Tenso
     t2 = rows(token_inputs, D) if token_inputs is not None else p2  # dummy pointer when unused
     _per_layer_inputs_combine_kernel[(p2.shape[0],)](
         p2, t2, norm_weight.contiguous(), out2,
-        D, p2.stride(0), t2.stride(0), out2.stride(0), _scale(hidden_size ** -0.5, projection.dtype),
-        _scale(2.0 ** -0.5, projection.dtype), float(eps),
+        D, p2.stride(0), t2.stride(0), out2.stride(0), round_scalar(hidden_size ** -0.5, projection.dtype),
+        round_scalar(2.0 ** -0.5, projection.dtype), float(eps),
         HAS_TOKENS=token_inputs is not None, BLOCK=block, num_warps=warps,
     )
     return out

@@ -53,9 +53,9 @@ def _masked_logits_log2(s, q_pos, k_pos, qk_scale_log2, softcap, window,
 
 
 @triton.jit
-def _attend_tile(q, q_pos, k_base, v_base, kpos_row, cols, n_mask, offs_d, d_mask, stride_kt, stride_vt,
-                 m_i, l_i, acc, qk_scale_log2, softcap, window,
-                 HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr):
+def attend_tile(q, q_pos, k_base, v_base, kpos_row, cols, n_mask, offs_d, d_mask, stride_kt, stride_vt,
+                m_i, l_i, acc, qk_scale_log2, softcap, window,
+                HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr):
     """One key tile of flash attention: load K/V rows ``cols``, masked base-2 logits, online-softmax update.
 
     Returns the new (running max m, running sum l, unnormalised accumulator acc), all fp32."""
@@ -124,7 +124,7 @@ def _swa_prefill_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < Tk
-        m_i, l_i, acc = _attend_tile(q, q_pos, k_base, v_base, kpos_ptr + b * stride_kpb, cols, n_mask, offs_d, d_mask,
+        m_i, l_i, acc = attend_tile(q, q_pos, k_base, v_base, kpos_ptr + b * stride_kpb, cols, n_mask, offs_d, d_mask,
                                      stride_kt, stride_vt, m_i, l_i, acc, qk_scale_log2, softcap, window,
                                      HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
 
@@ -134,7 +134,7 @@ def _swa_prefill_kernel(
     tl.store(o_rows, round_to(out, out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap):
+def check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap):
     """Shared validation for prefill and decode; returns (B, Hq, Tq, D, Hkv, Tk)."""
     for name, t in (("q_pos", q_pos), ("k_pos", k_pos)):
         if not isinstance(t, torch.Tensor):
@@ -194,7 +194,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     accepts any slot order.
     """
     fn = "sliding_window_attention"
-    B, Hq, Tq, D, Hkv, Tk = _check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap)
+    B, Hq, Tq, D, Hkv, Tk = check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap)
     q, k, v, q_pos, k_pos = (last_dim_contiguous(t) for t in (q, k, v, q_pos, k_pos))
     out = check_out(fn, out, (B, Hq, Tq, D), q.dtype, q.device)
     BLOCK_M, BLOCK_N, num_warps = _prefill_blocks(D, q.dtype)

@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, LOG2E, check_out, last_dim_contiguous, round_to
-from .sliding_window_attention import _attend_tile, _check_attention_inputs
+from ._common import H100_SMS, INTERPRETING, LOG2E, check_out, last_dim_contiguous, round_to
+from .sliding_window_attention import attend_tile, check_attention_inputs
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _swa_decode_kernel(
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n
             n_mask = cols < stop
-            m_i, l_i, acc = _attend_tile(q, q_pos, k_base, v_base, kpos_ptr + b * stride_kpb, cols, n_mask, offs_d,
+            m_i, l_i, acc = attend_tile(q, q_pos, k_base, v_base, kpos_ptr + b * stride_kpb, cols, n_mask, offs_d,
                                          d_mask, stride_kt, stride_vt, m_i, l_i, acc, qk_scale_log2, softcap, window,
                                          HAS_SOFTCAP, HAS_WINDOW, IEEE_DOT)
 
@@ -167,7 +167,7 @@ def _swa_decode_reduce_kernel(
 
 _MAX_BLOCK_N = 64  # keys per tile; 32 for fp32 at D > 128 (two stages of K and V tiles must fit shared memory)
 _MIN_BLOCK_N = 16  # tl.dot's smallest tile
-_TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs)
+_TARGET_PROGRAMS = 2 * H100_SMS  # about two waves
 _MAX_SPLITS = 128
 _REDUCE_BLOCK_S = 16  # splits merged per step of the reduce (its registers stay bounded for any split count)
 _REDUCE_BLOCK_D = 64  # head-dim columns per reduce program (D = 256: 4 programs per output row)
@@ -227,7 +227,7 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
     module docstring.
     """
     fn = "sliding_window_attention_decode"
-    B, Hq, Tq, D, Hkv, S = _check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap)
+    B, Hq, Tq, D, Hkv, S = check_attention_inputs(fn, q, k, v, q_pos, k_pos, window, softcap)
     q, k, v, q_pos, k_pos = (last_dim_contiguous(t) for t in (q, k, v, q_pos, k_pos))
     out = check_out(fn, out, (B, Hq, Tq, D), q.dtype, q.device)
     if last_slot is not None:

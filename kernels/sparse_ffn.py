@@ -46,12 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, round_to, rows
+from ._common import H100_SMS, check_dtype, check_out, gelu_tanh, round_scalar, round_to, rows
 from .gaussian_topk import gaussian_topk_gelu_mul
-from .gemv import H100_SMS, MAX_ROWS, GemvWorkspace, _launch, gemv_workspace, linear
-from .gemv import _default_workspace as _default_gemv_workspace
+from .gemv import MAX_ROWS, GemvWorkspace, default_gemv_workspace, gemv_workspace, launch_gemv, linear
 
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), the tanh-GELU constant
 SPARSE_MAX_ROWS = 8  # more rows: the dense path (see the module docstring for the numbers)
 MAX_INTERMEDIATE = 32768  # a gate row is held in registers by every up program
 
@@ -111,8 +109,7 @@ def _sparse_up_kernel(
             w = tl.load(w_rows + h[None, :], mask=s_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
             acc += w * xv[None, :]
         up = round_to(tl.sum(acc, axis=1), dtype).to(tl.float32)  # F.linear's rounding of x Wu^T
-        inner = _SQRT_2_OVER_PI * (gp + 0.044715 * gp * gp * gp)
-        act = round_to(gp * tl.sigmoid(2.0 * inner), dtype).to(tl.float32)  # gelu_tanh(g') = 0.5 g' (1 + tanh)
+        act = round_to(gelu_tanh(gp), dtype).to(tl.float32)
         tl.store(act_row + slot, round_to(act * up, dtype), mask=s_mask)
 
 
@@ -260,7 +257,7 @@ def _default_workspace(device, I, H, dtype, config, fn) -> SparseFFNWorkspace:
             raise RuntimeError(f"{fn}: no workspace for these shapes during CUDA-graph capture; pass "
                                "workspace=sparse_ffn_workspace(...) or run the shape once eagerly first")
         ws = _WORKSPACES[key] = sparse_ffn_workspace(SPARSE_MAX_ROWS, I, H, dtype, device, config,
-                                                     gemv=_default_gemv_workspace(device, fn))
+                                                     gemv=default_gemv_workspace(device, fn))
     return ws
 
 
@@ -320,9 +317,9 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
         raise ValueError(f"{fn}: workspace does not fit {M} rows of I={I}, H={H}, {x.dtype} on {x.device} with "
                          f"{cfg}; build it with sparse_ffn_workspace(max_rows, I, H, dtype, device)")
     # z rounded to the activation dtype exactly as the reference does (a CPU scalar op, no device sync).
-    z = float(torch.tensor(float(std_multiplier)).to(x.dtype).float())
+    z = round_scalar(float(std_multiplier), x.dtype)
     gate = ws.gate[:M]
-    _launch(fn, x_rows, gate_weight, gate, workspace=ws.gemv)  # 1: dense gate GEMV (M <= 8 <= MAX_ROWS)
+    launch_gemv(fn, x_rows, gate_weight, gate, workspace=ws.gemv)  # 1: dense gate GEMV (M <= 8 <= MAX_ROWS)
     _sparse_up_kernel[(cfg.up_programs, M)](  # 2: cutoff, active list, sparse up x gelu
         x_rows, gate, up_weight, ws.index, ws.act, ws.count,
         I, H, x_rows.stride(0), gate.stride(0), up_weight.stride(0), ws.index.stride(0), ws.act.stride(0), z,

@@ -165,7 +165,7 @@ def test_workspace_covers_every_heuristic_launch_and_never_grows():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ws.partials = torch.empty(1)
     assert (ws.partials.data_ptr(), ws.locks.data_ptr()) == ptrs
-    default = gemv._default_workspace(x.device, "test")
+    default = gemv.default_gemv_workspace(x.device, "test")
     default_ptrs = (default.partials.data_ptr(), default.locks.data_ptr())
     big = gemv.GemvConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, SPLIT_K=16, num_warps=4)  # 32 tiles: beyond the bound
     xs, wb = _inputs("fp32", (2,), 15, n=2048, k=256)
