@@ -9,6 +9,10 @@
 - jit ``inv_rms(x, H, eps)``: ``(mean(x^2) + eps)^-1/2`` of a row in fp32 registers, the RMSNorm kernel's expression.
 - jit ``router_modalities(...)``: AltUp's router on a row in registers, rounded like the reference.
 - jit ``pick_row(tile, k, row)``: one row of an [A, BLOCK] register tile.
+- jit ``predict_coefs`` / ``predict_streams``: AltUp predict's [A, A] mixing coefficients from the router, then every
+  predicted stream stored; jit ``correct_gains`` / ``correct_streams``: AltUp correct's gains, then every corrected
+  stream (and the scaled active one) stored. ``altup_predict`` / ``altup_predict_fused`` and ``altup_correct`` /
+  ``altup_correct_fused`` are built from the same pieces.
 - jit ``rms_of(x, H, dtype)`` / ``match_magnitude(y, target, H, eps, dtype)``: AltUp's stream magnitude matching
   (``eps`` is ``round_scalar(MAGNITUDE_EPS, dtype)``),
   rounded like the reference (true division and square root: ``div_rn`` / ``sqrt_rn``, as PyTorch computes them).
@@ -126,6 +130,55 @@ def router_modalities(x, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride
 def pick_row(tile, k, row):
     """Row ``row`` of an [A, BLOCK] register tile whose row indices are ``k`` (exact: one non-zero term a column)."""
     return tl.sum(tl.where(k[:, None] == row, tile, 0.0), axis=0)
+
+
+@triton.jit
+def predict_coefs(coef_ptr, modal, k, coef_row_stride, coef_col_stride, dtype: tl.constexpr, A: tl.constexpr):
+    """C = (prediction_coefs @ r).view(A, A) -> [A(k), A(j)] fp32, C[k][j] = out[A*k + j], rounded (F.linear)."""
+    kj_rows = k[:, None, None] * A + k[None, :, None]  # [A(k), A(j), 1]
+    coef_w = tl.load(coef_ptr + kj_rows * coef_row_stride + k[None, None, :] * coef_col_stride).to(tl.float32)
+    return round_to(tl.sum(coef_w * modal[None, None, :], axis=2), dtype).to(tl.float32)
+
+
+@triton.jit
+def predict_streams(s, mix_coefs, k, out_row, out_stream_stride, cols, mask, active, dtype: tl.constexpr,
+                    A: tl.constexpr, BLOCK: tl.constexpr):
+    """pred_k = S_k + sum_j C[k][j] S_j for every stream of one token (s: [A, BLOCK] fp32), stored at
+    ``out_row + k * out_stream_stride``; the mix in fp32, rounded once, then the add rounded. Returns pred_active."""
+    pred_active = tl.zeros([BLOCK], dtype=tl.float32)
+    for kk in tl.static_range(A):
+        c_k = pick_row(mix_coefs, k, kk)  # C[kk][j], [A(j)]
+        mix = tl.sum(c_k[:, None] * s, axis=0)  # fp32, like the reference's einsum
+        pred = round_to(round_to(mix, dtype).to(tl.float32) + pick_row(s, k, kk), dtype)  # round the mix, then add
+        tl.store(out_row + kk * out_stream_stride + cols, pred, mask=mask)
+        pred_active = tl.where(kk == active, pred.to(tl.float32), pred_active)
+    return pred_active
+
+
+@triton.jit
+def correct_gains(coef_ptr, modal, k, coef_row_stride, coef_col_stride, dtype: tl.constexpr):
+    """g = correction_coefs @ r + 1 -> [A] fp32: the matvec rounded (F.linear), then the + 1 rounded again."""
+    coef_w = tl.load(coef_ptr + k[:, None] * coef_row_stride + k[None, :] * coef_col_stride).to(tl.float32)
+    gains = round_to(tl.sum(coef_w * modal[None, :], axis=1), dtype).to(tl.float32)
+    return round_to(gains + 1.0, dtype).to(tl.float32)
+
+
+@triton.jit
+def correct_streams(p, o, gains, k, active, scale_ptr, out_row, out_stream_stride, scaled_row, cols, mask,
+                    dtype: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """corrected_k = P_k + g_k * (o - P_active) for every stream of one token (p: [A, BLOCK], o: [BLOCK], fp32),
+    stored at ``out_row + k * out_stream_stride``; with HAS_SCALE also corrected_active * scale at ``scaled_row``.
+    Rounded like the reference: the innovation, the product, the add; the scaled row in fp32, rounded to the
+    scale's dtype, then to ``dtype`` (the reference's ``.to(scale.dtype) * scale`` then ``.to(x.dtype)``)."""
+    innovation = round_to(o - pick_row(p, k, active), dtype).to(tl.float32)
+    update = round_to(gains[:, None] * innovation[None, :], dtype).to(tl.float32)
+    corrected = round_to(p + update, dtype)
+    tl.store(out_row + k[:, None] * out_stream_stride + cols[None, :], corrected, mask=mask[None, :])
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=mask, other=0.0)
+        c_active = pick_row(corrected.to(tl.float32), k, active)
+        scaled = round_to(round_to(c_active * scale.to(tl.float32), scale.dtype).to(tl.float32), dtype)
+        tl.store(scaled_row + cols, scaled, mask=mask)
 
 
 @triton.jit

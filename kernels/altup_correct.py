@@ -1,4 +1,4 @@
-"""AltUp correct for Gemma 3n, fused: router on the layer output + gains + innovation + all corrected streams
+"""AltUp correct for Gemma 3n: router on the layer output + gains + innovation + all corrected streams
 + the scaled active stream (the per-layer gate input), one program per token.
 
 Math, per token, with predictions P_0..P_{A-1} [H] (A = 4) and the layer output o [H]:
@@ -13,8 +13,9 @@ given (unclipped, as the reference and HF at inference).
 Numerics: each step is rounded to the activation dtype where the reference rounds (router chain, g before and
 after the +1, innovation, the product g_k * innovation, the add); ``scaled`` is computed in fp32, rounded to the
 scale's dtype, then to the activation dtype (the reference's ``.to(scale.dtype) * scale`` then ``.to(x.dtype)``).
-Passes: o is read three times (router sum of squares, router dot, update; re-reads are L1/L2 hits), each
-prediction once, each output written once.
+One pass: o, the A predictions and the weights are read once into registers (H <= 8192; Gemma 3n: 2048), each
+output written once. The math is the same jit pieces as ``altup_correct_fused`` (kernels/_rowwise.py: the router,
+``correct_gains``, ``correct_streams``), which the model runs instead (with the post-FFN norm in front).
 Layout: like altup_predict, token rows through strides with a contiguous last dim (copied once otherwise);
 ``out`` / ``scaled_out`` must be viewable as [A, tokens, H] / [tokens, H].
 Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation beyond the outputs: CUDA-graph safe.
@@ -25,9 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_scalar, round_to, rows, stream_rows
-from ._rowwise import check_router
-from .altup_predict import _altup_modalities
+from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_scalar, rows, stream_rows
+from ._rowwise import check_router, check_streams, correct_gains, correct_streams, router_modalities, row_block
 
 
 @triton.jit
@@ -39,35 +39,17 @@ def _altup_correct_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     dtype = out_ptr.dtype.element_ty
-    p_tok = p_ptr + token * p_token_stride
-    o_row = o_ptr + token * o_token_stride
-    out_tok = out_ptr + token * out_token_stride
-    modal = _altup_modalities(o_row, norm_w_ptr, router_w_ptr, H, router_row_stride, input_scale, eps, dtype, A,
-                              BLOCK)  # [A]
-
-    # g_k = sum_a coefs[k, a] * r[a], rounded (F.linear), then + 1 rounded again.
-    k_idx = tl.arange(0, A)
-    coef_w = tl.load(coef_ptr + k_idx[:, None] * coef_row_stride + k_idx[None, :] * coef_col_stride).to(tl.float32)
-    gains = round_to(tl.sum(coef_w * modal[None, :], axis=1), dtype).to(tl.float32)
-    gains = round_to(gains + 1.0, dtype).to(tl.float32)  # [A]
-    is_active = (k_idx == active)[:, None]  # [A, 1]: picks P_active out of the tile without a second load
-
     cols = tl.arange(0, BLOCK)
-    for start in range(0, H, BLOCK):
-        mask = start + cols < H
-        o = tl.load(o_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(p_tok + k_idx[:, None] * p_stream_stride + start + cols[None, :],
-                    mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
-        p_active = tl.sum(tl.where(is_active, p, 0.0), axis=0)  # exact: one non-zero term per column
-        innovation = round_to(o - p_active, dtype).to(tl.float32)
-        update = round_to(gains[:, None] * innovation[None, :], dtype).to(tl.float32)
-        corrected = round_to(p + update, dtype)  # [A, BLOCK] in the activation dtype
-        tl.store(out_tok + k_idx[:, None] * out_stream_stride + start + cols[None, :], corrected, mask=mask[None, :])
-        if HAS_SCALE:
-            c_active = tl.sum(tl.where(is_active, corrected.to(tl.float32), 0.0), axis=0)
-            scale = tl.load(scale_ptr + start + cols, mask=mask, other=0.0)
-            scaled = round_to(round_to(c_active * scale.to(tl.float32), scale.dtype).to(tl.float32), dtype)
-            tl.store(scaled_ptr + token * scaled_token_stride + start + cols, scaled, mask=mask)
+    mask = cols < H
+    o = tl.load(o_ptr + token * o_token_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    modal = router_modalities(o, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H, input_scale, eps,
+                              dtype, A)  # [A]
+    k = tl.arange(0, A)
+    gains = correct_gains(coef_ptr, modal, k, coef_row_stride, coef_col_stride, dtype)  # [A]
+    p = tl.load(p_ptr + token * p_token_stride + k[:, None] * p_stream_stride + cols[None, :],
+                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+    correct_streams(p, o, gains, k, active, scale_ptr, out_ptr + token * out_token_stride, out_stream_stride,
+                    scaled_ptr + token * scaled_token_stride, cols, mask, dtype, HAS_SCALE)
 
 
 def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_norm_weight: torch.Tensor,
@@ -77,11 +59,8 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
                   scaled_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton version of ``reference.ops.altup_correct``; plus ``out=`` ([A, ..., H]) and ``scaled_out=`` ([..., H])."""
     fn = "altup_correct"
-    for name, t in (("predictions", predictions), ("activated", activated)):
-        check_dtype(fn, name, t)
-    if predictions.dim() < 2 or predictions.numel() == 0:
-        raise ValueError(f"{fn}: predictions must be a non-empty [A, ..., H], got {tuple(predictions.shape)}")
-    A, H = predictions.shape[0], predictions.shape[-1]
+    A, H = check_streams(fn, predictions, active, name="predictions")
+    check_dtype(fn, "activated", activated)
     if activated.shape != predictions.shape[1:]:
         raise ValueError(f"{fn}: activated must have shape {tuple(predictions.shape[1:])} (predictions without "
                          f"the stream dim), got {tuple(activated.shape)}")
@@ -89,10 +68,6 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
         raise TypeError(f"{fn}: activated dtype {activated.dtype} != predictions dtype {predictions.dtype}")
     if activated.device != predictions.device:
         raise ValueError(f"{fn}: activated is on {activated.device} but predictions are on {predictions.device}")
-    if A & (A - 1):
-        raise ValueError(f"{fn}: the number of streams A must be a power of two (Gemma 3n: 4), got {A}")
-    if not 0 <= active < A:
-        raise ValueError(f"{fn}: active must be in [0, {A}), got {active}")
     check_router(fn, activated.dtype, activated.device, H, A, router_norm_weight, router_weight)
     if not isinstance(correction_coefs, torch.Tensor) or correction_coefs.shape != (A, A):
         raise ValueError(f"{fn}: correction_coefs must be a ({A}, {A}) tensor, got "
@@ -118,12 +93,12 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
     o2 = rows(activated, H)
     router_w = last_dim_contiguous(router_weight)
     scale = correct_output_scale.contiguous() if correct_output_scale is not None else o2
-    block = min(triton.next_power_of_2(H), 1024)
+    block, warps = row_block(fn, H)
     _altup_correct_kernel[(p3.shape[1],)](
         p3, o2, router_norm_weight.contiguous(), router_w, correction_coefs, scale, out3, scaled2,
         H, p3.stride(0), p3.stride(1), o2.stride(0), out3.stride(0), out3.stride(1), scaled2.stride(0),
         router_w.stride(0), correction_coefs.stride(0), correction_coefs.stride(1),
         round_scalar(1.0 / H, activated.dtype), float(eps), int(active),
-        A=A, HAS_SCALE=correct_output_scale is not None, BLOCK=block, num_warps=4 if block >= 512 else 2,
+        A=A, HAS_SCALE=correct_output_scale is not None, BLOCK=block, num_warps=warps,
     )
     return out, scaled

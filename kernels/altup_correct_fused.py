@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_out, last_dim_contiguous, round_scalar, round_to, rows, stream_rows
-from ._rowwise import (check_router, check_rows, check_streams, check_weights, inv_rms, pick_row, router_modalities,
-                       row_block)
+from ._rowwise import (check_router, check_rows, check_streams, check_weights, correct_gains, correct_streams, inv_rms,
+                       router_modalities, row_block)
 
 
 @triton.jit
@@ -48,25 +48,12 @@ def _altup_correct_fused_kernel(
 
     modal = router_modalities(o, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H, input_scale, eps,
                               dtype, A)  # [A]
-    # g_k = sum_a coefs[k, a] * r[a], rounded (F.linear), then + 1 rounded again.
     k = tl.arange(0, A)
-    coef_w = tl.load(coef_ptr + k[:, None] * coef_row_stride + k[None, :] * coef_col_stride).to(tl.float32)
-    gains = round_to(tl.sum(coef_w * modal[None, :], axis=1), dtype).to(tl.float32)
-    gains = round_to(gains + 1.0, dtype).to(tl.float32)  # [A]
-
+    gains = correct_gains(coef_ptr, modal, k, coef_row_stride, coef_col_stride, dtype)  # [A]
     p = tl.load(p_ptr + token * p_token_stride + k[:, None] * p_stream_stride + cols[None, :],
                 mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
-    innovation = round_to(o - pick_row(p, k, active), dtype).to(tl.float32)
-    update = round_to(gains[:, None] * innovation[None, :], dtype).to(tl.float32)
-    corrected = round_to(p + update, dtype)
-    tl.store(out_ptr + token * out_token_stride + k[:, None] * out_stream_stride + cols[None, :], corrected,
-             mask=mask[None, :])
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + cols, mask=mask, other=0.0)
-        c_active = pick_row(corrected.to(tl.float32), k, active)
-        # the reference's ``.to(scale.dtype) * scale`` then ``.to(activation dtype)``
-        scaled = round_to(round_to(c_active * scale.to(tl.float32), scale.dtype).to(tl.float32), dtype)
-        tl.store(scaled_ptr + token * scaled_stride + cols, scaled, mask=mask)
+    correct_streams(p, o, gains, k, active, scale_ptr, out_ptr + token * out_token_stride, out_stream_stride,
+                    scaled_ptr + token * scaled_stride, cols, mask, dtype, HAS_SCALE)
 
 
 def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: torch.Tensor,

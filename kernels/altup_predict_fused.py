@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import DTYPES, check_out, last_dim_contiguous, round_scalar, round_to, rows, stream_rows
 from ._rowwise import (check_router, check_rows, check_streams, check_weights, inject_per_layer_input, inv_rms,
-                       pick_row, router_modalities, row_block)
+                       pick_row, predict_coefs, predict_streams, router_modalities, row_block)
 
 
 @triton.jit
@@ -47,20 +47,13 @@ def _altup_predict_fused_kernel(
     # The router reads the active stream, which the injection leaves alone.
     modal = router_modalities(pick_row(s, k, active), mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H,
                               input_scale, eps, dtype, A)  # [A]
-    kj_rows = k[:, None, None] * A + k[None, :, None]  # [A(k), A(j), 1]
-    coef_w = tl.load(coef_ptr + kj_rows * coef_row_stride + k[None, None, :] * coef_col_stride).to(tl.float32)
-    mix_coefs = round_to(tl.sum(coef_w * modal[None, None, :], axis=2), dtype).to(tl.float32)  # C [A(k), A(j)]
+    mix_coefs = predict_coefs(coef_ptr, modal, k, coef_row_stride, coef_col_stride, dtype, A)  # C [A(k), A(j)]
 
     if HAS_INJECT:
         s = inject_per_layer_input(s, proj_ptr + token * proj_stride, ppl_w_ptr, cols, mask, k, active, H, eps, dtype)
 
-    pred_active = tl.zeros([BLOCK], dtype=tl.float32)
-    for kk in tl.static_range(A):
-        c_k = pick_row(mix_coefs, k, kk)  # C[kk][j], [A(j)]
-        mix = tl.sum(c_k[:, None] * s, axis=0)  # fp32, like the reference's einsum
-        pred = round_to(round_to(mix, dtype).to(tl.float32) + pick_row(s, k, kk), dtype)  # round the mix, then add
-        tl.store(out_ptr + token * out_token_stride + kk * out_stream_stride + cols, pred, mask=mask)
-        pred_active = tl.where(kk == active, pred.to(tl.float32), pred_active)
+    pred_active = predict_streams(s, mix_coefs, k, out_ptr + token * out_token_stride, out_stream_stride, cols, mask,
+                                  active, dtype, A, BLOCK)
 
     w_in = tl.load(in_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     an = round_to(pred_active * inv_rms(pred_active, H, eps) * w_in, dtype)
