@@ -6,9 +6,11 @@
 - ``check_streams(fn, streams, active)`` -> (A, H): AltUp streams [A, ..., H] and the active index;
   ``check_router(fn, ...)``: the router weights; ``projected_rows(fn, name, t, n, shape, dtype, device)``: a checked
   [n, ..., H] stack as [n, tokens, H].
-- jit ``inv_rms(x, H, eps)``: ``(mean(x^2) + eps)^-1/2`` of a row in fp32 registers, the RMSNorm kernel's expression.
+- jit ``inv_rms(x, H, eps)``: ``(mean(x^2) + eps)^-1/2`` of a row in fp32 registers (``inv_rms_of_sum`` from a sum of
+  squares); ``rms_norm_row(x, w, H, eps, dtype)``: the weighted norm of a row, rounded (every norm in kernels/).
 - jit ``router_modalities(...)``: AltUp's router on a row in registers, rounded like the reference.
-- jit ``pick_row(tile, k, row)``: one row of an [A, BLOCK] register tile.
+- jit ``load_streams(token_ptr, k, stream_stride, cols, mask)``: a token's A streams as an [A, BLOCK] register tile;
+  ``pick_row(tile, k, row)``: one row of it.
 - jit ``predict_coefs`` / ``predict_streams``: AltUp predict's [A, A] mixing coefficients from the router, then every
   predicted stream stored; jit ``correct_gains`` / ``correct_streams``: AltUp correct's gains, then every corrected
   stream (and the scaled active one) stored. ``altup_predict`` / ``altup_predict_fused`` and ``altup_correct`` /
@@ -95,9 +97,22 @@ def projected_rows(fn: str, name: str, t: torch.Tensor, n: int, shape, dtype, de
 
 
 @triton.jit
+def inv_rms_of_sum(sum_sq, H, eps):
+    """(sum_sq / H + eps)^-1/2: RMSNorm's scale from a row's fp32 sum of squares."""
+    return 1.0 / tl.sqrt(sum_sq / H + eps)
+
+
+@triton.jit
 def inv_rms(x, H, eps):
     """(mean(x^2) + eps)^-1/2 of one row held in fp32 registers (masked lanes must be 0)."""
-    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+    return inv_rms_of_sum(tl.sum(x * x, axis=0), H, eps)
+
+
+@triton.jit
+def rms_norm_row(x, w, H, eps, dtype: tl.constexpr):
+    """RMSNorm of one row held in fp32 registers (masked lanes 0) with its fp32 weight ``w``: ``x * inv_rms * w``
+    rounded once to ``dtype`` (rms_norm's own kernel and every fused norm compute it this way)."""
+    return round_to(x * inv_rms(x, H, eps) * w, dtype)
 
 
 @triton.jit
@@ -106,7 +121,7 @@ def inject_per_layer_input(s, proj_row, w_ptr, cols, mask, k, active, H, eps, dt
     plus ``rms_norm(proj_row; w)`` on every stream but ``active``; the norm and each sum rounded to ``dtype``."""
     p = tl.load(proj_row + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    u = round_to(p * inv_rms(p, H, eps) * w, dtype).to(tl.float32)
+    u = rms_norm_row(p, w, H, eps, dtype).to(tl.float32)
     return tl.where(k[:, None] == active, s, round_to(s + u[None, :], dtype).to(tl.float32))
 
 
@@ -117,13 +132,19 @@ def router_modalities(x, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride
     ``tanh(router_weight @ (rms_norm(x; norm_w) * input_scale))``, each step rounded to ``dtype`` as the reference
     rounds (norm output, the scaled input, the matvec output, tanh). ``input_scale``: ``round_scalar(1 / H, dtype)``."""
     w = tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    normed = round_to(x * inv_rms(x, H, eps) * w, dtype).to(tl.float32)
+    normed = rms_norm_row(x, w, H, eps, dtype).to(tl.float32)
     scaled = round_to(normed * input_scale, dtype).to(tl.float32)
     k = tl.arange(0, A)
     rw = tl.load(router_w_ptr + k[:, None] * router_row_stride + cols[None, :], mask=mask[None, :],
                  other=0.0).to(tl.float32)  # [A, BLOCK]
     routed = round_to(tl.sum(rw * scaled[None, :], axis=1), dtype).to(tl.float32)
     return round_to(tanh(routed), dtype).to(tl.float32)
+
+
+@triton.jit
+def load_streams(token_ptr, k, stream_stride, cols, mask):
+    """One token's A stream rows -> [A, BLOCK] fp32 (masked lanes 0); ``token_ptr`` points at its first stream."""
+    return tl.load(token_ptr + k[:, None] * stream_stride + cols[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit

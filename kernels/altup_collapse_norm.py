@@ -20,8 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_dtype, check_out, round_scalar, round_to, rows
-from ._rowwise import (MAGNITUDE_EPS, check_weights, inv_rms, match_magnitude, projected_rows, rms_of,
-                       row_block)
+from ._rowwise import MAGNITUDE_EPS, check_weights, match_magnitude, projected_rows, rms_norm_row, rms_of, row_block
 
 
 @triton.jit
@@ -42,7 +41,7 @@ def _altup_collapse_norm_kernel(
         total += match_magnitude(u, target, H, match_eps, dtype)
     hidden = round_to(total / A, dtype).to(tl.float32)  # masked lanes stay 0
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * out_stride + cols, round_to(hidden * inv_rms(hidden, H, eps) * w, dtype), mask=mask)
+    tl.store(out_ptr + token * out_stride + cols, rms_norm_row(hidden, w, H, eps, dtype), mask=mask)
 
 
 def altup_collapse_norm(stream0: torch.Tensor, unembedded: torch.Tensor, final_norm_weight: torch.Tensor,

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_dtype, check_out, last_dim_contiguous, round_scalar, rows, stream_rows
-from ._rowwise import check_router, check_streams, correct_gains, correct_streams, router_modalities, row_block
+from ._rowwise import (check_router, check_streams, correct_gains, correct_streams, load_streams, router_modalities,
+                       row_block)
 
 
 @triton.jit
@@ -46,8 +47,7 @@ def _altup_correct_kernel(
                               dtype, A)  # [A]
     k = tl.arange(0, A)
     gains = correct_gains(coef_ptr, modal, k, coef_row_stride, coef_col_stride, dtype)  # [A]
-    p = tl.load(p_ptr + token * p_token_stride + k[:, None] * p_stream_stride + cols[None, :],
-                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+    p = load_streams(p_ptr + token * p_token_stride, k, p_stream_stride, cols, mask)  # [A, BLOCK]
     correct_streams(p, o, gains, k, active, scale_ptr, out_ptr + token * out_token_stride, out_stream_stride,
                     scaled_ptr + token * scaled_token_stride, cols, mask, dtype, HAS_SCALE)
 

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_out, last_dim_contiguous, round_scalar, round_to, rows, stream_rows
-from ._rowwise import (check_router, check_rows, check_streams, check_weights, correct_gains, correct_streams, inv_rms,
-                       router_modalities, row_block)
+from ._rowwise import (check_router, check_rows, check_streams, check_weights, correct_gains, correct_streams,
+                       load_streams, rms_norm_row, router_modalities, row_block)
 
 
 @triton.jit
@@ -43,15 +43,14 @@ def _altup_correct_fused_kernel(
     m = tl.load(m_ptr + token * m_stride + cols, mask=mask, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + token * h_stride + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(ffn_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    o = round_to(m * inv_rms(m, H, eps) * w, dtype).to(tl.float32)
+    o = rms_norm_row(m, w, H, eps, dtype).to(tl.float32)
     o = round_to(h + o, dtype).to(tl.float32)  # the layer output; masked lanes are 0
 
     modal = router_modalities(o, mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H, input_scale, eps,
                               dtype, A)  # [A]
     k = tl.arange(0, A)
     gains = correct_gains(coef_ptr, modal, k, coef_row_stride, coef_col_stride, dtype)  # [A]
-    p = tl.load(p_ptr + token * p_token_stride + k[:, None] * p_stream_stride + cols[None, :],
-                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+    p = load_streams(p_ptr + token * p_token_stride, k, p_stream_stride, cols, mask)  # [A, BLOCK]
     correct_streams(p, o, gains, k, active, scale_ptr, out_ptr + token * out_token_stride, out_stream_stride,
                     scaled_ptr + token * scaled_stride, cols, mask, dtype, HAS_SCALE)
 

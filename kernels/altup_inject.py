@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_out, rows, stream_rows
-from ._rowwise import check_rows, check_streams, check_weights, inject_per_layer_input, row_block
+from ._rowwise import check_rows, check_streams, check_weights, inject_per_layer_input, load_streams, row_block
 
 
 @triton.jit
@@ -31,8 +31,7 @@ def _altup_inject_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     k = tl.arange(0, A)
-    s = tl.load(s_ptr + token * s_token_stride + k[:, None] * s_stream_stride + cols[None, :],
-                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+    s = load_streams(s_ptr + token * s_token_stride, k, s_stream_stride, cols, mask)  # [A, BLOCK]
     injected = inject_per_layer_input(s, proj_ptr + token * proj_stride, w_ptr, cols, mask, k, active, H, eps, dtype)
     tl.store(out_ptr + token * out_token_stride + k[:, None] * out_stream_stride + cols[None, :],
              injected.to(dtype), mask=mask[None, :])

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, check_out, last_dim_contiguous, round_scalar, stream_rows
-from ._rowwise import (check_router, check_streams, pick_row, predict_coefs, predict_streams, router_modalities,
-                       row_block)
+from ._rowwise import (check_router, check_streams, load_streams, pick_row, predict_coefs, predict_streams,
+                       router_modalities, row_block)
 
 
 @triton.jit
@@ -39,8 +39,7 @@ def _altup_predict_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     k = tl.arange(0, A)
-    s = tl.load(s_ptr + token * s_token_stride + k[:, None] * s_stream_stride + cols[None, :],
-                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+    s = load_streams(s_ptr + token * s_token_stride, k, s_stream_stride, cols, mask)  # [A, BLOCK]
     modal = router_modalities(pick_row(s, k, active), mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H,
                               input_scale, eps, dtype, A)  # [A]
     mix_coefs = predict_coefs(coef_ptr, modal, k, coef_row_stride, coef_col_stride, dtype, A)  # C [A(k), A(j)]

@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, check_out, last_dim_contiguous, round_scalar, round_to, rows, stream_rows
-from ._rowwise import (check_router, check_rows, check_streams, check_weights, inject_per_layer_input, inv_rms,
-                       pick_row, predict_coefs, predict_streams, router_modalities, row_block)
+from ._common import DTYPES, check_out, last_dim_contiguous, round_scalar, rows, stream_rows
+from ._rowwise import (check_router, check_rows, check_streams, check_weights, inject_per_layer_input, load_streams,
+                       pick_row, predict_coefs, predict_streams, rms_norm_row, router_modalities, row_block)
 
 
 @triton.jit
@@ -41,8 +41,7 @@ def _altup_predict_fused_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     k = tl.arange(0, A)
-    s = tl.load(s_ptr + token * s_token_stride + k[:, None] * s_stream_stride + cols[None, :],
-                mask=mask[None, :], other=0.0).to(tl.float32)  # [A, BLOCK]
+    s = load_streams(s_ptr + token * s_token_stride, k, s_stream_stride, cols, mask)  # [A, BLOCK]
 
     # The router reads the active stream, which the injection leaves alone.
     modal = router_modalities(pick_row(s, k, active), mask, cols, norm_w_ptr, router_w_ptr, router_row_stride, H,
@@ -56,7 +55,7 @@ def _altup_predict_fused_kernel(
                                   active, dtype, A, BLOCK)
 
     w_in = tl.load(in_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    an = round_to(pred_active * inv_rms(pred_active, H, eps) * w_in, dtype)
+    an = rms_norm_row(pred_active, w_in, H, eps, dtype)
     tl.store(an_ptr + token * an_stride + cols, an, mask=mask)
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_dtype, check_out, round_scalar, round_to, rows
-from ._rowwise import check_rows, check_weights, inv_rms, row_block
+from ._rowwise import check_rows, check_weights, rms_norm_row, row_block
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _per_layer_inputs_combine_kernel(
     p = tl.load(p_ptr + row * p_stride + cols, mask=mask, other=0.0).to(tl.float32)
     p = round_to(p * proj_scale, dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    n = round_to(p * inv_rms(p, D, eps) * w, dtype)
+    n = rms_norm_row(p, w, D, eps, dtype)
     if HAS_TOKENS:
         tok = tl.load(tok_ptr + row * tok_stride + cols, mask=mask, other=0.0).to(tl.float32)
         n = round_to(round_to(n.to(tl.float32) + tok, dtype).to(tl.float32) * combine_scale, dtype)

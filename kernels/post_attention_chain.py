@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_dtype, check_out, round_to, rows
-from ._rowwise import check_rows, check_weights, inv_rms, row_block
+from ._rowwise import check_rows, check_weights, rms_norm_row, row_block
 
 
 @triton.jit
@@ -42,16 +42,16 @@ def _post_attention_chain_kernel(
     w_att = tl.load(w_att_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     w_lau = tl.load(w_lau_ptr + cols, mask=mask, other=0.0).to(tl.float32)
 
-    att = round_to(o * inv_rms(o, H, eps) * w_att, dtype).to(tl.float32)
+    att = rms_norm_row(o, w_att, H, eps, dtype).to(tl.float32)
     att = round_to(a + att, dtype).to(tl.float32)
-    lau = round_to(br * inv_rms(br, H, eps) * w_lau, dtype).to(tl.float32)
+    lau = rms_norm_row(br, w_lau, H, eps, dtype).to(tl.float32)
     lau = round_to(an + lau, dtype).to(tl.float32)
     h = round_to(round_to(att + lau, dtype).to(tl.float32) * 0.7071067811865476, dtype)  # fp32(1/sqrt(2))
     tl.store(h_ptr + row * h_stride + cols, h, mask=mask)
 
     h = h.to(tl.float32)  # masked lanes are 0
     w_ffn = tl.load(w_ffn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    hn = round_to(h * inv_rms(h, H, eps) * w_ffn, dtype)
+    hn = rms_norm_row(h, w_ffn, H, eps, dtype)
     tl.store(hn_ptr + row * hn_stride + cols, hn, mask=mask)
 
 

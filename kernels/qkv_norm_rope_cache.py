@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_dtype, check_out, last_dim_contiguous, round_to
+from ._rowwise import inv_rms_of_sum
 
 
 @triton.jit
@@ -47,9 +48,9 @@ def _qkv_norm_rope_cache_kernel(
     x_row = qkv_ptr + b * qkv_b_stride + t * qkv_t_stride + head * D
     x1 = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + half + cols, mask=mask, other=0.0).to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
-    n1 = x1 * inv_rms
-    n2 = x2 * inv_rms
+    scale = inv_rms_of_sum(tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0), D, eps)  # the two halves of a head
+    n1 = x1 * scale
+    n2 = x2 * scale
 
     is_v = head >= Hq + Hkv
     if is_v:  # scale-free norm, no rotation

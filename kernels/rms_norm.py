@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_dtype, check_out, last_dim_contiguous, round_to, rows
+from ._rowwise import inv_rms, inv_rms_of_sum, rms_norm_row
 
 _MAX_SINGLE_BLOCK = 8192  # rows up to this width are held in registers; wider rows are looped over twice
 
@@ -34,15 +35,15 @@ def _rms_norm_kernel(
     out_row = out_ptr + row * out_row_stride
     res_row = res_ptr + row * res_row_stride
     cols = tl.arange(0, BLOCK)
+    dtype = out_ptr.dtype.element_ty
 
     if SINGLE_BLOCK:
         mask = cols < H
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
-        y = x * inv_rms
-        if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = round_to(y, out_ptr.dtype.element_ty)  # the norm's own rounding to x.dtype
+        if HAS_WEIGHT:  # the norm's own rounding to x.dtype, then the residual add's
+            y = rms_norm_row(x, tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32), H, eps, dtype)
+        else:
+            y = round_to(x * inv_rms(x, H, eps), dtype)
         if HAS_RESIDUAL:
             y = round_to(tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32), y.dtype)
         tl.store(out_row + cols, y, mask=mask)
@@ -53,14 +54,14 @@ def _rms_norm_kernel(
             mask = start + cols < H
             x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             acc += x * x
-        inv_rms = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / H + eps)
+        scale = inv_rms_of_sum(tl.sum(acc, axis=0), H, eps)
         # Pass 2: normalise (the re-read of x is served by L2 for any realistic H).
         for start in range(0, H, BLOCK):
             mask = start + cols < H
-            y = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32) * inv_rms
+            y = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32) * scale
             if HAS_WEIGHT:
                 y = y * tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            y = round_to(y, out_ptr.dtype.element_ty)
+            y = round_to(y, dtype)
             if HAS_RESIDUAL:
                 r = tl.load(res_row + start + cols, mask=mask, other=0.0).to(tl.float32)
                 y = round_to(r + y.to(tl.float32), y.dtype)
