@@ -26,6 +26,21 @@ from ._common import check_dtype, check_out, gelu_tanh, round_to, round_scalar, 
 
 
 @triton.jit
+def gaussian_cutoff(mean, std, z, dtype: tl.constexpr):
+    """A row's cutoff mean + std * z from its fp32 statistics, rounded like the reference: mean, std, std * z and
+    the sum each rounded to ``dtype`` (z already is). -> fp32 scalar."""
+    mean = round_to(mean, dtype).to(tl.float32)
+    std = round_to(std, dtype).to(tl.float32)
+    return round_to(mean + round_to(std * z, dtype).to(tl.float32), dtype).to(tl.float32)
+
+
+@triton.jit
+def sparse_gate(g, cutoff, dtype: tl.constexpr):
+    """relu(g - cutoff), the difference rounded to ``dtype`` (fp32 values): > 0 exactly where its gelu is not 0."""
+    return tl.maximum(round_to(g - cutoff, dtype).to(tl.float32), 0.0)
+
+
+@triton.jit
 def _gaussian_topk_gelu_mul_kernel(
     gate_ptr, up_ptr, out_ptr, count_ptr,
     I, gate_row_stride, up_row_stride, out_row_stride, z,
@@ -51,16 +66,14 @@ def _gaussian_topk_gelu_mul_kernel(
             s2 += d * d
         mean_shifted = tl.sum(s1, axis=0) / I
         var = tl.maximum(tl.sum(s2, axis=0) / I - mean_shifted * mean_shifted, 0.0)
-        mean = round_to(mean_shifted + shift, dtype).to(tl.float32)
-        std = round_to(tl.sqrt(var), dtype).to(tl.float32)
-        cutoff = round_to(mean + round_to(std * z, dtype).to(tl.float32), dtype).to(tl.float32)
+        cutoff = gaussian_cutoff(mean_shifted + shift, tl.sqrt(var), z, dtype)
 
     count = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, I, BLOCK):
         mask = start + cols < I
         g = tl.load(gate_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         if SPARSE:
-            g = tl.maximum(round_to(g - cutoff, dtype).to(tl.float32), 0.0)  # relu of the shifted gate
+            g = sparse_gate(g, cutoff, dtype)
         act = round_to(gelu_tanh(g), dtype).to(tl.float32)
         u = tl.load(up_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_row + start + cols, round_to(act * u, dtype), mask=mask)

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ._common import H100_SMS, check_dtype, check_out, gelu_tanh, round_scalar, round_to, rows
-from .gaussian_topk import gaussian_topk_gelu_mul
+from .gaussian_topk import gaussian_cutoff, gaussian_topk_gelu_mul, sparse_gate
 from .gemv import MAX_ROWS, GemvWorkspace, default_gemv_workspace, gemv_workspace, launch_gemv, linear
 
 SPARSE_MAX_ROWS = 8  # more rows: the dense path (see the module docstring for the numbers)
@@ -74,10 +74,7 @@ def _sparse_up_kernel(
     mean_f = tl.sum(g, axis=0) / I
     dev = tl.where(in_row, g - mean_f, 0.0)
     std_f = tl.sqrt(tl.sum(dev * dev, axis=0) / I)
-    mean = round_to(mean_f, dtype).to(tl.float32)
-    std = round_to(std_f, dtype).to(tl.float32)
-    cutoff = round_to(mean + round_to(std * z, dtype).to(tl.float32), dtype).to(tl.float32)
-    g_sparse = tl.maximum(round_to(g - cutoff, dtype).to(tl.float32), 0.0)
+    g_sparse = sparse_gate(g, gaussian_cutoff(mean_f, std_f, z, dtype), dtype)
     active = in_row & (g_sparse > 0.0)  # exactly the channels with gelu(g') != 0
 
     # Rank the active channels (in channel order) and take this program's equal share of them.
