@@ -19,9 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_dtype, check_out, last_dim_contiguous, round_to, rows
-from ._rowwise import inv_rms, inv_rms_of_sum, rms_norm_row
-
-_MAX_SINGLE_BLOCK = 8192  # rows up to this width are held in registers; wider rows are looped over twice
+from ._rowwise import MAX_HIDDEN, inv_rms, inv_rms_of_sum, rms_norm_row
 
 
 @triton.jit
@@ -95,7 +93,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     x_rows = rows(x, H)
     res_rows = rows(residual, H) if residual is not None else x_rows  # dummy pointer when unused
     n_rows = x_rows.shape[0]
-    single = H <= _MAX_SINGLE_BLOCK
+    single = H <= MAX_HIDDEN  # held in registers, as the fused row kernels hold rows; wider rows: two looped passes
     block = triton.next_power_of_2(H) if single else 4096
     num_warps = min(max(block // 256, 1), 16)  # ~8 fp32 values per thread per row chunk
     _rms_norm_kernel[(n_rows,)](
