@@ -15,9 +15,9 @@
   predicted stream stored; jit ``correct_gains`` / ``correct_streams``: AltUp correct's gains, then every corrected
   stream (and the scaled active one) stored. ``altup_predict`` / ``altup_predict_fused`` and ``altup_correct`` /
   ``altup_correct_fused`` are built from the same pieces.
-- jit ``rms_of(x, H, dtype)`` / ``match_magnitude(y, target, H, eps, dtype)``: AltUp's stream magnitude matching
-  (``eps`` is ``round_scalar(MAGNITUDE_EPS, dtype)``),
-  rounded like the reference (true division and square root: ``div_rn`` / ``sqrt_rn``, as PyTorch computes them).
+- jit ``rms_of(x, H, dtype)`` / ``match_magnitude(y, target, H, eps, dtype)``: AltUp's stream magnitude matching,
+  rounded like the reference (true division and square root: ``div_rn`` / ``sqrt_rn``, as PyTorch computes them);
+  ``eps`` is ``round_scalar(MAGNITUDE_EPS, dtype)``.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ MAX_HIDDEN = 8192  # a row tensor of 8192 fp32 values is 16 per thread at 16 war
 MAGNITUDE_EPS = 1e-5  # AltUp's floor under the mean square in magnitude matching (the reference's constant)
 
 
+# ---- launcher checks --------------------------------------------------------------------------------------
 def row_block(fn: str, H: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a kernel that holds one H-wide row in registers."""
     if H > MAX_HIDDEN:
@@ -96,6 +97,7 @@ def projected_rows(fn: str, name: str, t: torch.Tensor, n: int, shape, dtype, de
     return stream_rows(t, n, shape[-1])
 
 
+# ---- jit: RMSNorm -----------------------------------------------------------------------------------------
 @triton.jit
 def inv_rms_of_sum(sum_sq, H, eps):
     """(sum_sq / H + eps)^-1/2: RMSNorm's scale from a row's fp32 sum of squares."""
@@ -115,6 +117,7 @@ def rms_norm_row(x, w, H, eps, dtype: tl.constexpr):
     return round_to(x * inv_rms(x, H, eps) * w, dtype)
 
 
+# ---- jit: AltUp -------------------------------------------------------------------------------------------
 @triton.jit
 def inject_per_layer_input(s, proj_row, w_ptr, cols, mask, k, active, H, eps, dtype: tl.constexpr):
     """A decoder layer's last step on one token: streams ``s`` [A, BLOCK] (fp32 holding activation-dtype values)
