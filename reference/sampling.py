@@ -44,7 +44,7 @@ def _flag(name, v, where: str) -> bool:
     return v
 
 
-
+# ---- the sampler -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sampler:
     """Token selection from logits [B, V]: processing in HF's order, then argmax (greedy) or the exponential race.
