@@ -75,16 +75,6 @@ def _load(path, **kwargs):
         return gemma3n_fast.load(path, **kwargs)
 
 
-def _raw_tokenizer(model):
-    """The checkpoint's ``tokenizers.Tokenizer`` (for incremental decoding)."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        tok = getattr(getattr(model, "processor", None), "tokenizer", None)
-    if tok is None:
-        raise UsageError("the checkpoint has no tokenizer (no tokenizer.json in its folder)")
-    return getattr(tok, "_tokenizer", tok)  # an HF fast tokenizer wraps a tokenizers.Tokenizer
-
-
 def _check_device(text: str | None) -> None:
     """--device: the check ``load()`` makes (``reference.loader.check_device``), before the media and the load."""
     if text is not None:
@@ -172,39 +162,23 @@ def stats_line(model) -> str:
             f"{where}, {str(model.dtype).replace('torch.', '')}, kernels={model.backend.mode}{sliced}")
 
 
-class _PrintStreamer:
-    """HF streamer protocol; prints text as it is decoded (batch 1)."""
-
-    def __init__(self, tokenizer):
-        from tokenizers import decoders
-
-        self.tokenizer, self.ds, self.prompt_seen = tokenizer, decoders.DecodeStream(skip_special_tokens=True), False
-
-    def put(self, tokens):
-        if not self.prompt_seen:  # the first put is the prompt
-            self.prompt_seen = True
-            return
-        text = self.ds.step(self.tokenizer, int(tokens.reshape(-1)[0]))
-        if text:
-            print(text, end="", flush=True)
-
-    def end(self):
-        print(flush=True)
-
-
 def run_prompt(model, prompt: str, images=(), audio=None, max_new_tokens=64, temperature=0.0, stream=False,
                seed=None) -> str:
     content = [{"type": "image", "image": str(p)} for p in images]
     if audio:
         content.append({"type": "audio", "audio": str(audio)})
     content.append({"type": "text", "text": prompt})
-    inputs = model.chat_inputs([{"role": "user", "content": content}])
-    tok = _raw_tokenizer(model)
+    messages = [{"role": "user", "content": content}]
     sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, seed=seed)
-    streamer = _PrintStreamer(tok) if stream else None
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
-    text = tok.decode(out[0, inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
-    if not stream:
+    if stream:
+        pieces = []
+        for piece in model.stream(**model.chat_inputs(messages), max_new_tokens=max_new_tokens, **sampling):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print(flush=True)
+        text = "".join(pieces)
+    else:
+        text = model.chat(messages, max_new_tokens=max_new_tokens, **sampling)
         print(text)
     print(stats_line(model))
     return text

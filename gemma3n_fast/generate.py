@@ -3,7 +3,8 @@
 Arguments, defaults and checks are HF's and shared with the reference model (``reference.generation``:
 ``prepare_generation`` resolves them, ``TokenState`` selects tokens, ``finish`` builds the result).
 
-Decode loop (gpt-fast style):
+Decode loop (gpt-fast style; ``Decoding`` holds one call, ``GenerationMixin._decode`` is the loop, an iterator
+over the new tokens that generate() drives with its streamer and stream() turns into text):
   * ``prefill`` runs once (chunked for long prompts); the KV-shared layers see only the last prompt token;
   * every ``decode_step`` reads and writes static buffers only (token, position, column, done flags, step
     counter, seen-ids buffer of the repetition penalty, score buffers, output buffer, KV cache, the kernels'
@@ -31,8 +32,9 @@ import time
 import torch
 
 from gemma3n_fast.cache import StaticKVCache
-from gemma3n_fast.reference.generation import (CacheLengthError, GenerateOutput, GenerationPlan, TokenState, finish,
-                                               prepare_generation, row_ends)
+from gemma3n_fast.reference.generation import GenerateOutput, StopScan, finish, prepare_generation
+from gemma3n_fast.reference.generation_args import CacheLengthError, GenerationPlan
+from gemma3n_fast.reference.sampling import TokenState
 
 log = logging.getLogger("gemma3n_fast")
 
@@ -116,11 +118,76 @@ def _capture(model, st: DecodeState) -> None:
     st.graph = graph
 
 
-class _Run:
-    """One call's checked inputs and settings (before any work)."""
+class Decoding:
+    """One call's decode on its ``DecodeState``: ``start`` (state, seed, prefill, first token), then ``step`` by
+    step; ``finished`` is the host's look at the device, ``result`` the output once the loop stops."""
 
-    def __init__(self, plan, input_ids, attention_mask):
-        self.plan, self.input_ids, self.attention_mask = plan, input_ids, attention_mask
+    def __init__(self, model, plan: GenerationPlan, input_ids, attention_mask, t0: float):
+        self.model, self.plan, self.input_ids, self.attention_mask = model, plan, input_ids, attention_mask
+        self.t0 = t0  # when the call began (perf_counter)
+        self.ttft: float | None = None  # seconds from ``t0`` to the first new token on the host
+        self.new_tokens = 0  # the steps run so far (the first token included)
+        self.st: DecodeState | None = None
+        self.stops: StopScan | None = None
+        self.use_graph = False
+
+    def start(self) -> torch.Tensor:
+        """Get (or make, and on CUDA capture) the state, seed the noise, prefill: the first new tokens [B] (CPU)."""
+        model, plan, input_ids, attention_mask = self.model, self.plan, self.input_ids, self.attention_mask
+        B, T = input_ids.shape
+        N = plan.max_new_tokens
+        max_length = min(-(-(T + N) // CACHE_ROUND) * CACHE_ROUND, model.text_config.max_position_embeddings)
+        recording = plan.return_dict and (plan.output_scores or plan.output_logits)
+        record = -(-N // RECORD_ROUND) * RECORD_ROUND if recording else 0
+        # N == 1 needs no decode step (no capture; a captured graph of a longer run is kept for the next call)
+        self.use_graph = model.backend.mode == "triton" and model.use_cuda_graph and N > 1  # reference ops may sync
+        key = (B, max_length, tuple(plan.eos), plan.pad, plan.sampler, record, plan.return_dict and
+               plan.output_scores, plan.return_dict and plan.output_logits)
+        st = model._decode_states.get(key)
+        if st is None:
+            model._decode_states.clear()  # one configuration at a time (the cache can be large): free it first
+            st = model._decode_states[key] = DecodeState(model, B, max_length, plan, record)
+        if self.use_graph and st.graph is None:
+            _capture(model, st)  # a failure is an error: eager decode would hide a kernel that syncs
+        self.st = st
+        st.reset(input_ids, attention_mask)
+        st.tok.seed(plan.seed)
+        st.tok.draw()
+        model._media_stats = None
+        st.record(model.prefill(input_ids, attention_mask, st.cache, plan.media, PREFILL_CHUNK, st.workspaces))
+        st.positions.copy_(model.last_positions(input_ids, attention_mask) + 1)
+        st.col.fill_(T)
+        self.stops = StopScan(plan.stop_strings, input_ids, plan.eos)
+        self.new_tokens = 1
+        first = st.out[:, 0].cpu()
+        self.ttft = time.perf_counter() - self.t0
+        return first
+
+    def step(self) -> None:
+        """One decode step for every row: a graph replay on CUDA."""
+        self.st.tok.draw()
+        if self.use_graph and self.st.graph is not None:
+            self.st.graph.replay()
+        else:
+            _step(self.model, self.st)
+        self.new_tokens += 1
+
+    def last_tokens(self) -> torch.Tensor:
+        """The newest step's tokens [B] (CPU)."""
+        return self.st.out[:, self.new_tokens - 1].cpu()
+
+    def finished(self) -> bool:
+        """The host's look: stop strings in the new tokens (marking those rows done), then whether every row is
+        done; raises NonFiniteLogitsError on NaN / inf logits of a live row."""
+        self.stops.update(self.st.out[:, :self.new_tokens], self.st.tok.done)
+        return self.st.tok.finished()
+
+    def result(self):
+        """The output (tensor or GenerateOutput), after a last look at the steps not yet checked."""
+        self.finished()
+        st = self.st
+        return finish(self.plan, self.input_ids, st.out[:, :self.new_tokens], self.stops.stopped, st.tok.scores,
+                      st.tok.logits)
 
 
 class GenerationMixin:
@@ -135,83 +202,27 @@ class GenerationMixin:
     last_stats: dict | None = None
     _media_stats: dict | None = None
 
-    def _prepare(self, input_ids, attention_mask, kwargs, what) -> _Run:
+    def _prepare(self, input_ids, attention_mask, kwargs, what, t0) -> Decoding:
         plan, input_ids, attention_mask = prepare_generation(self, input_ids, attention_mask, kwargs, what)
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        return _Run(plan, input_ids, attention_mask)
+        return Decoding(self, plan, input_ids, attention_mask, t0)
 
     @torch.no_grad()
-    def _steps(self, run: _Run, stepwise: bool = False):
-        """Generator: yields the first new tokens [B] (CPU), then each step's when ``stepwise``; returns the result
-        (tensor or GenerateOutput)."""
-        c, plan = self.text_config, run.plan
-        input_ids, attention_mask = run.input_ids, run.attention_mask
-        B, T = input_ids.shape
-        N = plan.max_new_tokens
-        max_length = min(-(-(T + N) // CACHE_ROUND) * CACHE_ROUND, c.max_position_embeddings)
-        recording = plan.return_dict and (plan.output_scores or plan.output_logits)
-        record = -(-N // RECORD_ROUND) * RECORD_ROUND if recording else 0
-
-        # N == 1 needs no decode step (no capture; a captured graph of a longer run is kept for the next call)
-        use_graph = self.backend.mode == "triton" and self.use_cuda_graph and N > 1  # reference ops may sync
-        key = (B, max_length, tuple(plan.eos), plan.pad, plan.sampler, record, plan.return_dict and
-               plan.output_scores, plan.return_dict and plan.output_logits)
-        st = self._decode_states.get(key)
-        if st is None:
-            self._decode_states.clear()  # one configuration at a time (the cache can be large): free it first
-            st = self._decode_states[key] = DecodeState(self, B, max_length, plan, record)
-        if use_graph and st.graph is None:
-            _capture(self, st)  # a failure is an error: eager decode would hide a kernel that syncs
-        st.reset(input_ids, attention_mask)
-        generator = None
-        if not plan.sampler.greedy:
-            generator = torch.Generator(self.device)
-            seed = plan.seed if plan.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
-            generator.manual_seed(int(seed))
-            st.tok.noise.exponential_(generator=generator)
-        self._media_stats = None
-        st.record(self.prefill(input_ids, attention_mask, st.cache, plan.media, PREFILL_CHUNK, st.workspaces))
-        st.positions.copy_(self.last_positions(input_ids, attention_mask) + 1)
-        st.col.fill_(T)
-
-        stop, stopped, checked = plan.stop_strings, {}, 0
-        prompt_cpu = input_ids[:, -stop.window:].cpu() if stop is not None else None
-
-        def all_done(upto: int) -> bool:
-            """Host check of steps [checked, upto): stop strings (marking those rows done), then the done flags."""
-            nonlocal checked
-            if stop is not None and upto > checked:
-                new = st.out[:, :upto].cpu()
-                before = len(stopped)
-                stop.scan(prompt_cpu, new, checked, upto, stopped, dict(enumerate(row_ends(new, plan.eos))))
-                if len(stopped) > before:
-                    st.tok.done[torch.tensor(sorted(stopped), device=self.device)] = True
-            checked = upto
-            return st.tok.finished()  # raises NonFiniteLogitsError on NaN / inf logits of a live row
-
-        first = st.out[:, 0].cpu()
-        finished = all_done(1) if stepwise else False
+    def _decode(self, run: Decoding, stepwise: bool = False):
+        """The decode loop, as an iterator: the first new tokens [B] (CPU), then each step's when ``stepwise``
+        (which also looks at the device every step; else every EOS_CHECK_EVERY steps). ``run.result()`` after."""
+        first = run.start()
+        finished = run.finished() if stepwise else False
         yield first  # always: the first token marks the time to first token
-        n_run = 1
-        for i in range(1, N):
-            if finished:
-                break
-            if generator is not None:
-                st.tok.noise.exponential_(generator=generator)
-            if use_graph and st.graph is not None:
-                st.graph.replay()
-            else:
-                _step(self, st)
-            n_run = i + 1
+        while not finished and run.new_tokens < run.plan.max_new_tokens:
+            run.step()
             if stepwise:
-                finished = all_done(n_run)
-                yield st.out[:, i].cpu()
-            elif i % EOS_CHECK_EVERY == 0:
-                finished = all_done(n_run)
-        all_done(n_run)
-        return finish(plan, input_ids, st.out[:, :n_run], stopped, st.tok.scores, st.tok.logits)
+                finished = run.finished()
+                yield run.last_tokens()
+            elif (run.new_tokens - 1) % EOS_CHECK_EVERY == 0:
+                finished = run.finished()
 
     @staticmethod
     def last_positions(input_ids, attention_mask):
@@ -235,27 +246,21 @@ class GenerationMixin:
         then HF's. Sets ``self.last_stats``.
         """
         t0 = time.perf_counter()
-        run = self._prepare(input_ids, attention_mask, dict(kwargs, streamer=streamer), "generate()")
-        steps = self._steps(run, stepwise=streamer is not None)
+        run = self._prepare(input_ids, attention_mask, dict(kwargs, streamer=streamer), "generate()", t0)
         if streamer is not None:
             streamer.put(run.input_ids.cpu())
-        ttft = None
-        try:
-            while True:
-                toks = next(steps)
-                ttft = ttft or time.perf_counter() - t0
-                if streamer is not None:
-                    streamer.put(toks)
-        except StopIteration as stop:
-            result = stop.value
+        for tokens in self._decode(run, stepwise=streamer is not None):
+            if streamer is not None:
+                streamer.put(tokens)
+        result = run.result()
         if streamer is not None:
             streamer.end()
         sequences = result.sequences if isinstance(result, GenerateOutput) else result
-        self._set_stats(run, sequences.shape[1] - run.input_ids.shape[1], t0, ttft)
+        self._set_stats(run, sequences.shape[1] - run.input_ids.shape[1])
         return result
 
-    def _set_stats(self, run: _Run, new_tokens, t0, ttft):
-        total = time.perf_counter() - t0
+    def _set_stats(self, run: Decoding, new_tokens):
+        total, ttft = time.perf_counter() - run.t0, run.ttft
         media = self._media_stats or {}
         self.last_stats = {
             "prompt_tokens": int(run.input_ids.shape[1]), "new_tokens": int(new_tokens),
@@ -272,26 +277,26 @@ class GenerationMixin:
         if "streamer" in kwargs:
             raise ValueError("stream(): do not pass a streamer (stream() is one)")
         t0 = time.perf_counter()
-        run = self._prepare(input_ids, attention_mask, kwargs, "stream()")
+        run = self._prepare(input_ids, attention_mask, kwargs, "stream()", t0)
         if run.input_ids.shape[0] != 1:
             raise ValueError(f"stream(): batch size must be 1 (got {run.input_ids.shape[0]} rows, "
                              "num_return_sequences included); use generate() for batches")
         tokenizer = self._text_tokenizer()
-        return self._stream(run, tokenizer, t0)
+        return self._stream(run, tokenizer)
 
-    def _stream(self, run: _Run, tokenizer, t0):
+    def _stream(self, run: Decoding, tokenizer):
         from tokenizers import decoders
 
-        ttft, n = None, 0
+        n = 0
         decoder = decoders.DecodeStream(skip_special_tokens=True)
         try:
-            for tok in self._steps(run, stepwise=True):
-                ttft, n = ttft or time.perf_counter() - t0, n + 1
+            for tok in self._decode(run, stepwise=True):
+                n += 1
                 text = decoder.step(tokenizer, int(tok[0]))
                 if text:
                     yield text
         finally:
-            self._set_stats(run, n, t0, ttft)
+            self._set_stats(run, n)
 
     def _text_tokenizer(self):
         """The ``tokenizers.Tokenizer`` of the checkpoint."""

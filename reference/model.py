@@ -96,7 +96,7 @@ class Gemma3nReference(nn.Module):
         Exp(1) draw [B, V] per step from a generator seeded by ``seed``: the same seed gives the same tokens) and
         the same result (``finish``), and a ``streamer`` gets the same calls. Eager: a cached forward per token; stop
         strings and non-finite logits are checked every step."""
-        from gemma3n_fast.reference.generation import TokenState, finish, prepare_generation, row_ends
+        from gemma3n_fast.reference.generation import StopScan, TokenState, finish, prepare_generation
 
         plan, input_ids, attention_mask = prepare_generation(self, input_ids, attention_mask, kwargs)
         dev = self.language_model.embed_tokens.weight.device
@@ -106,32 +106,21 @@ class Gemma3nReference(nn.Module):
         tok = TokenState(plan.sampler, B, self.config.text.vocab_size, plan.eos, plan.pad, dev, N,
                          scores=plan.return_dict and plan.output_scores, logits=plan.return_dict and plan.output_logits)
         tok.reset(input_ids, attention_mask)
-        gen = None
-        if not plan.sampler.greedy:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(int(plan.seed) if plan.seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
+        tok.seed(plan.seed)
         streamer = plan.streamer
         if streamer is not None:  # HF's protocol, as the fast model: the prompt, each step's tokens, end()
             streamer.put(input_ids.cpu())
         cache = KVCache()
         logits = self.forward(input_ids, attention_mask, cache=cache, logits_to_keep=1, **plan.media).logits[:, -1]
-        new, stopped = [], {}
-        prompt_cpu = input_ids.cpu() if plan.stop_strings is not None else None
+        new, stops = [], StopScan(plan.stop_strings, input_ids, plan.eos)
         for step in range(N):
-            if gen is not None:
-                tok.noise.exponential_(generator=gen)
+            tok.draw()
             nxt = tok.pick(logits)
             tok.advance(nxt)
             new.append(nxt)
             if streamer is not None:
                 streamer.put(nxt.cpu())
-            if plan.stop_strings is not None:
-                so_far = torch.stack(new, 1).cpu()
-                before = len(stopped)
-                plan.stop_strings.scan(prompt_cpu, so_far, step, step + 1, stopped,
-                                       dict(enumerate(row_ends(so_far, plan.eos))))
-                if len(stopped) > before:
-                    tok.done[torch.tensor(sorted(stopped), device=dev)] = True
+            stops.update(torch.stack(new, 1), tok.done)
             if tok.finished() or step == N - 1:  # raises on NaN / inf logits
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
@@ -139,7 +128,7 @@ class Gemma3nReference(nn.Module):
             logits = self.forward(nxt[:, None], attention_mask, cache=cache).logits[:, -1]
         if streamer is not None:
             streamer.end()
-        return finish(plan, input_ids, torch.stack(new, 1), stopped, tok.scores, tok.logits)
+        return finish(plan, input_ids, torch.stack(new, 1), stops.stopped, tok.scores, tok.logits)
 
 
 def _build_tower(kind: str, cfg):

@@ -152,3 +152,17 @@ def test_device_check_is_loads(capsys, device, says):
     rc, out, err = _run(capsys, "generate", "--prompt", "x", "--device", device)
     line = _one_error_line(err)
     assert rc == EXIT_USAGE and says in line and "available here: cpu" in line, line
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "0.7", "--seed", "3"]], ids=["greedy", "sampled"])
+def test_stream_prints_the_reply_generate_prints(capsys, text_ckpt, sampling):
+    """--stream prints through model.stream(), without it through model.chat(): the same reply and token count."""
+    argv = ["generate", "--model", str(text_ckpt), "--prompt", "hello world", "--max-new-tokens", "6",
+            "--kernels", "reference", *sampling]
+    rc, plain, err = _run(capsys, *argv)
+    assert rc == 0, err
+    rc, streamed, err = _run(capsys, *argv, "--stream")
+    assert rc == 0, err
+    plain, streamed = plain.splitlines(), streamed.splitlines()
+    assert streamed[:-1] == plain[:-1]
+    assert streamed[-1].split(" | ")[:2] == plain[-1].split(" | ")[:2]  # prompt tokens, new tokens
