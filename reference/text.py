@@ -70,9 +70,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: tor
     return ops.rope_cos_sin(positions, rope_inv_freq(head_dim, base, positions.device), dtype)
 
 
-apply_rope = ops.apply_rope  # x [B, T, heads, hd], cos/sin [B, T, hd]: ``x*cos + rotate_half(x)*sin``
-
-
 def embedding_scale(width: int, dtype: torch.dtype) -> float:
     """``sqrt(width)`` rounded to ``dtype``, as a Python float: the scale of the token embeddings (width H) and of
     the per-layer token embeddings (width D). HF keeps it as a buffer in the model dtype, so it is rounded first."""
@@ -138,12 +135,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, q_pos, shared_kv: dict, cache: KVCache | None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, Hq, T, hd]
+        q = ops.apply_rope(q, cos, sin).transpose(1, 2)  # [B, Hq, T, hd]
         if self.is_consumer:
             k, v, k_pos = shared_kv[self.kv_source]
         else:
             k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
-            k = apply_rope(k, cos, sin).transpose(1, 2)  # [B, Hkv, T, hd]
+            k = ops.apply_rope(k, cos, sin).transpose(1, 2)  # [B, Hkv, T, hd]
             v = ops.rms_norm(self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim), None, self.eps)
             v = v.transpose(1, 2)
             k_pos = q_pos
