@@ -121,7 +121,7 @@ def weight_group(name: str) -> str:
     return "other weights"
 
 
-LAYER_METHODS = ("_layer",)
+LAYER_METHODS = ("_layer",)  # the fast model's methods that run one decoder layer, first argument the layer index
 
 
 # ---- building the model on meta -------------------------------------------------------------------------------

@@ -170,7 +170,9 @@ class OpCall:
 
 @dataclass
 class Recorder:
-    """Collects launches and traffic of one decode step on ``device``."""
+    """Collects launches and traffic on ``device`` (while ``active``: a warm-up runs with it off); bytes of a tensor
+    in ``kv_storages`` are reported as "KV", of a weight under its ``weights`` group, of anything else as
+    "activations"; ``tokens``: the new tokens per step, for the byte rules."""
     device: torch.device
     weights: WeightMap
     kv_storages: set
@@ -247,7 +249,7 @@ class CountAten(TorchDispatchMode):
             try:
                 return func(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - e.g. nonzero: its output shape depends on device values
-                raise RuntimeError(f"launch_recorder: the decode step reads device values on the host ({func}, "
+                raise RuntimeError(f"launch_recorder: the recorded code reads device values on the host ({func}, "
                                    f"{rec.host_reads[-1] if rec.host_reads else 'warm-up'}): it cannot be counted "
                                    "on meta, nor captured in a CUDA graph") from e
         out = func(*args, **kwargs)
@@ -425,7 +427,6 @@ def _op_traffic(rec: Recorder, name: str, signature, rules, args, kwargs, result
             rec.move(name, t, 0, tensor_bytes(t))
 
 
-# Methods of the fast model that run one decoder layer, first argument the layer index.
 def wrap_layers(rec: Recorder, model, methods: tuple[str, ...]) -> list[str]:
     """Wrap the model's per-layer ``methods`` (first argument the layer index) on the instance; -> those found."""
     wrapped = []
