@@ -36,7 +36,7 @@ import torch
 if not torch.cuda.is_available():  # CPU: the fast model's kernels run through the Triton interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench import configs, decode_cost, report  # noqa: E402
+from bench import byte_model, configs, decode_cost, report  # noqa: E402
 from bench.common import device_bandwidth, device_name  # noqa: E402
 from bench.systems import SLOW_SYSTEMS, SYSTEMS, build_hf, make_system  # noqa: E402
 
@@ -120,47 +120,6 @@ def make_inputs(w: Workload, cfg: dict, device: str, seed: int, smoke: bool) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Roofline: bytes one decode step must read
-# ---------------------------------------------------------------------------------------------
-def weight_bytes_per_step(hf_model, batch: int) -> float:
-    """Text-decoder weights read once per decode step: every decoder layer, the AltUp and PLE
-    projections, and the tied lm_head (the full 262400 x 2048 table). The PLE token table is a gather
-    (batch rows of L*D), the towers and multimodal embedders are not needed for text decode."""
-    total, ple_row = 0, 0
-    for name, p in hf_model.named_parameters():
-        if not name.startswith("model.language_model."):
-            continue
-        if "embed_tokens_per_layer" in name:
-            ple_row = p.shape[1] * p.element_size()
-            continue
-        total += p.numel() * p.element_size()  # embed_tokens counted once = the lm_head read
-    return float(total + batch * ple_row)
-
-
-def text_decode_bytes(text_cfg: dict, elem: int) -> tuple[float, float]:
-    """(weight bytes one decode step reads, bytes of one per-layer-embedding row) of a text config, by the rule of
-    ``weight_bytes_per_step``, counted on the meta device (no weights made: instant at E4B size)."""
-    from gemma3n_fast.reference.config import TextConfig
-    from gemma3n_fast.reference.text import Gemma3nTextModel
-
-    with torch.device("meta"):
-        model = Gemma3nTextModel(TextConfig.from_dict(text_cfg))
-    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed_tokens_per_layer."))
-    return float(total * elem), float(model.embed_tokens_per_layer.weight.shape[1] * elem)
-
-
-def kv_bytes_per_step(text_cfg: dict, batch: int, context: int, elem: int) -> float:
-    """K+V bytes read by all attention layers at ``context`` tokens: sliding layers see at most the
-    window, full layers everything; KV-shared layers read their producer's cache again."""
-    from gemma3n_fast.reference.config import TextConfig
-
-    tc = TextConfig.from_dict(text_cfg)
-    per_token = 2 * tc.num_key_value_heads * tc.head_dim * elem  # K and V, one layer
-    tokens = sum(min(context, tc.sliding_window) if tc.is_sliding(i) else context for i in range(tc.num_hidden_layers))
-    return float(batch * tokens * per_token)
-
-
-# ---------------------------------------------------------------------------------------------
 # Cells
 # ---------------------------------------------------------------------------------------------
 class CellTimeout(BaseException):
@@ -199,10 +158,10 @@ def base_row(model: str, system: str, w: Workload, prompt_len: int, new_tokens: 
                 roofline_fraction=None, reps=0, cell_s=None, note=None)
 
 
-def run_cell(system, w: Workload, inputs: dict, n: int, cell_budget: float, kv_args: tuple, weights_b: float,
-             bandwidth: float, row: dict, reps: int = 3, warmup: bool = True) -> dict:
+def run_cell(system, w: Workload, inputs: dict, n: int, cell_budget: float, step_bytes: float, bandwidth: float,
+             row: dict, reps: int = 3, warmup: bool = True) -> dict:
     """Warm up, then median time to first token and per-step decode time over up to ``reps`` repeats
-    (fewer once half the cell budget is spent)."""
+    (fewer once half the cell budget is spent). ``step_bytes``: the roofline's bytes of one decode step."""
     t_cell = time.monotonic()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -235,8 +194,7 @@ def run_cell(system, w: Workload, inputs: dict, n: int, cell_budget: float, kv_a
     row["prefill_tok_s"] = prompt_tokens / row["ttft_s"] if row["ttft_s"] else None
     if row["decode_step_s"]:
         row["decode_tok_s"] = w.batch / row["decode_step_s"]  # aggregate over the batch
-        text_cfg, context, elem = kv_args
-        row["bytes_per_step"] = weights_b + kv_bytes_per_step(text_cfg, w.batch, context, elem)
+        row["bytes_per_step"] = step_bytes
         row["roofline_fraction"] = row["bytes_per_step"] / row["decode_step_s"] / bandwidth
     if torch.cuda.is_available():
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -250,8 +208,8 @@ def _free():
 
 
 class ModelBench:
-    """One model size: the HF model with random weights, the systems built from it (lazily, on their
-    first cell), and the per-step byte counts for the roofline."""
+    """One model size: the HF model with random weights and the systems built from it (lazily, on their
+    first cell)."""
 
     def __init__(self, name: str, device: str, dtype: torch.dtype, bandwidth: float, args):
         self.name, self.device, self.dtype, self.bandwidth, self.args = name, device, dtype, bandwidth, args
@@ -265,12 +223,12 @@ class ModelBench:
         hf_cfg = configs.hf_config(name)
         self.hf_model = build_hf(hf_cfg, device, dtype, args.seed)
         self.config_dict = hf_cfg.to_dict()
-        self.weight_bytes = weight_bytes_per_step(self.hf_model, 0)
-        self.ple_row_bytes = weight_bytes_per_step(self.hf_model, 1) - self.weight_bytes
+        self.elem = torch.finfo(dtype).bits // 8  # bytes per weight and K/V element
+        roofline = byte_model.roofline_bytes(self.cfg["text_config"], context=0, batch=0, elem=self.elem)
         n_params = sum(p.numel() for p in self.hf_model.parameters())
         print(f"[{name}] random weights on {device} in {time.monotonic() - t0:.1f} s ({n_params / 1e9:.2f} B params); "
-              f"decode reads {self.weight_bytes / 1e9:.3f} GB of weights per step + {self.ple_row_bytes / 1e3:.1f} kB "
-              "per row", flush=True)
+              f"decode reads {roofline['weights'] / 1e9:.3f} GB of weights per step + {roofline['ple_row'] / 1e3:.1f} "
+              "kB per row", flush=True)
 
     def system(self, name: str):
         if name not in self.systems:
@@ -293,9 +251,9 @@ class ModelBench:
                 if w not in self.inputs:
                     self.inputs[w] = make_inputs(w, self.cfg, self.device, self.args.seed, self.args.smoke)
                 context = row["prompt_tokens"] + n // 2  # mean context over the decode
-                kv_args = (self.cfg["text_config"], context, torch.finfo(self.dtype).bits // 8)
-                weights = self.weight_bytes + w.batch * self.ple_row_bytes
-                run_cell(sysobj, w, self.inputs[w], n, budget, kv_args, weights, self.bandwidth, row,
+                step_bytes = byte_model.roofline_bytes(self.cfg["text_config"], context=context, batch=w.batch,
+                                                       elem=self.elem)["total"]
+                run_cell(sysobj, w, self.inputs[w], n, budget, step_bytes, self.bandwidth, row,
                          reps=self.args.reps, warmup=not self.args.smoke)  # smoke: numbers mean nothing
                 info = ", ".join(f"{k}={v}" for k, v in sysobj.info.items())
                 row["note"] = ", ".join(filter(None, [info, row["note"]])) or None
@@ -341,8 +299,8 @@ def run(args) -> dict:
     if args.smoke:  # the real-shape figures cost nothing: print them for the MatFormer slices of E4B
         meta["matformer_decode_weight_GB"] = {}
         for name in ("e4b", *(m for m, (base, _) in configs.MATFORMER.items() if base == "e4b")):
-            weights, row = text_decode_bytes(configs.model_dict(name)["text_config"], 2)
-            meta["matformer_decode_weight_GB"][name] = round((weights + row) / 1e9, 3)
+            weights = byte_model.roofline_bytes(configs.model_dict(name)["text_config"], context=0, elem=2)["weights"]
+            meta["matformer_decode_weight_GB"][name] = round(weights / 1e9, 3)
         print("MatFormer, decode weight bytes per token (real shapes, bf16, batch 1): " + ", ".join(
             f"{k} {v:.2f} GB" for k, v in meta["matformer_decode_weight_GB"].items()), flush=True)
     for model_name in dict.fromkeys(m for m, _ in cells):
@@ -383,8 +341,6 @@ def run(args) -> dict:
                 write_report(result, out)
         if bench is not None:
             bench.close()
-    if args.smoke:
-        _smoke_probes(result, out, args)
     meta["wall_s"] = time.monotonic() - t_start
     write_report(result, out)
     return result
@@ -472,75 +428,23 @@ def _versions() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Smoke: the paths a healthy tiny run does not take, then a check of the written outputs
+# Smoke: did every cell run? (The report's own paths are tested in bench/test_e2e.py.)
 # ---------------------------------------------------------------------------------------------
-def _smoke_probes(result: dict, out: Path, args):
-    """Exercise the timeout and budget-skip paths through the real cell code (rows marked as probes)."""
-
-    class Sleeper:
-        info = {}
-
-        def generate(self, inputs, n):
-            time.sleep(1.0)  # longer than the probe's budget
-            return 0.0, None, n, 0.0
-
-    w = Workload("text", 1, 8)
-    bench = ModelBench.__new__(ModelBench)  # no model: the probe system never touches one
-    bench.systems, bench.inputs, bench.args, bench.dtype = {"probe": Sleeper()}, {w: {}}, args, torch.float32
-    bench.cfg, bench.weight_bytes, bench.ple_row_bytes, bench.bandwidth = configs.model_dict("smoke"), 0.0, 0.0, 1.0
-    row = bench.cell("probe", w, base_row("smoke", "probe", w, w.prompt, 2), budget=0.05)
-    row["note"] = "smoke probe: timeout path"
-    skipped = base_row("smoke", "probe", w, w.prompt, 2)
-    skipped.update(status="skipped: time budget", note="smoke probe: budget path")
-    result["rows"] += [row, skipped]
-    # A small pytest-benchmark JSON, so the kernel-table path runs too.
-    if not result["kernels"]:
-        fake = out / "kernels-smoke.json"
-        fake.write_text(json.dumps(report.fake_kernel_json()))
-        result["kernels"] = report.collect_kernels(fake)
-
-
-def check_outputs(out: Path, expect_rows: int):
-    """Exit non-zero unless e2e.json/md/png exist and are well-formed (the CI smoke relies on it)."""
-    from PIL import Image
-
-    problems = []
-    try:
-        data = json.loads((out / "e2e.json").read_text())
-        for key in ("device", "versions", "command", "date"):
-            if key not in data["meta"]:
-                problems.append(f"e2e.json: meta has no {key!r}")
-        if len(data["rows"]) != expect_rows:
-            problems.append(f"e2e.json: {len(data['rows'])} rows, expected {expect_rows}")
-        statuses = {r["status"] for r in data["rows"]}
-        for r in data["rows"]:
-            if r["status"] in ("error", "oom") or (r["status"] == "timeout" and r["system"] != "probe"):
-                problems.append(f"{r['system']} {r['workload']} b{r['batch']}: {r['status']}: {r['error']}")
-        if not any(r["status"] == "ok" and r["decode_tok_s"] for r in data["rows"]):
-            problems.append("e2e.json: no row measured decode tok/s")
-        for want in ("timeout", "skipped: time budget"):
-            if want not in statuses:
-                problems.append(f"e2e.json: no {want!r} row (the smoke probes did not run)")
-        if not data["kernels"]:
-            problems.append("e2e.json: empty kernel table")
-        for model, cost in data.get("decode_cost", {}).items() or [("?", {"error": "missing"})]:
-            if "error" in cost or not cost.get("launches_per_step"):
-                problems.append(f"e2e.json: decode_cost of {model}: {cost.get('error')}")
-        md = (out / "e2e.md").read_text()
-        for want in ("| system", "Kernel microbenchmarks", "skipped: time budget",
-                     "Launches and bytes per decode step"):
-            if want not in md:
-                problems.append(f"e2e.md: missing {want!r}")
-        with Image.open(out / "e2e.png") as im:
-            im.verify()
-            if im.size[0] < 400 or im.size[1] < 200:
-                problems.append(f"e2e.png: unexpected size {im.size}")
-    except (OSError, ValueError, KeyError) as e:
-        problems.append(f"{type(e).__name__}: {e}")
-    if problems:
-        print("SMOKE FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
-        raise SystemExit(1)
-    print(f"smoke outputs OK: {out}/e2e.json, e2e.md, e2e.png")
+def smoke_failures(result: dict, expect_rows: int) -> list[str]:
+    """What makes a smoke run fail: a missing row, a row that errored, ran out of memory or timed out, no decode
+    tok/s measured, a decode-step accounting that failed."""
+    rows, problems = result["rows"], []
+    if len(rows) != expect_rows:
+        problems.append(f"{len(rows)} rows, expected {expect_rows}")
+    for r in rows:
+        if r["status"] in ("error", "oom", "timeout"):
+            problems.append(f"{r['system']} {r['workload']} b{r['batch']}: {r['status']}: {r['error']}")
+    if not any(r["status"] == "ok" and r["decode_tok_s"] for r in rows):
+        problems.append("no row measured decode tok/s")
+    for model, cost in result["decode_cost"].items() or [("?", {"error": "missing"})]:
+        if "error" in cost or not cost.get("launches_per_step"):
+            problems.append(f"decode_cost of {model}: {cost.get('error')}")
+    return problems
 
 
 def main(argv=None):
@@ -607,8 +511,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     result = run(args)
     if args.smoke:
-        # every (cell, system) pair gives a row, plus the two probe rows
-        check_outputs(Path(args.out), expect_rows=len(cells) * len(args.systems) + 2)
+        problems = smoke_failures(result, expect_rows=len(cells) * len(args.systems))  # a row per cell and system
+        if problems:
+            print("SMOKE FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
+            raise SystemExit(1)
+        print(f"smoke OK: {args.out}/e2e.json, e2e.md, e2e.png")
     else:
         meta = result["meta"]
         slug = report.device_slug(meta["device"])

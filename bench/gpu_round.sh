@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A benchmark round on a lent GPU, in stages ordered by what they tell us. Each stage runs under its own time cap
+# A benchmark round on a lent GPU, in stages ordered by what they tell us (why a round is two calls of under 8 minutes:
+# BENCHMARKS.md, "The GPU round"; where its results go: bench/results/README.md). Each stage runs under its own time cap
 # (SIGINT at the cap, so pytest and bench.e2e write what they have; SIGKILL 10 s later) and writes its results into
 # $OUT as it finishes, so a stage cut short loses only itself. The call's budget bounds every cap as well: a stage
 # gets at most the time left (less the summary's), one with under 15 s left is skipped, and the summary always runs.
@@ -14,7 +15,7 @@
 #                 give each stage's cap and whether it fits the budget; DRY_RUN=plan prints those lines only.
 #                 tests/test_gpu_round.py runs both
 #
-# call1: a session's first call, at most 8 minutes. Caps (seconds; python startup included):
+# call1: the round's first call, at most 8 minutes. Caps (seconds; python startup included):
 #   install       30  pip install -e . (offline, no build isolation)
 #   device         5  nvidia-smi: name, memory, clocks, driver, power limit (device.txt)
 #   env           15  versions, kernels mode, measured copy bandwidth, bf16 matmul rate (env.json)

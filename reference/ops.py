@@ -251,10 +251,27 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     return F.linear(act, down_weight_t.t())
 
 # ---- fused row-wise chains of the decoder layer
-# Each function below is a chain of the reference decoder's own steps (reference/text.py: DecoderLayer.forward,
-# Attention.forward, Laurel.forward, Gemma3nTextModel.make_streams / collapse / per_layer_inputs), written in the
-# reference's order with its roundings, so that one fused kernel per chain can be tested against it. They are
-# definitions, not fast paths: boolean indexing and the like are allowed here.
+# Each function below is a chain of the decoder layer's steps in HF's order with its roundings, so that one fused
+# kernel per chain can be tested against it. The reference decoder (reference/text.py) calls the chains that fit
+# its layer structure (rope, injection, stream creation, collapse, per-layer inputs, embeddings); the others are
+# regroupings of its steps (a test composes them like the decode step and compares with the reference bit for bit).
+# They are definitions, not fast paths: boolean indexing and the like are allowed here.
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, T, D] of rotate-half RoPE: ``position * inv_freq`` in fp32, duplicated to D, cos/sin in fp32,
+    rounded to ``dtype``. positions [B, T] int (negative: padding, takes position 0's rotation); inv_freq [D/2]."""
+    freqs = positions.clamp(min=0)[..., None].float() * inv_freq.float()  # [B, T, D/2] fp32
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, T, heads, D] with cos/sin [B, T, D]: ``x * cos + cat(-x2, x1) * sin``, each product
+    and the sum rounded to x.dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, :, None] + torch.cat([-x2, x1], dim=-1) * sin[:, :, None]
+
 
 def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,
                         inv_freq: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor | None = None,
@@ -268,24 +285,17 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
     slots: [T] int, the cache slot of each of the T columns (the same for every row); a negative slot is not written.
     q = rope(rms_norm(q; q_norm)), k = rope(rms_norm(k; k_norm)), v = rms_norm(v) without a scale. RoPE is
     rotate-half: ``x * cos + cat(-x2, x1) * sin``, cos/sin of ``position * inv_freq`` taken in fp32 and rounded
-    to the activation dtype, each product and the sum rounded (the reference's rope_cos_sin / apply_rope).
+    to the activation dtype, each product and the sum rounded (``rope_cos_sin`` / ``apply_rope`` above).
     """
     B, T, W = qkv.shape
     D = q_norm_weight.shape[0]
     Hkv = 0 if k_cache is None else k_cache.shape[1]
     Hq = W // D - 2 * Hkv
-    freqs = positions.clamp(min=0)[..., None].float() * inv_freq.float()  # [B, T, D/2] fp32
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(qkv.dtype)[:, :, None], emb.sin().to(qkv.dtype)[:, :, None]
-
-    def rope(x):  # [B, T, heads, D]
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
+    cos, sin = rope_cos_sin(positions, inv_freq, qkv.dtype)
     heads = qkv.unflatten(-1, (W // D, D))
-    q = rope(rms_norm(heads[:, :, :Hq], q_norm_weight, eps)).transpose(1, 2)
+    q = apply_rope(rms_norm(heads[:, :, :Hq], q_norm_weight, eps), cos, sin).transpose(1, 2)
     if k_cache is not None:
-        k = rope(rms_norm(heads[:, :, Hq:Hq + Hkv], k_norm_weight, eps)).transpose(1, 2)  # [B, Hkv, T, D]
+        k = apply_rope(rms_norm(heads[:, :, Hq:Hq + Hkv], k_norm_weight, eps), cos, sin).transpose(1, 2)
         v = rms_norm(heads[:, :, Hq + Hkv:], None, eps).transpose(1, 2)
         # A masked write without boolean indexing (no host sync: the fast model's reference mode and graph capture
         # run this): a skipped column rewrites the value a kept column writes (with none kept, slot 0's own old

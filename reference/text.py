@@ -2,7 +2,10 @@
 
 Parameter names are Hugging Face's: ``Gemma3nTextModel.state_dict()`` keys equal the checkpoint keys
 after stripping ``model.language_model.`` (multimodal files) or ``model.`` (text-only files).
-Every op that has a Triton kernel goes through ``gemma3n_fast.reference.ops``.
+Every op that has a Triton kernel goes through ``gemma3n_fast.reference.ops``, and so do the chains of ops the
+fast model fuses where they are steps of this model (RoPE, the per-layer-input injection, AltUp stream creation
+and collapse, the per-layer inputs, the embeddings): one definition of each piece of math, pinned to HF by the
+parity tests.
 
 Shape letters: A altup streams, B batch, T new tokens, S cached + new keys, H hidden, L layers,
 D per-layer-input width, Hq/Hkv heads, hd head dim, V vocab.
@@ -19,7 +22,6 @@ from torch import nn
 from gemma3n_fast.reference import ops
 from gemma3n_fast.reference.config import TextConfig
 from gemma3n_fast.reference.embedder import RMSNorm
-from gemma3n_fast.reference.multimodal import per_layer_token_ids
 
 
 # ---- KV cache ------------------------------------------------------------------------------------
@@ -56,19 +58,22 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---- building blocks -----------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies ``base^(-2i/hd)``, i < hd/2, in fp32 [hd/2] (HF's default rope init; one table per
+    layer type, ``TextConfig.rope_base``)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos/sin [B, T, hd] for rotate-half RoPE, computed in fp32 and cast to the activation dtype."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
-    freqs = positions.clamp(min=0)[..., None].float() * inv_freq  # padding (-1) gets position 0's table
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos/sin [B, T, hd] for rotate-half RoPE, computed in fp32 and cast to the activation dtype
+    (``ops.rope_cos_sin``; padding positions (-1) get position 0's rotation)."""
+    return ops.rope_cos_sin(positions, rope_inv_freq(head_dim, base, positions.device), dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads, hd]; cos/sin [B, T, hd]. ``x*cos + rotate_half(x)*sin`` with rotate_half = [-x2, x1]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+def embedding_scale(width: int, dtype: torch.dtype) -> float:
+    """``sqrt(width)`` rounded to ``dtype``, as a Python float: the scale of the token embeddings (width H) and of
+    the per-layer token embeddings (width D). HF keeps it as a buffer in the model dtype, so it is rounded first."""
+    return float(torch.tensor(width ** 0.5, device="cpu").to(dtype))  # a host value even under a meta build
 
 
 class Laurel(nn.Module):
@@ -130,12 +135,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, q_pos, shared_kv: dict, cache: KVCache | None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, Hq, T, hd]
+        q = ops.apply_rope(q, cos, sin).transpose(1, 2)  # [B, Hq, T, hd]
         if self.is_consumer:
             k, v, k_pos = shared_kv[self.kv_source]
         else:
             k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
-            k = apply_rope(k, cos, sin).transpose(1, 2)  # [B, Hkv, T, hd]
+            k = ops.apply_rope(k, cos, sin).transpose(1, 2)  # [B, Hkv, T, hd]
             v = ops.rms_norm(self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim), None, self.eps)
             v = v.transpose(1, 2)
             k_pos = q_pos
@@ -192,9 +197,8 @@ class DecoderLayer(nn.Module):
         corrected, gate_input = self.altup.correct(predictions, out)
         # Per-layer input injection, added to streams 1.. only (never the active stream).
         gate = F.gelu(self.per_layer_input_gate(gate_input), approximate="tanh") * per_layer_input
-        injection = self.post_per_layer_input_norm(self.per_layer_projection(gate))
-        others = [corrected[k] + injection if k != self.active else corrected[k] for k in range(corrected.shape[0])]
-        return torch.stack(others)
+        norm = self.post_per_layer_input_norm
+        return ops.altup_inject(corrected, self.per_layer_projection(gate), norm.weight, norm.eps, self.active)
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -221,46 +225,37 @@ class Gemma3nTextModel(nn.Module):
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
 
     # -- embeddings --
+    def token_embeddings(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] -> (scaled token embeddings [B, T, H], token part of the per-layer inputs [B, T, L, D]); both
+        tables scaled by ``embedding_scale`` of their width; ids outside the per-layer table read its row 0."""
+        cfg, dtype = self.config, self.embed_tokens.weight.dtype
+        x, token_part = ops.token_embeddings(
+            input_ids, self.embed_tokens.weight, embedding_scale(cfg.hidden_size, dtype),
+            self.embed_tokens_per_layer.weight, embedding_scale(cfg.hidden_size_per_layer_input, dtype))
+        return x, token_part.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scaled token embedding [B, T] -> [B, T, H]; sqrt(H) rounded to the weight dtype first."""
-        w = self.embed_tokens.weight
-        return self.embed_tokens(input_ids) * torch.tensor(self.config.hidden_size ** 0.5).to(w.dtype)
+        """Scaled token embedding [B, T] -> [B, T, H]."""
+        return self.token_embeddings(input_ids)[0]
 
     def per_layer_token_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token part of the per-layer inputs [B, T] -> [B, T, L, D] (ids outside the table -> row 0)."""
+        """Token part of the per-layer inputs [B, T] -> [B, T, L, D]."""
+        return self.token_embeddings(input_ids)[1]
+
+    def per_layer_inputs(self, inputs_embeds: torch.Tensor, token_part: torch.Tensor | None) -> torch.Tensor:
+        """Combine the projection of the (merged) embeddings with the token part -> [B, T, L, D]
+        (without a token part, HF's projection alone)."""
         cfg = self.config
-        rows = self.embed_tokens_per_layer(per_layer_token_ids(input_ids, cfg.vocab_size_per_layer_input))
-        scale = torch.tensor(cfg.hidden_size_per_layer_input ** 0.5).to(rows.dtype)
-        return (rows * scale).unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
-
-    def per_layer_inputs(self, inputs_embeds: torch.Tensor, token_part: torch.Tensor | None,
-                         rms_norm=ops.rms_norm) -> torch.Tensor:
-        """Combine the projection of the (merged) embeddings with the token part -> [B, T, L, D].
-
-        ``rms_norm``: the op to use (the fast model passes its op table's)."""
-        cfg, dtype = self.config, inputs_embeds.dtype
-        proj = self.per_layer_model_projection(inputs_embeds) * torch.tensor(cfg.hidden_size ** -0.5).to(dtype)
-        proj = rms_norm(proj.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)),
-                        self.per_layer_projection_norm.weight, cfg.rms_norm_eps)
-        if token_part is None:  # HF: projection alone, no 1/sqrt(2)
-            return proj
-        return (proj + token_part) * torch.tensor(2.0 ** -0.5).to(dtype)
+        return ops.per_layer_inputs_combine(self.per_layer_model_projection(inputs_embeds), token_part,
+                                            self.per_layer_projection_norm.weight, cfg.hidden_size, cfg.rms_norm_eps)
 
     # -- AltUp stream creation / collapse --
-    @staticmethod
-    def _match_magnitude(y: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
-        # clamp with a Python scalar: no device tensor is created, so a CUDA graph can capture it
-        return y * target_rms / torch.sqrt(y.pow(2).mean(-1, keepdim=True).clamp(min=1e-5))
-
     def make_streams(self, x0):  # [B, T, H] -> [A, B, T, H]
-        target = x0.pow(2).mean(-1, keepdim=True) ** 0.5
-        return torch.stack([x0] + [self._match_magnitude(p(x0), target) for p in self.altup_projections])
+        return ops.altup_make_streams(x0, torch.stack([p(x0) for p in self.altup_projections]))
 
-    def collapse(self, streams):  # [A, B, T, H] -> [B, T, H]
-        target = streams[0].pow(2).mean(-1, keepdim=True) ** 0.5
-        ys = [streams[0]] + [self._match_magnitude(p(streams[k + 1]), target)
-                             for k, p in enumerate(self.altup_unembed_projections)]
-        return torch.stack(ys).mean(0)
+    def collapse_norm(self, streams):  # [A, B, T, H] -> [B, T, H]: AltUp collapse, then the final norm
+        unembedded = torch.stack([p(streams[k + 1]) for k, p in enumerate(self.altup_unembed_projections)])
+        return ops.altup_collapse_norm(streams[0], unembedded, self.norm.weight, self.norm.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied head on the unscaled table, then ``cap * tanh(x / cap)``. [B, T, H] -> [B, T, V]."""
@@ -281,9 +276,9 @@ class Gemma3nTextModel(nn.Module):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
-            inputs_embeds = self.embed(input_ids)
+            inputs_embeds, token_part = self.token_embeddings(input_ids)
             if per_layer_token_inputs is None:
-                per_layer_token_inputs = self.per_layer_token_inputs(input_ids)
+                per_layer_token_inputs = token_part
         B, T, _ = inputs_embeds.shape
         past = cache.seq_len if cache is not None else 0
         if attention_mask is None:
@@ -302,7 +297,7 @@ class Gemma3nTextModel(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = cos_sin[cfg.layer_types[i]]
             streams = layer(streams, per_layer[:, :, i], cos, sin, q_pos, shared_kv, cache)
-        hidden = self.norm(self.collapse(streams))
+        hidden = self.collapse_norm(streams)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return TextOutput(logits=self.logits(hidden), cache=cache)

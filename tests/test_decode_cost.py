@@ -1,12 +1,13 @@
-"""The decode-step accounting (``bench/decode_cost.py``) at the real E2B / E4B structures, on the meta device (no
-weights, a few seconds): the counts are consistent, every weight byte a step needs is accounted for exactly once,
-and the launches per step stay under a ceiling that may only go down."""
+"""The decode-step accounting (``bench/byte_model.py`` on ``bench/launch_recorder.py``, reported by
+``bench/decode_cost.py``) at the real E2B / E4B structures, on the meta device (no weights, a few seconds): the
+counts are consistent, every weight byte a step needs is accounted for exactly once (the roofline's rule), and the
+launches per step stay under a ceiling that may only go down."""
 import json
 
 import pytest
 import torch
 
-from bench import decode_cost
+from bench import byte_model, decode_cost, launch_recorder
 
 # Launches per batch-1 decode step, at most. Measured 1,218 (E2B) and 1,373 (E4B) before the decode-step fusion
 # (issue 11, whose target is 400 / 460): lower these when a change lowers the count, never raise them.
@@ -18,7 +19,7 @@ BF16 = 2  # bytes per element
 
 @pytest.fixture(scope="module", params=["e2b", "e4b"])
 def cost(request):
-    return decode_cost.account(request.param, context=1024)
+    return byte_model.account(request.param, context=1024)
 
 
 def test_launch_ceiling(cost):
@@ -34,10 +35,10 @@ def test_counts_are_consistent(cost):
     assert sum(la["by_kind"].values()) == la["total"]
     assert sum(p["total"] for p in la["by_part"].values()) == la["total"]
     for part in la["by_part"].values():
-        assert sum(part[k] for k in decode_cost.KINDS) == part["total"]
+        assert sum(part[k] for k in launch_recorder.KINDS) == part["total"]
     # per layer -> the layers' part; per kind too
     assert len(la["per_layer"]) == L and all(d["total"] > 0 for d in la["per_layer"])
-    for k in (*decode_cost.KINDS, "total"):
+    for k in (*launch_recorder.KINDS, "total"):
         assert sum(d[k] for d in la["per_layer"]) == la["by_part"]["layers"][k]
     # the layer types cover every layer once
     assert sorted(i for t in la["layer_types"] for i in t["layers"]) == list(range(L))
@@ -51,24 +52,13 @@ def test_counts_are_consistent(cost):
     assert la["by_part"]["prologue"]["total"] > 0 and la["by_part"]["epilogue"]["total"] > 0
 
 
-def _parameter_bytes(model: str) -> tuple[int, int, dict]:
-    """(bytes of every text parameter, one row of the per-layer token table, the config) built independently."""
-    from gemma3n_fast.reference.config import Gemma3nConfig
-    from gemma3n_fast.reference.model import Gemma3nReference
-
-    cfg = decode_cost.text_config(model)
-    with torch.device("meta"):
-        ref = Gemma3nReference(Gemma3nConfig(text=cfg, audio=None, vision=None, text_only=True))
-    total = sum(p.numel() for p in ref.parameters()) * BF16
-    table = ref.language_model.embed_tokens_per_layer.weight
-    return total - table.numel() * BF16 + table.shape[1] * BF16, table.shape[1] * BF16, cfg
-
-
 def test_weight_bytes_are_the_parameters_read_once(cost):
     """Every weight read once per step (tied LM head: the whole table once), the per-layer token table one row per
     token; only a sparse FFN's up / down weights may be read in part (their active channels)."""
     by = cost["bytes"]
-    expected, ple_row, cfg = _parameter_bytes(cost["model"])
+    cfg = byte_model.text_config(cost["model"])
+    roofline = byte_model.roofline_bytes(cfg, context=cost["context"], elem=BF16)
+    expected, ple_row = roofline["weights"], roofline["ple_row"]
     assert not by["weights_not_read"], f"weights no launch reads: {by['weights_not_read']}"
     sparse_saving = 0.0
     for name in by["weights_partly_read"]:
@@ -79,7 +69,7 @@ def test_weight_bytes_are_the_parameters_read_once(cost):
         assert w["group"] in ("gate|up", "down"), f"{name} is read in part ({w['read']} of {w['size']} bytes)"
         layer = int(name.split("layers.")[1].split(".")[0])
         assert cfg.activation_sparsity_pattern[layer] > 0, f"{name}: a dense layer's FFN weight read in part"
-        assert w["read"] == pytest.approx(decode_cost._sparse_fraction() * w["size"])
+        assert w["read"] == pytest.approx(byte_model.sparse_fraction() * w["size"])
         sparse_saving += w["size"] - w["read"]
     # the parameters' bytes; tensors the fast model keeps beside them (buffers, attributes) come on top
     params = sum(min(w["read"], w["size"]) for w in by["per_weight"].values() if w["parameter"])
@@ -88,7 +78,7 @@ def test_weight_bytes_are_the_parameters_read_once(cost):
                                           rel=1e-12)
     V, H = cfg.vocab_size, cfg.hidden_size
     assert by["by_group"]["LM head"] == V * H * BF16
-    assert sum(by["by_group"][g] for g in decode_cost.BYTE_GROUPS if g not in ("KV", "activations")) == \
+    assert sum(by["by_group"][g] for g in byte_model.BYTE_GROUPS if g not in ("KV", "activations")) == \
         pytest.approx(by["weights"], rel=1e-12)
     assert by["total"] == pytest.approx(by["weights"] + by["kv"] + by["activations"], rel=1e-12)
     assert cost["floor_s"] == pytest.approx(by["total"] / cost["bandwidth_Bps"], rel=1e-12)
@@ -97,11 +87,9 @@ def test_weight_bytes_are_the_parameters_read_once(cost):
 def test_kv_bytes(cost):
     """K/V: every attention layer reads its source's cache (sliding: the window's ring, full: every slot), the
     owners write one slot; the position tables add a little."""
-    cfg = decode_cost.text_config(cost["model"])
-    slots = [cfg.sliding_window if cfg.is_sliding(i) else cost["context"] for i in range(cfg.num_hidden_layers)]
-    per_slot = 2 * cfg.num_key_value_heads * cfg.head_dim * BF16  # K and V
-    reads = sum(slots) * per_slot
-    writes = cfg.first_kv_shared_layer * per_slot
+    cfg = byte_model.text_config(cost["model"])
+    reads = byte_model.roofline_bytes(cfg, context=cost["context"], elem=BF16)["kv"]
+    writes = cfg.first_kv_shared_layer * 2 * cfg.num_key_value_heads * cfg.head_dim * BF16  # one slot of K and V
     assert reads + writes <= cost["bytes"]["kv"] <= 1.02 * (reads + writes)
 
 
@@ -136,10 +124,10 @@ def test_op_table_ops_are_counted_by_their_launchers():
     for name, shape in (("gate", (I, H)), ("up", (I, H)), ("down_t", (I, H)), ("q_norm", (D,)), ("k_norm", (D,))):
         holder.register_parameter(name, nn.Parameter(torch.empty(shape, device=meta, dtype=bf16), False))
     k_cache, v_cache = (torch.empty(1, Hkv, S, D, device=meta, dtype=bf16) for _ in range(2))
-    rec = decode_cost.Recorder(meta, decode_cost.WeightMap(holder), {decode_cost._storage_key(k_cache),
-                                                                     decode_cost._storage_key(v_cache)}, tokens=1)
+    lr = launch_recorder
+    rec = lr.Recorder(meta, lr.WeightMap(holder), {lr.storage_key(k_cache), lr.storage_key(v_cache)}, tokens=1)
     rec.active = True
-    wrap = {name: decode_cost._wrap_op(rec, name, fn, getattr(ops, name)) for name, fn in (
+    wrap = {name: lr.wrap_op(rec, name, fn, getattr(ops, name), byte_model.op_rules(name)) for name, fn in (
         ("sparse_ffn", sparse_ffn), ("qkv_norm_rope_cache", qkv_norm_rope_cache),
         ("sliding_window_attention_decode", sliding_window_attention_decode))}
     x, qkv = torch.empty(1, 1, H, device=meta, dtype=bf16), torch.empty(1, 1, (Hq + 2 * Hkv) * D, device=meta,
@@ -147,7 +135,7 @@ def test_op_table_ops_are_counted_by_their_launchers():
     positions, k_pos = torch.zeros(1, 1, dtype=torch.int32, device=meta), torch.zeros(1, S, dtype=torch.int32,
                                                                                         device=meta)
     inv_freq, slots = torch.empty(D // 2, device=meta), torch.zeros(1, dtype=torch.long, device=meta)
-    with decode_cost._record_triton(rec), decode_cost._CountAten(rec):
+    with lr.record_triton(rec), lr.CountAten(rec):
         wrap["sparse_ffn"](x, holder.gate, holder.up, holder.down_t, 1.6448)
         q = wrap["qkv_norm_rope_cache"](qkv, holder.q_norm, holder.k_norm, inv_freq, positions, k_cache, v_cache,
                                         slots)

@@ -1,0 +1,327 @@
+"""Gemma 3n's decode-step byte model: what one batch-1 decode step of gemma3n_fast launches and moves, counted on
+the meta device (no GPU, no weights) by bench/launch_recorder.py, and the roofline's bytes of any step.
+
+``account(model)`` builds the fast model at the real E2B / E4B text structure (``bench/configs.py``, i.e.
+``reference/config.py``'s ``E2B_TEXT`` / ``E4B_TEXT``) on the meta device, with the op table in its "triton" mode
+(the real kernel launchers), and runs one decode step the way ``gemma3n_fast/generate.py``'s ``_step`` runs it,
+through a ``DecodeState`` (one step first as a warm-up, as the graph capture does; the second is counted). What is
+Gemma-specific lives here:
+
+* ``ARG_TRAFFIC``: op-table arguments whose bytes are not "read whole" (KV caches are written one slot per new
+  token, the sparse FFN reads its active up rows / down columns only, the embedding gathers read one row per token);
+* ``PLAIN_OP_LAUNCHES``: launches assumed for a launcher that cannot run on meta (normally unused);
+* ``WEIGHT_GROUPS``: how weight bytes are reported (gate|up, down, LM head, ...);
+* the layers: ``FastGemma3n._layer(i, ...)`` is wrapped, so a launch belongs to the layer whose call it happens in;
+  the rest is the prologue (before the first layer), "between layers" or the epilogue.
+
+Bytes per token = weights (each weight byte counted once per step: a re-read of a small weight, e.g. the AltUp
+router in predict and correct, stays in L2) + K/V (every attention read, every cache write) + activations (every
+launch's reads and writes of everything else, as launched today). Floor = bytes / bandwidth (default 3.0 TB/s,
+the H100's measured copy bandwidth). The step decodes at the last column of a ``context``-slot cache, so the
+full-attention layers read every slot whether or not they bound their scan by the position.
+
+``roofline_bytes(text_config, ...)``: the bytes a decode step must move at least, by rule (every text weight
+once, one per-layer-embedding row per sequence, K/V reads at a context), for the end-to-end benchmark's roofline
+and as the account's check (tests/test_decode_cost.py).
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections import Counter, defaultdict
+
+import torch
+
+from bench.launch_recorder import (KINDS, CountAten, Recorder, WeightMap, record_triton, storage_key, wrap_layers,
+                                   wrap_op)
+
+H100_COPY_BANDWIDTH = 3.0e12  # bytes/s, read + write, measured by bench/common.py::device_bandwidth on an H100
+
+# ---- op-table ops ---------------------------------------------------------------------------------------------
+# Launches of an op-table op whose launcher cannot run on meta tensors (then its plain op runs and this many
+# Triton launches are assumed; the output lists such ops under "plain_op_fallbacks"). Normally unused: the
+# launchers run on meta and their launches are counted as they happen.
+PLAIN_OP_LAUNCHES = {"sparse_ffn": 3, "sliding_window_attention_decode": 2}
+
+SPARSE_ACTIVE_FRACTION = 0.05  # channels active after the Gaussian top-k at sparsity 0.95 (sparse_ffn_bytes' default)
+
+
+def sparse_fraction() -> float:
+    try:
+        from gemma3n_fast.kernels.sparse_ffn import sparse_ffn_bytes
+
+        return float(inspect.signature(sparse_ffn_bytes).parameters["active_fraction"].default)
+    except Exception:  # noqa: BLE001 - the module moved or changed: keep the documented value
+        return SPARSE_ACTIVE_FRACTION
+
+
+def _one_slot_per_token(t: torch.Tensor, bound: dict, tokens: int):
+    """A KV cache [B, Hkv, S, D] argument: the new tokens' slots are written, nothing is read."""
+    slot = t.numel() // max(t.shape[-2], 1) * t.element_size()
+    return 0, slot * tokens
+
+
+def _active_rows(t: torch.Tensor, bound: dict, tokens: int):
+    """A sparse FFN's up weight / transposed down weight [I, H]: only the active channels' rows are read, per row
+    of x (each row its own channels)."""
+    x = bound.get("x")
+    rows = x.numel() // x.shape[-1] if isinstance(x, torch.Tensor) else 1
+    return rows * sparse_fraction() * t.numel() * t.element_size(), 0
+
+
+def _gathered_rows(t: torch.Tensor, bound: dict, tokens: int):
+    """An embedding table [V, n] argument of ``token_embeddings``: one row per token id is read."""
+    ids = bound.get("input_ids")
+    n = ids.numel() if isinstance(ids, torch.Tensor) else 1
+    return n * t.shape[-1] * t.element_size(), 0
+
+
+def _not_read(t: torch.Tensor, bound: dict, tokens: int):
+    """``token_embeddings``' multimodal hard table: a token reads one row of it OR of the text table (counted there)."""
+    return 0, 0
+
+
+# Op-table arguments for which "read whole" is wrong: op name ("*": any op) -> argument name -> rule
+# (tensor, bound arguments, new tokens) -> (bytes read, bytes written) (launch_recorder.ArgRule).
+ARG_TRAFFIC = {
+    "*": {"k_cache": _one_slot_per_token, "v_cache": _one_slot_per_token},
+    "sparse_ffn": {"up_weight": _active_rows, "down_weight_t": _active_rows},
+    "token_embeddings": {"embed_weight": _gathered_rows, "per_layer_weight": _gathered_rows,
+                         "hard_embeddings": _not_read},
+}
+
+# ---- weight groups --------------------------------------------------------------------------------------------
+# (group, pattern on the weight's name without the "model.language_model." prefix); the first match wins.
+WEIGHT_GROUPS = (
+    ("gate|up", r"mlp\.(gate|up)_proj\.|gate_up"),
+    ("down", r"mlp\.down_proj\.|down_"),
+    ("LM head", r"^embed_tokens\.weight$"),  # tied: the LM head reads the whole table, the token gather one row
+    ("q|k|v", r"self_attn\.[qkv]_proj\.|qkv"),
+    ("o", r"self_attn\.o_proj\."),
+    ("per-layer inputs", r"per_layer"),
+    ("AltUp", r"altup"),
+    ("LAuReL", r"laurel"),
+    ("norms", r"norm"),
+    ("other weights", r""),
+)
+BYTE_GROUPS = tuple(g for g, _ in WEIGHT_GROUPS) + ("KV", "activations")
+
+
+def op_rules(name: str) -> dict:
+    """The byte rules of op-table op ``name``'s arguments (``ARG_TRAFFIC``'s "*" entries, then its own)."""
+    return {**ARG_TRAFFIC.get("*", {}), **ARG_TRAFFIC.get(name, {})}
+
+
+def weight_group(name: str) -> str:
+    short = name.removeprefix("model.").removeprefix("language_model.")
+    for group, pattern in WEIGHT_GROUPS:
+        if re.search(pattern, short):
+            return group
+    return "other weights"
+
+
+LAYER_METHODS = ("_layer",)  # the fast model's methods that run one decoder layer, first argument the layer index
+
+
+# ---- building the model on meta -------------------------------------------------------------------------------
+def text_config(model: str):
+    from bench import configs
+    from gemma3n_fast.reference.config import TextConfig
+
+    return TextConfig.from_dict(dict(configs.model_dict(model)["text_config"]))
+
+
+def build_meta_model(model: str, dtype: torch.dtype):
+    """-> (fast model on meta with the op table in its "triton" mode, how it was built)."""
+    from gemma3n_fast import backend as backend_module
+    from gemma3n_fast.model import from_reference
+    from gemma3n_fast.reference.config import Gemma3nConfig
+    from gemma3n_fast.reference.model import Gemma3nReference
+
+    cfg = Gemma3nConfig(text=text_config(model), audio=None, vision=None, text_only=True)
+    with torch.device("meta"):
+        ref = Gemma3nReference(cfg)
+    ref = ref.to(dtype).eval().requires_grad_(False)
+    real_pick = backend_module.pick_mode
+
+    def pick_triton(mode, device):  # the kernel mode on meta: the launchers only look at shapes
+        return "triton" if torch.device(device).type == "meta" else real_pick(mode, device)
+
+    backend_module.pick_mode = pick_triton
+    try:
+        return from_reference(ref, kernels="triton"), "triton mode on meta"
+    except Exception as e:  # noqa: BLE001 - build in reference mode and put the launchers in
+        how = f"reference mode + kernel launchers (the triton mode failed on meta: {type(e).__name__}: {e})"
+    finally:
+        backend_module.pick_mode = real_pick
+    import importlib
+
+    with torch.device("meta"):
+        ref = Gemma3nReference(cfg)
+    ref = ref.to(dtype).eval().requires_grad_(False)
+    fast = from_reference(ref, kernels="reference")
+    for name in list(fast.backend.sources):
+        module = backend_module.KERNEL_MODULES.get(name, name)
+        setattr(fast.backend, name, getattr(importlib.import_module(f"gemma3n_fast.kernels.{module}"), name))
+        fast.backend.sources[name] = "kernel"
+    return fast, how
+
+
+def layer_type(cfg, i: int) -> str:
+    own = "KV-owning" if i < cfg.first_kv_shared_layer else "KV-shared"
+    att = "sliding" if cfg.is_sliding(i) else "full"
+    ffn = "sparse FFN" if cfg.activation_sparsity_pattern[i] > 0 else "dense FFN"
+    return f"{own} {att}, {ffn}"
+
+
+# ---- the accounting -------------------------------------------------------------------------------------------
+def account(model: str = "e2b", *, context: int = 1024, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+            bandwidth: float = H100_COPY_BANDWIDTH) -> dict:
+    """Launches and bytes of one decode step of ``model`` ("e2b", "e4b", "smoke"); see the module docstring."""
+    from gemma3n_fast import reference
+    from gemma3n_fast.generate import DecodeState, _step
+    from gemma3n_fast.reference.generation import GenerationPlan, Sampler
+
+    t0 = time.perf_counter()
+    fast, how = build_meta_model(model, dtype)
+    cfg = fast.text_config
+    context = min(context, cfg.max_position_embeddings)
+    plan = GenerationPlan(sampler=Sampler.from_args(False), max_new_tokens=context, eos=[1], pad=0)  # greedy
+    st = DecodeState(fast, batch, context, plan)
+    kv = {storage_key(t) for t in [*st.cache.k, *st.cache.v, *st.cache.pos.values()]}
+    rec = Recorder(fast.device, WeightMap(fast, weight_group), kv, tokens=1)
+    for name in list(fast.backend.sources):
+        setattr(fast.backend, name, wrap_op(rec, name, getattr(fast.backend, name), getattr(reference.ops, name, None),
+                                            op_rules(name), PLAIN_OP_LAUNCHES.get(name, 1)))
+    wrapped = wrap_layers(rec, fast, LAYER_METHODS)
+    with torch.no_grad(), record_triton(rec), CountAten(rec):
+        _step(fast, st)  # warm-up: cached workspaces are allocated here, as before a graph capture
+        rec.active = True
+        _step(fast, st)
+    if not wrapped or not rec.layers_begun:
+        raise RuntimeError(f"byte_model: no decoder layer call was seen (wrapped {wrapped or 'nothing'}); add the "
+                           "fast model's per-layer method to bench.byte_model.LAYER_METHODS")
+    return summarize(rec, cfg, model=model, how=how, context=context, batch=batch, dtype=dtype,
+                     bandwidth=bandwidth, seconds=time.perf_counter() - t0)
+
+
+def _part(layer, begun, n_layers_begun) -> str:
+    if layer is not None:
+        return "layers"
+    if begun == 0:
+        return "prologue"
+    return "epilogue" if begun == n_layers_begun else "between layers"
+
+
+def summarize(rec: Recorder, cfg, *, model, how, context, batch, dtype, bandwidth, seconds) -> dict:
+    L = cfg.num_hidden_layers
+    kinds = dict.fromkeys(KINDS, 0)
+    by_kind = Counter(l.kind for l in rec.launches)
+    parts = {p: dict(kinds) for p in ("prologue", "layers", "between layers", "epilogue")}
+    per_layer = [dict(kinds) for _ in range(L)]
+    for l in rec.launches:
+        parts[_part(l.layer, l.layers_begun, rec.layers_begun)][l.kind] += 1
+        if l.layer is not None:
+            per_layer[l.layer][l.kind] += 1
+    for d in [*parts.values(), *per_layer]:
+        d["total"] = sum(d[k] for k in KINDS)
+    types: dict[str, list[int]] = {}
+    for i in range(L):
+        types.setdefault(layer_type(cfg, i), []).append(i)
+    layer_types = []
+    for t, idx in types.items():
+        rows = [per_layer[i] for i in idx]
+        layer_types.append(dict(type=t, layers=idx, per_layer={k: rows[0][k] for k in (*KINDS, "total")},
+                                uniform=all(r == rows[0] for r in rows),
+                                min_total=min(r["total"] for r in rows), max_total=max(r["total"] for r in rows)))
+
+    # bytes
+    read_by_weight = defaultdict(float)
+    group_bytes = dict.fromkeys(BYTE_GROUPS, 0.0)
+    kv_bytes = act_bytes = 0.0
+    layer_bytes = defaultdict(float)
+    op_bytes, act_by_op = Counter(), Counter()
+    for tr in rec.traffic:
+        op_bytes[tr.op] += tr.read + tr.written
+        if tr.group == "activations":
+            act_by_op[tr.op] += tr.read + tr.written
+        if tr.weight is not None:
+            read_by_weight[tr.weight] += tr.read + tr.written
+        elif tr.group == "KV":
+            kv_bytes += tr.read + tr.written
+        else:
+            act_bytes += tr.read + tr.written
+        if tr.layer is not None:
+            layer_bytes[tr.layer] += tr.read + tr.written
+    wm = rec.weights
+    weights_unique = {n: min(b, wm.size[n]) for n, b in read_by_weight.items()}
+    for n, b in weights_unique.items():
+        group_bytes[wm.group[n]] += b
+    group_bytes["KV"], group_bytes["activations"] = kv_bytes, act_bytes
+    weight_total = sum(weights_unique.values())
+    total = weight_total + kv_bytes + act_bytes
+    floor_s = total / bandwidth
+    partial = sorted(n for n, b in weights_unique.items() if b < wm.size[n])
+    unread = sorted(n for n in wm.leaves if n not in read_by_weight)
+
+    triton = Counter(l.name for l in rec.launches if l.kind == "Triton")
+    programs = defaultdict(list)
+    for l in rec.launches:
+        if l.kind == "Triton" and l.programs is not None:
+            programs[l.name].append(l.programs)
+    op_calls = defaultdict(lambda: dict(calls=0, launches=0))
+    for c in rec.op_calls:
+        op_calls[c.name]["calls"] += 1
+        op_calls[c.name]["launches"] += c.launches
+    fallbacks = sorted({f"{c.name}: {c.plain_fallback}" for c in rec.op_calls if c.plain_fallback})
+    return dict(
+        model=model, dtype=str(dtype).removeprefix("torch."), batch=batch, context=context,
+        layers=L, first_kv_shared_layer=cfg.first_kv_shared_layer, built=how,
+        launches=dict(total=len(rec.launches), by_kind={k: by_kind.get(k, 0) for k in KINDS}, by_part=parts,
+                      layer_types=layer_types, per_layer=per_layer,
+                      aten_ops=dict(Counter(l.name for l in rec.launches if l.kind != "Triton").most_common()),
+                      triton_kernels=dict(triton.most_common()),
+                      triton_programs={k: dict(launches=len(v), min=min(v), max=max(v)) for k, v in programs.items()},
+                      op_table=dict(op_calls)),
+        bytes=dict(total=total, weights=weight_total, kv=kv_bytes, activations=act_bytes, by_group=group_bytes,
+                   weights_read_by_launches=sum(read_by_weight.values()),
+                   per_weight={n: dict(size=wm.size[n], read=read_by_weight.get(n, 0.0), group=wm.group[n],
+                                       parameter=wm.is_parameter[n]) for n in wm.leaves},
+                   weights_partly_read=partial, weights_not_read=unread,
+                   per_layer=[layer_bytes[i] for i in range(L)], by_op=dict(op_bytes.most_common()),
+                   activations_by_op=dict(act_by_op.most_common())),
+        bandwidth_Bps=bandwidth, floor_s=floor_s, floor_tok_s=batch / floor_s,
+        host_reads=rec.host_reads, triton_outside_op_table=dict(rec.outside_table), plain_op_fallbacks=fallbacks,
+        seconds=seconds,
+    )
+
+
+# ---- the roofline ---------------------------------------------------------------------------------------------
+def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2) -> dict:
+    """The bytes one decode step of ``batch`` sequences must move at least, by rule, in ``elem``-byte weights and K/V:
+
+    * ``weights``: every text-decoder weight once (the tied LM head: the whole table once), except the per-layer token
+      table, of which each sequence gathers one row (``ple_row``): ``weights`` includes ``batch`` such rows;
+    * ``kv``: the K and V every attention layer reads with ``context`` cached tokens (sliding layers at most their
+      window; a KV-shared layer reads its producer's cache again);
+    * ``total``: their sum.
+
+    text_config: a ``TextConfig`` or its dict. The model is built on the meta device: no weights, instant at E4B size.
+    ``account`` at batch 1 reads these weights (less the inactive part of the sparse FFNs) and this K/V (plus one
+    written slot per KV-owning layer): tests/test_decode_cost.py checks it.
+    """
+    from gemma3n_fast.reference.config import TextConfig
+    from gemma3n_fast.reference.text import Gemma3nTextModel
+
+    cfg = text_config if isinstance(text_config, TextConfig) else TextConfig.from_dict(dict(text_config))
+    with torch.device("meta"):
+        model = Gemma3nTextModel(cfg)
+    table = model.embed_tokens_per_layer.weight
+    ple_row = table.shape[1] * elem
+    weights = (sum(p.numel() for p in model.parameters()) - table.numel()) * elem + batch * ple_row
+    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # K and V of one layer
+    tokens = sum(min(context, cfg.sliding_window) if cfg.is_sliding(i) else context
+                 for i in range(cfg.num_hidden_layers))
+    kv = batch * tokens * per_token
+    return dict(weights=float(weights), ple_row=float(ple_row), kv=float(kv), total=float(weights + kv))
