@@ -56,9 +56,21 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---- building blocks -----------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies ``base^(-2i/hd)``, i < hd/2, in fp32 [hd/2] (HF's default rope init; one table per
+    layer type, ``TextConfig.rope_base``)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
+def embedding_scale(width: int, dtype: torch.dtype) -> float:
+    """``sqrt(width)`` rounded to ``dtype``, as a Python float: the scale of the token embeddings (width H) and of
+    the per-layer token embeddings (width D). HF keeps it as a buffer in the model dtype, so it is rounded first."""
+    return float(torch.tensor(width ** 0.5, device="cpu").to(dtype))  # a host value even under a meta build
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
     """cos/sin [B, T, hd] for rotate-half RoPE, computed in fp32 and cast to the activation dtype."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, base, positions.device)
     freqs = positions.clamp(min=0)[..., None].float() * inv_freq  # padding (-1) gets position 0's table
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
