@@ -12,10 +12,10 @@ __all__ = ["load", "__version__"]
 
 
 def load(path_or_hub_id, device=None, dtype=None, kernels=None, revision=None, matformer=None, num_threads=None):
-    """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model; see ``gemma3n_fast.model.load``.
+    """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model; see ``gemma3n_fast.loading.load``.
     ``matformer="E2B"`` (on an E4B checkpoint) or ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}`` loads a
     MatFormer slice, reading only its part of the weights."""
-    from gemma3n_fast.model import load as _load
+    from gemma3n_fast.loading import load as _load
 
     return _load(path_or_hub_id, device=device, dtype=dtype, kernels=kernels, revision=revision, matformer=matformer,
                  num_threads=num_threads)

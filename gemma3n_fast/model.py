@@ -1,8 +1,8 @@
 """The fast Gemma 3n: the reference's module tree and helpers, its own forward over the op table, a static KV cache
 and a decode step that a CUDA graph can capture.
 
-``load`` reads the checkpoint with the reference's loader (``reference.model.load``: meta device, ``assign=True``)
-and wraps the module tree it returns; ``state_dict`` keys are HF's (``model.language_model.layers.0...``). What
+``FastGemma3n`` wraps the reference's module tree (``loading.load`` reads it with the reference's loader: meta
+device, ``assign=True``); ``state_dict`` keys are HF's (``model.language_model.layers.0...``). What
 differs from the reference, and why:
   * q|k|v and gate|up are fused into one matrix each at load: one GEMM instead of three / two; the HF-named
     weights become views of the fused matrix, so there is one copy;
@@ -18,22 +18,22 @@ D head dim, V vocab.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from gemma3n_fast.backend import Backend, pick_mode
-from gemma3n_fast.cache import StaticKVCache
+from gemma3n_fast.backend import Backend
+from gemma3n_fast.cache import DecodeSlot, NoCache, StaticKVCache
 from gemma3n_fast.generate import GenerationMixin
+from gemma3n_fast.loading import PinnedPlacement, load  # noqa: F401 - gemma3n_fast.model.load: the loader's old home
 from gemma3n_fast.reference import model as reference_model
 from gemma3n_fast.reference.generation import check_media, check_prompt
-from gemma3n_fast.reference.loader import check_device
+from gemma3n_fast.reference.text import embedding_scale, positions_from_mask, rope_inv_freq
 
 log = logging.getLogger("gemma3n_fast")
-LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass
@@ -69,72 +69,85 @@ class Workspaces:
 NO_WORKSPACES = Workspaces()
 
 
-class _KV:
-    """Where one forward's K/V come from and go to.
+@dataclass(frozen=True)
+class DecoderLayerWeights:
+    """One decoder layer's weights as the fused ops take them, built once at load (``layer_weights``). Every tensor
+    is a weight of the reference's module tree or a view of one (q|k|v, gate|up are fused there, see
+    ``_fuse``), so there is one copy in memory."""
+    layer_type: str  # "sliding_attention" | "full_attention"
+    window: int | None  # sliding window (None: full attention)
+    owns_kv: bool  # False: a KV-shared layer, attending over the K/V of the last owner layer of its type
+    qkv_width: int  # (Hq + 2 Hkv) D, or Hq D for a KV-shared layer: where LAuReL's left projection starts
+    # AltUp predict and the input norm
+    router_norm: torch.Tensor  # [H]
+    router: torch.Tensor  # [A, H]
+    prediction_coefs: torch.Tensor  # [A * A, A]
+    input_norm: torch.Tensor  # [H]
+    # attention and LAuReL
+    qkv_laurel_left: torch.Tensor  # [qkv_width + laurel_rank, H]: q|k|v and LAuReL's left projection (one input)
+    q_norm: torch.Tensor  # [D]
+    k_norm: torch.Tensor | None  # [D]; None for a KV-shared layer
+    o_proj: torch.Tensor  # [H, Hq D]
+    laurel_right: torch.Tensor  # [H, laurel_rank]
+    post_attention_norm: torch.Tensor  # [H]
+    post_laurel_norm: torch.Tensor  # [H]
+    pre_ffn_norm: torch.Tensor  # [H]
+    # MLP: dense (gate|up, down) or sparse (gate|up, down transposed, the sparsity's std multiplier)
+    gate_up: torch.Tensor  # [2I, H]
+    down: torch.Tensor  # [H, I]
+    down_t: torch.Tensor | None  # [I, H], the sparse FFN kernel gathers the active channels' rows; None: dense
+    sparsity_std_multiplier: float | None
+    # AltUp correct, the per-layer input gate and projection
+    post_ffn_norm: torch.Tensor  # [H]
+    correction_coefs: torch.Tensor  # [A, A]
+    correct_output_scale: torch.Tensor | None  # [H]; None when the config does not scale
+    per_layer_input_gate: torch.Tensor  # [P, H]
+    per_layer_projection: torch.Tensor  # [H, P]
+    per_layer_projection_norm: torch.Tensor  # [H]: normalises the projection when it is injected
 
-    * no cache: each owner layer attends over the forward's own K/V (full-sequence logits);
-    * prefill: a chunk written into ``cache`` at columns ``[col0, col0 + T)`` (``col0`` a Python int: prefill is
-      never captured);
-    * decode: one column given as a device tensor ``col`` [1] (static shapes, graph-safe): the q|k|v kernel writes
-      K/V straight into the cache slot.
-    ``shared[type]`` holds the last owner's (K, V, k_pos) of each layer type: what the KV-shared layers read.
-    """
-
-    def __init__(self, positions, cache: StaticKVCache | None = None, col0: int | None = None,
-                 col: torch.Tensor | None = None):
-        self.cache, self.col0, self.col = cache, col0, col
-        self.shared: dict[str, tuple] = {}
-        if cache is None:
-            self.k_pos = {t: positions for t in LAYER_TYPES}
-        elif col is None:
-            T, W, dev = positions.shape[1], cache.window, positions.device
-            full, ring = cache.pos["full_attention"], cache.pos["sliding_attention"]
-            full[:, col0:col0 + T] = positions
-            # Sliding keys = the ring's slots in column order (oldest first), then the chunk: positions increase
-            # along the keys, which the prefill kernel's tile skipping relies on. Column c lives in slot c % W.
-            self.ring_order = (torch.arange(W, device=dev) + col0) % W
-            self.k_pos = {"full_attention": full[:, :col0 + T],
-                          "sliding_attention": torch.cat([ring[:, self.ring_order], positions], 1) if col0 else
-                          positions}
-            self.chunk_tail = torch.arange(max(0, T - W), T, device=dev)  # the chunk's last W columns stay
-            ring[:, (self.chunk_tail + col0) % W] = positions[:, self.chunk_tail]
-        else:
-            self.slot = {"full_attention": col, "sliding_attention": torch.remainder(col, cache.window)}
-            for t, s in self.slot.items():
-                cache.pos[t].index_copy_(1, s, positions)
-            self.k_pos = dict(cache.pos)
-
-    def target(self, i: int, layer_type: str, like: torch.Tensor, heads: int, head_dim: int):
-        """(k, v, slots) for the q|k|v kernel to write owner layer i's new K/V into: the cache slot at decode, a
-        [B, Hkv, T, D] scratch pair (slots 0..T-1) otherwise (``keys`` then places them)."""
-        if self.col is not None:
-            return self.cache.k[i], self.cache.v[i], self.slot[layer_type]
-        B, T = like.shape[:2]
-        k = torch.empty(B, heads, T, head_dim, device=like.device, dtype=like.dtype)
-        return k, torch.empty_like(k), torch.arange(T, device=like.device)
-
-    def keys(self, i: int, layer_type: str, k, v):
-        """After the write: store a prefill chunk's K/V [B, Hkv, T, D] in the cache; -> (K, V, k_pos) to attend."""
-        c = self.cache
-        if c is None:
-            K, V = k, v
-        elif self.col is None:
-            ck, cv, c0, T = c.k[i], c.v[i], self.col0, k.shape[2]
-            if layer_type == "full_attention":
-                ck[:, :, c0:c0 + T], cv[:, :, c0:c0 + T] = k, v
-                K, V = ck[:, :, :c0 + T], cv[:, :, :c0 + T]
-            else:
-                K, V = (torch.cat([ck[:, :, self.ring_order], k], 2), torch.cat([cv[:, :, self.ring_order], v], 2)) \
-                    if c0 else (k, v)
-                dst = (self.chunk_tail + c0) % c.window
-                ck[:, :, dst], cv[:, :, dst] = k[:, :, self.chunk_tail], v[:, :, self.chunk_tail]
-        else:
-            K, V = k, v  # the cache itself, already written
-        self.shared[layer_type] = (K, V, self.k_pos[layer_type])
-        return self.shared[layer_type]
+    @classmethod
+    def of(cls, layer, layer_type: str) -> DecoderLayerWeights:
+        """Fuse reference ``DecoderLayer`` ``layer``'s projections (its weights become views) and collect them."""
+        at, au, mlp = layer.self_attn, layer.altup, layer.mlp
+        owns_kv = not at.is_consumer
+        qkv = [at.q_proj, at.k_proj, at.v_proj] if owns_kv else [at.q_proj]
+        sparse = mlp.std_multiplier is not None
+        down_t = None
+        if sparse:
+            down_t = mlp.down_proj.weight.data.t().contiguous()
+            mlp.down_proj.weight = nn.Parameter(down_t.t(), requires_grad=False)
+        return cls(
+            layer_type=layer_type, window=at.window, owns_kv=owns_kv, qkv_width=sum(m.weight.shape[0] for m in qkv),
+            router_norm=au.router_norm.weight, router=au.modality_router.weight,
+            prediction_coefs=au.prediction_coefs.weight, input_norm=layer.input_layernorm.weight,
+            qkv_laurel_left=_fuse(qkv + [layer.laurel.linear_left]), q_norm=at.q_norm.weight,
+            k_norm=at.k_norm.weight if owns_kv else None, o_proj=at.o_proj.weight,
+            laurel_right=layer.laurel.linear_right.weight, post_attention_norm=layer.post_attention_layernorm.weight,
+            post_laurel_norm=layer.laurel.post_laurel_norm.weight, pre_ffn_norm=layer.pre_feedforward_layernorm.weight,
+            gate_up=_fuse([mlp.gate_proj, mlp.up_proj]), down=mlp.down_proj.weight, down_t=down_t,
+            sparsity_std_multiplier=mlp.std_multiplier, post_ffn_norm=layer.post_feedforward_layernorm.weight,
+            correction_coefs=au.correction_coefs.weight,
+            correct_output_scale=au.correct_output_scale if au.use_scale else None,
+            per_layer_input_gate=layer.per_layer_input_gate.weight,
+            per_layer_projection=layer.per_layer_projection.weight,
+            per_layer_projection_norm=layer.post_per_layer_input_norm.weight)
 
 
-class FastGemma3n(GenerationMixin, nn.Module):
+class LayerOutput(NamedTuple):
+    """What a decoder layer hands the next one (or the collapse). The layer's last step, the per-layer-input
+    injection ``streams[k] += rms_norm(per_layer_projection; per_layer_projection_norm)`` for k != active, is left
+    to the next op, which fuses it (``altup_predict_fused``, or ``altup_inject`` before the collapse)."""
+    streams: torch.Tensor  # [A, B, T, H], AltUp-corrected
+    per_layer_projection: torch.Tensor | None  # [B, T, H] before its norm; None: nothing to inject (embeddings)
+    per_layer_projection_norm: torch.Tensor | None  # [H]
+
+    def last_token(self) -> LayerOutput:
+        proj = self.per_layer_projection
+        return LayerOutput(self.streams[:, :, -1:], None if proj is None else proj[:, -1:],
+                           self.per_layer_projection_norm)
+
+
+class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
     """The fast model around a loaded ``reference.model.Gemma3nReference`` (kept as ``self.model``).
 
     Every layer, at prefill and decode alike, is one chain of fused ops (see backend.py for the list): 12 launches
@@ -154,12 +167,10 @@ class FastGemma3n(GenerationMixin, nn.Module):
         self.use_cuda_graph = True  # decode steps are captured into a CUDA graph on CUDA devices
         self._decode_states: dict = {}  # the decode state (buffers, CUDA graph) of the last configuration
         c = self.text_config
-        # RoPE inverse frequencies per layer type, fp32, as the reference's rope_cos_sin computes them
-        self.inv_freq = {t: 1.0 / (base ** (torch.arange(0, c.head_dim, 2, dtype=torch.float, device=self.device)
-                                            / c.head_dim)) for t, base in c.rope_base.items()}
-        # sqrt(H) and sqrt(P) rounded to the weight dtype, as the reference's embed / per_layer_token_inputs do
-        self.embed_scales = tuple(float(torch.tensor(n ** 0.5).to(self.dtype))
-                                  for n in (c.hidden_size, c.hidden_size_per_layer_input))
+        # RoPE inverse frequencies per layer type (fp32) and the embedding scales, as the reference defines them
+        self.inv_freq = {t: rope_inv_freq(c.head_dim, base, self.device) for t, base in c.rope_base.items()}
+        self.embed_scale = embedding_scale(c.hidden_size, self.dtype)
+        self.per_layer_embed_scale = embedding_scale(c.hidden_size_per_layer_input, self.dtype)
         with torch.no_grad():
             self._fuse_weights()
             self._precompute_hard_embeddings()
@@ -171,22 +182,13 @@ class FastGemma3n(GenerationMixin, nn.Module):
                     m.attention_op = self.backend.chunked_local_attention
 
     def _fuse_weights(self) -> None:
-        """Weights laid out for the fused ops, once; each HF-named weight becomes a view (one copy in memory):
-        q|k|v|LAuReL-left -> ``layer.qkv_weight`` (one GEMV, same input); gate|up -> ``layer.gate_up_weight``;
-        sparse layers' down weight stored transposed (``layer.down_weight_t`` [I, H]: the kernel gathers the active
-        channels' rows); the A-1 AltUp projections -> one [(A-1) H, H] matrix, the unembed ones -> [A-1, H, H]."""
-        lm = self.model.language_model
-        for layer in lm.layers:
-            at, mlp = layer.self_attn, layer.mlp
-            layer.qkv_weight = _fuse([at.q_proj] + ([] if at.is_consumer else [at.k_proj, at.v_proj])
-                                     + [layer.laurel.linear_left])
-            layer.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
-            if mlp.std_multiplier is not None:
-                layer.down_weight_t = mlp.down_proj.weight.data.t().contiguous()
-                mlp.down_proj.weight = nn.Parameter(layer.down_weight_t.t(), requires_grad=False)
-        H = self.text_config.hidden_size
-        lm.altup_projection_weight = _fuse(list(lm.altup_projections))
-        lm.altup_unembed_weight = _fuse(list(lm.altup_unembed_projections)).view(-1, H, H)
+        """Weights laid out for the fused ops, once: one ``DecoderLayerWeights`` per layer (q|k|v|LAuReL-left fused,
+        gate|up fused, a sparse layer's down weight transposed); the A-1 AltUp projections -> one [(A-1) H, H]
+        matrix, the unembed ones -> [A-1, H, H]. Each HF-named weight becomes a view (one copy in memory)."""
+        lm, c = self.model.language_model, self.text_config
+        self.layer_weights = [DecoderLayerWeights.of(layer, c.layer_types[i]) for i, layer in enumerate(lm.layers)]
+        self.altup_projection_weight = _fuse(list(lm.altup_projections))
+        self.altup_unembed_weight = _fuse(list(lm.altup_unembed_projections)).view(-1, c.hidden_size, c.hidden_size)
 
     def _precompute_hard_embeddings(self) -> None:
         """Every multimodal id's hard embedding [V - first multimodal id, H] (decode embeds with one gather)."""
@@ -211,8 +213,7 @@ class FastGemma3n(GenerationMixin, nn.Module):
 
         c, dev, dtype = self.text_config, self.device, self.dtype
         gemv = gemv_workspace(dev)  # for up to 16 rows: every GEMV launch (more rows go to torch)
-        sparse_sizes = sorted({layer.down_weight_t.shape[0] for layer in self.model.language_model.layers
-                               if layer.mlp.std_multiplier is not None})
+        sparse_sizes = sorted({w.down_t.shape[0] for w in self.layer_weights if w.down_t is not None})
         sparse = {I: sparse_ffn_workspace(SPARSE_MAX_ROWS, I, c.hidden_size, dtype, dev, gemv=gemv)
                   for I in sparse_sizes}
         need = max((decode_workspace_need(batch, c.num_attention_heads, c.num_key_value_heads, 1, c.head_dim,
@@ -251,98 +252,113 @@ class FastGemma3n(GenerationMixin, nn.Module):
     def _embed_decode(self, input_ids, ws: Workspaces = NO_WORKSPACES):
         """Decode: the same for any id in one gather launch (text table or the hard-embedding table), no host sync."""
         lm, c = self.model.language_model, self.text_config
-        x, token_part = self.backend.token_embeddings(input_ids, lm.embed_tokens.weight, self.embed_scales[0],
-                                                      lm.embed_tokens_per_layer.weight, self.embed_scales[1],
+        x, token_part = self.backend.token_embeddings(input_ids, lm.embed_tokens.weight, self.embed_scale,
+                                                      lm.embed_tokens_per_layer.weight, self.per_layer_embed_scale,
                                                       self.hard_embeddings, self.mm_offset or 0)
         return x, self._per_layer_inputs(x, token_part.unflatten(-1, (c.num_hidden_layers, -1)), ws)
 
     # ---- the decoder ---------------------------------------------------------------------------------------
-    def _layer(self, i: int, carry, per_layer_input, positions, kv: _KV, decode: bool, ws: Workspaces):
-        """One decoder layer: the reference's ``DecoderLayer.forward`` as a chain of fused ops.
+    def _layer(self, i: int, hidden: LayerOutput, per_layer_input, positions, kv, shared_kv: dict,
+               ws: Workspaces) -> LayerOutput:
+        """Decoder layer ``i``: the reference's ``DecoderLayer.forward`` as a chain of fused ops.
 
-        carry = (streams [A, B, T, H], the previous layer's per-layer projection before its norm, or None): the
-        injection that ends a layer runs at the start of the next one (or before the collapse). -> the new carry."""
-        c, ops = self.text_config, self.backend
-        layers = self.model.language_model.layers
-        layer, t = layers[i], c.layer_types[i]
+        hidden: the previous layer's output (its injection is fused into this layer's first op); per_layer_input
+        [B, T, P]; positions [B, T]; kv: the forward's K/V view (cache.py); shared_kv[layer type]: (keys, values,
+        key positions) of the last owner layer of that type, what a KV-shared layer attends over."""
+        w, c, ops = self.layer_weights[i], self.text_config, self.backend
         eps, active = c.rms_norm_eps, c.altup_active_idx
-        au, at = layer.altup, layer.self_attn
-        Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        streams, proj_raw = carry
-        prev_norm = layers[i - 1].post_per_layer_input_norm.weight if proj_raw is not None else None
+        num_heads, num_kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
-        pred, an = ops.altup_predict_fused(streams, proj_raw, prev_norm, au.router_norm.weight,
-                                           au.modality_router.weight, au.prediction_coefs.weight,
-                                           layer.input_layernorm.weight, eps, active)
-        B, T = an.shape[:2]
-        qkv_left = ops.linear(an, layer.qkv_weight, workspace=ws.gemv)  # [B, T, (Hq + 2 Hkv) D + laurel_rank]
-        n_qkv = (Hq + (0 if at.is_consumer else 2 * Hkv)) * D
-        k = v = slots = None
-        if not at.is_consumer:
-            k, v, slots = kv.target(i, t, an, Hkv, D)
-        q = ops.qkv_norm_rope_cache(qkv_left[..., :n_qkv], at.q_norm.weight, None if at.is_consumer else
-                                    at.k_norm.weight, self.inv_freq[t], positions, k, v, slots, eps)
-        K, V, k_pos = kv.shared[t] if at.is_consumer else kv.keys(i, t, k, v)
-        if decode:
-            o = ops.sliding_window_attention_decode(q, K, V, positions, k_pos, window=at.window, scaling=1.0,
-                                                    softcap=None, last_slot=kv.col, workspace=ws.attention)
-        else:
-            o = ops.sliding_window_attention(q, K, V, positions, k_pos, window=at.window, scaling=1.0, softcap=None)
-        o, laurel_branch = ops.dual_linear(o.transpose(1, 2).reshape(B, T, Hq * D), at.o_proj.weight,
-                                           qkv_left[..., n_qkv:], layer.laurel.linear_right.weight,
-                                           workspace=ws.gemv)
-        h, hn = ops.post_attention_chain(o, pred[active], laurel_branch, an, layer.post_attention_layernorm.weight,
-                                         layer.laurel.post_laurel_norm.weight, layer.pre_feedforward_layernorm.weight,
-                                         eps)
-        mlp = layer.mlp
-        if mlp.std_multiplier is None:
-            m = ops.linear(ops.linear_gelu_mul(hn, layer.gate_up_weight, workspace=ws.gemv), mlp.down_proj.weight,
-                           workspace=ws.gemv)
-        else:
-            I = layer.down_weight_t.shape[0]
-            m = ops.sparse_ffn(hn, layer.gate_up_weight[:I], layer.gate_up_weight[I:], layer.down_weight_t,
-                               mlp.std_multiplier, workspace=ws.sparse.get(I))
-        corrected, scaled = ops.altup_correct_fused(pred, m, h, layer.post_feedforward_layernorm.weight,
-                                                    au.router_norm.weight, au.modality_router.weight,
-                                                    au.correction_coefs.weight,
-                                                    au.correct_output_scale if au.use_scale else None, eps, active)
-        g = ops.linear_gelu_aux(scaled if scaled is not None else corrected[active], layer.per_layer_input_gate.weight,
-                                per_layer_input, workspace=ws.gemv)
-        return corrected, ops.linear(g, layer.per_layer_projection.weight, workspace=ws.gemv)
+        # ---- previous layer's per-layer-input injection, AltUp predict, input norm
+        predictions, normed = ops.altup_predict_fused(
+            streams=hidden.streams, proj_raw=hidden.per_layer_projection,
+            per_layer_norm_weight=hidden.per_layer_projection_norm, router_norm_weight=w.router_norm,
+            router_weight=w.router, prediction_coefs=w.prediction_coefs, input_norm_weight=w.input_norm,
+            eps=eps, active=active)
+        batch, tokens = normed.shape[:2]
 
-    def _decoder(self, x, per_layer, positions, kv: _KV, *, last_only=False, owners_only=False, decode=False,
-                 ws: Workspaces = NO_WORKSPACES):
-        """Run the layers -> the last carry. owners_only: stop after the KV-owning layers (a non-final prefill
-        chunk: only their K/V matter). last_only: KV-shared layers run on the last column only (they write no K/V,
-        so the last token's output is exact)."""
-        c, lm, ops = self.text_config, self.model.language_model, self.backend
-        A, H = c.altup_num_inputs, c.hidden_size
-        projected = ops.linear(x, lm.altup_projection_weight, workspace=ws.gemv)
-        projected = projected.unflatten(-1, (A - 1, H)).movedim(-2, 0)
-        carry = (ops.altup_make_streams(x, projected), None)
+        # ---- self-attention: q|k|v and LAuReL's left projection in one GEMV; q/k norms, RoPE, the K/V write
+        qkv_laurel_left = ops.linear(normed, w.qkv_laurel_left, workspace=ws.gemv)
+        new_k = new_v = slots = None
+        if w.owns_kv:
+            new_k, new_v, slots = kv.new_kv(i, w.layer_type, normed, num_kv_heads, head_dim)
+        q = ops.qkv_norm_rope_cache(
+            qkv=qkv_laurel_left[..., :w.qkv_width], q_norm_weight=w.q_norm, k_norm_weight=w.k_norm,
+            inv_freq=self.inv_freq[w.layer_type], positions=positions, k_cache=new_k, v_cache=new_v, slots=slots,
+            eps=eps)
+        if w.owns_kv:
+            keys, values = kv.update(i, w.layer_type, new_k, new_v)
+            shared_kv[w.layer_type] = (keys, values, kv.key_positions[w.layer_type])
+        keys, values, key_positions = shared_kv[w.layer_type]
+        if isinstance(kv, DecodeSlot):
+            attn = ops.sliding_window_attention_decode(
+                q, keys, values, q_pos=positions, k_pos=key_positions, window=w.window, scaling=1.0, softcap=None,
+                last_slot=kv.col, workspace=ws.attention)
+        else:
+            attn = ops.sliding_window_attention(q, keys, values, q_pos=positions, k_pos=key_positions,
+                                                window=w.window, scaling=1.0, softcap=None)
+        attn = attn.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
+        attn_out, laurel_branch = ops.dual_linear(x1=attn, w1=w.o_proj, x2=qkv_laurel_left[..., w.qkv_width:],
+                                                  w2=w.laurel_right, workspace=ws.gemv)
+
+        # ---- residual: (active prediction + attention) and (input + LAuReL) averaged; pre-FFN norm
+        h, h_normed = ops.post_attention_chain(
+            o=attn_out, a=predictions[active], laurel_branch=laurel_branch, an=normed,
+            post_attention_norm_weight=w.post_attention_norm, post_laurel_norm_weight=w.post_laurel_norm,
+            pre_ffn_norm_weight=w.pre_ffn_norm, eps=eps)
+
+        # ---- MLP
+        if w.down_t is None:
+            mlp_out = ops.linear(ops.linear_gelu_mul(h_normed, w.gate_up, workspace=ws.gemv), w.down,
+                                 workspace=ws.gemv)
+        else:
+            inter = w.down_t.shape[0]
+            mlp_out = ops.sparse_ffn(h_normed, gate_weight=w.gate_up[:inter], up_weight=w.gate_up[inter:],
+                                     down_weight_t=w.down_t, std_multiplier=w.sparsity_std_multiplier,
+                                     workspace=ws.sparse.get(inter))
+
+        # ---- post-FFN norm, AltUp correct; the per-layer input's gate and projection
+        corrected, gate_input = ops.altup_correct_fused(
+            predictions=predictions, mlp_out=mlp_out, h=h, post_ffn_norm_weight=w.post_ffn_norm,
+            router_norm_weight=w.router_norm, router_weight=w.router, correction_coefs=w.correction_coefs,
+            correct_output_scale=w.correct_output_scale, eps=eps, active=active)
+        if gate_input is None:  # no output scale: the gate reads the active stream
+            gate_input = corrected[active]
+        gated = ops.linear_gelu_aux(gate_input, w.per_layer_input_gate, per_layer_input, workspace=ws.gemv)
+        return LayerOutput(streams=corrected,
+                           per_layer_projection=ops.linear(gated, w.per_layer_projection, workspace=ws.gemv),
+                           per_layer_projection_norm=w.per_layer_projection_norm)
+
+    def _decoder(self, x, per_layer, positions, kv, *, last_only=False, owners_only=False,
+                 ws: Workspaces = NO_WORKSPACES) -> LayerOutput | None:
+        """Run the layers -> the last layer's output. owners_only: stop after the KV-owning layers (a non-final
+        prefill chunk: only their K/V matter). last_only: KV-shared layers run on the last column only (they write
+        no K/V, so the last token's output is exact)."""
+        c, ops = self.text_config, self.backend
+        projected = ops.linear(x, self.altup_projection_weight, workspace=ws.gemv)
+        projected = projected.unflatten(-1, (c.altup_num_inputs - 1, c.hidden_size)).movedim(-2, 0)
+        hidden = LayerOutput(ops.altup_make_streams(x, projected), None, None)
+        shared_kv: dict[str, tuple] = {}
         for i in range(c.num_hidden_layers):
             if i == c.first_kv_shared_layer:
                 if owners_only:
                     return None
                 if last_only and x.shape[1] > 1:
-                    carry = (carry[0][:, :, -1:], carry[1][:, -1:])
-                    per_layer, positions = per_layer[:, -1:], positions[:, -1:]
-            carry = self._layer(i, carry, per_layer[:, :, i], positions, kv, decode, ws)
-        return carry
+                    hidden, per_layer, positions = hidden.last_token(), per_layer[:, -1:], positions[:, -1:]
+            hidden = self._layer(i, hidden, per_layer[:, :, i], positions, kv, shared_kv, ws)
+        return hidden
 
-    def _logits(self, carry, last_only=False, ws: Workspaces = NO_WORKSPACES):
+    def _logits(self, hidden: LayerOutput, last_only=False, ws: Workspaces = NO_WORKSPACES):
         """The last layer's injection, AltUp collapse, final norm, tied LM head with softcap -> logits."""
         c, lm, ops = self.text_config, self.model.language_model, self.backend
-        eps, A = c.rms_norm_eps, c.altup_num_inputs
-        corrected, proj_raw = carry
         if last_only:
-            corrected, proj_raw = corrected[:, :, -1:], proj_raw[:, -1:]
-        streams = ops.altup_inject(corrected, proj_raw, lm.layers[-1].post_per_layer_input_norm.weight, eps,
-                                   c.altup_active_idx)
+            hidden = hidden.last_token()
+        streams = ops.altup_inject(hidden.streams, hidden.per_layer_projection, hidden.per_layer_projection_norm,
+                                   eps=c.rms_norm_eps, active=c.altup_active_idx)
         others = streams[1:].flatten(1, 2)  # [A-1, B*T, H]
-        unembedded = torch.bmm(others, lm.altup_unembed_weight.transpose(1, 2)).view(streams[1:].shape)
-        hidden = ops.altup_collapse_norm(streams[0], unembedded, lm.norm.weight, eps)
-        return ops.linear_softcap(hidden, lm.embed_tokens.weight, c.final_logit_softcapping, workspace=ws.gemv)
+        unembedded = torch.bmm(others, self.altup_unembed_weight.transpose(1, 2)).view(streams[1:].shape)
+        normed = ops.altup_collapse_norm(streams[0], unembedded, lm.norm.weight, c.rms_norm_eps)
+        return ops.linear_softcap(normed, lm.embed_tokens.weight, c.final_logit_softcapping, workspace=ws.gemv)
 
     # ---- public forward, prefill and decode step ----------------------------------------------------------
     @torch.no_grad()
@@ -354,7 +370,7 @@ class FastGemma3n(GenerationMixin, nn.Module):
         check_media(self.config, input_ids, pixel_values, input_features, input_features_mask)
         positions = positions_of(input_ids, attention_mask)
         x, per_layer = self._embed(input_ids, pixel_values, input_features, input_features_mask)
-        return ModelOutput(logits=self._logits(self._decoder(x, per_layer, positions, _KV(positions))))
+        return ModelOutput(logits=self._logits(self._decoder(x, per_layer, positions, NoCache(positions))))
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask, cache: StaticKVCache, media: dict, chunk: int,
@@ -367,11 +383,11 @@ class FastGemma3n(GenerationMixin, nn.Module):
         x, per_layer = self._embed(input_ids, **media, ws=workspaces)
         T = input_ids.shape[1]
         for col0 in range(0, T, chunk):
-            col1, last = min(col0 + chunk, T), col0 + chunk >= T
-            carry = self._decoder(x[:, col0:col1], per_layer[:, col0:col1], positions[:, col0:col1],
-                                  _KV(positions[:, col0:col1], cache, col0=col0), last_only=last,
-                                  owners_only=not last, ws=workspaces)
-        return self._logits(carry, last_only=True, ws=workspaces)[:, -1]
+            cols, last = slice(col0, col0 + chunk), col0 + chunk >= T
+            hidden = self._decoder(x[:, cols], per_layer[:, cols], positions[:, cols],
+                                   cache.prefill_chunk(positions[:, cols], col0), last_only=last,
+                                   owners_only=not last, ws=workspaces)
+        return self._logits(hidden, last_only=True, ws=workspaces)[:, -1]
 
     def decode_step(self, tokens, positions, col, cache: StaticKVCache,
                     workspaces: Workspaces = NO_WORKSPACES) -> torch.Tensor:
@@ -379,59 +395,17 @@ class FastGemma3n(GenerationMixin, nn.Module):
         Static shapes, no host sync: capturable. ``workspaces``: the kernels' scratch; a captured step needs the
         decode state's (``make_workspaces``), which live as long as the graph."""
         x, per_layer = self._embed_decode(tokens, workspaces)
-        kv = _KV(positions, cache, col=col)
-        return self._logits(self._decoder(x, per_layer, positions, kv, decode=True, ws=workspaces),
-                            ws=workspaces)[:, -1]
+        hidden = self._decoder(x, per_layer, positions, cache.decode_slot(positions, col), ws=workspaces)
+        return self._logits(hidden, ws=workspaces)[:, -1]
 
     def _check_ids(self, input_ids, attention_mask=None):
         """forward()'s ids and mask: shapes, ids inside the vocabulary, mask values 0/1 (any padding side)."""
         input_ids, _ = check_prompt(input_ids, attention_mask, self.text_config.vocab_size, generation=False)
         return input_ids.to(self.device)
 
-    # ---- moving / casting after load is refused: the fused weights, the hard-embedding table and the captured
-    # graphs are plain tensors built for one device and dtype, which nn.Module.to() would leave behind.
-    def _refuse_cast(self, device=None, dtype=None, what: str = "to()"):
-        if dtype == torch.float16:
-            check_dtype(dtype, self.device)  # raises the fp16 refusal
-        if device is not None:
-            device = torch.device(device)
-            same_device = device.type == self.device.type and device.index in (None, self.device.index)
-        else:
-            same_device = True
-        if same_device and (dtype is None or dtype == self.dtype):
-            return self
-        raise ValueError(f"{what}: the fast model cannot be moved or cast after load (its fused weights and caches "
-                         f"are built for {self.device}, {str(self.dtype).replace('torch.', '')}); load it again: "
-                         f"gemma3n_fast.load(path, device=..., dtype=...)")
-
-    def to(self, *args, **kwargs):
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        return self._refuse_cast(device, dtype, "to()")
-
-    def half(self):
-        return self._refuse_cast(dtype=torch.float16, what="half()")
-
-    def bfloat16(self):
-        return self._refuse_cast(dtype=torch.bfloat16, what="bfloat16()")
-
-    def double(self):
-        return self._refuse_cast(dtype=torch.float64, what="double()")
-
-    def cuda(self, device=None):
-        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
-        return self._refuse_cast(device=target, what="cuda()")
-
-    def cpu(self):
-        return self._refuse_cast(device="cpu", what="cpu()")
-
-    def float(self):  # last: inside the class body the name float means this method from here on
-        return self._refuse_cast(dtype=torch.float32, what="float()")
-
 
 def positions_of(input_ids, attention_mask):
     """Absolute positions [B, T] int32: the reference's ``positions_from_mask`` (-1 on padding); no mask = 0..T-1."""
-    from gemma3n_fast.reference.text import positions_from_mask
-
     if attention_mask is None:
         B, T = input_ids.shape
         return torch.arange(T, device=input_ids.device, dtype=torch.int32).expand(B, T).contiguous()
@@ -452,110 +426,7 @@ def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
     return fused
 
 
-def check_dtype(dtype, device: torch.device) -> torch.dtype:
-    """Default bf16 on CUDA (the released dtype), fp32 on CPU; fp16 is refused."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float16") else None
-        if dtype is None:
-            raise ValueError("dtype: expected torch.bfloat16, torch.float32 (or their names)")
-    if dtype == torch.float16:
-        raise ValueError("dtype=float16 is refused: Gemma 3n activations overflow fp16 (the embedding scale ~45 and "
-                         "AltUp's mean(x^2) exceed 65504); use torch.bfloat16 (released dtype) or torch.float32")
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype: unsupported {dtype}; use torch.bfloat16 or torch.float32")
-    return dtype
-
-
-def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, revision=None,
-         matformer=None, num_threads: int | None = None) -> FastGemma3n:
-    """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model.
-
-    device: default CUDA if available, else CPU; a device this machine lacks is a ``ValueError`` naming ``device=``
-    and the devices available (``reference.loader.check_device``), before anything is read.
-    dtype: default bf16 on CUDA, fp32 on CPU; fp16 is refused.
-    kernels: "triton" | "interpret" | "reference" | None (see ``gemma3n_fast.backend``); checked before any weight
-    is read. num_threads: torch's CPU thread count when the device is the CPU (see ``cpu_threads``). The
-    tokenizer, processor and generation defaults come with the checkpoint (``model.tokenizer``,
-    ``model.processor``, ``model.generation_config``); ``model.load_time_s`` holds the load time.
-    matformer: a MatFormer slice of the checkpoint, read sliced (``"E2B"`` on an E4B checkpoint, or
-    ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``; see ``gemma3n_fast.reference.matformer``);
-    ``model.config.matformer`` records it.
-    """
-    t0 = time.perf_counter()
-    device = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = check_dtype(dtype, device)
-    threads = cpu_threads(num_threads) if device.type == "cpu" else None
-    if pick_mode(kernels, device) == "interpret":  # before anything imports the kernels
-        from gemma3n_fast.backend import enable_interpreter
-
-        enable_interpreter()
-    reference = reference_model.load(path_or_hub_id, device=device, dtype=dtype, revision=revision,
-                                     matformer=matformer)
-    model = FastGemma3n(reference, kernels)
-    model.num_threads = threads
-    model.load_time_s = time.perf_counter() - t0
-    spec = reference.config.matformer
-    log.info("gemma3n_fast: loaded %s in %.2f s (%s, %s)%s", reference.source, model.load_time_s, device, dtype,
-             f"; {spec.describe()}" if spec is not None else "")
-    return model
-
-
 def from_reference(reference: reference_model.Gemma3nReference, kernels: str | None = None) -> FastGemma3n:
     """The fast model around an already built reference module (e.g. ``reference.model.build`` from tensors in
     memory, as the benchmarks do). Its weights are shared, and q|k|v, gate|up become views of fused matrices."""
     return FastGemma3n(reference, kernels)
-
-
-THREADS_ENV = "GEMMA3N_FAST_NUM_THREADS"
-_THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def cpu_threads(num_threads: int | None = None) -> int:
-    """Set torch's intra-op thread count for CPU inference; returns the count in effect.
-
-    ``num_threads`` (or ``$GEMMA3N_FAST_NUM_THREADS``) is used as given. Otherwise torch's own default (one thread
-    per CPU) is lowered to 1 on a machine with at most 2 CPUs and to the physical core count above that: decode
-    runs many small ops per token, and extra threads contend for the same cores (on 2 cores, decode ran several
-    times slower with torch's default of 2 than with 1). A count that looks set by the user (OMP_NUM_THREADS /
-    MKL_NUM_THREADS in the environment, or a value that is not one of torch's defaults) is kept."""
-    if num_threads is None and os.environ.get(THREADS_ENV):
-        text = os.environ[THREADS_ENV]
-        if not text.strip().isdigit() or int(text) < 1:
-            raise ValueError(f"{THREADS_ENV}={text!r}: expected a whole number >= 1")
-        num_threads = int(text)
-    if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads: expected an int >= 1, got {num_threads!r}")
-        torch.set_num_threads(num_threads)
-        return num_threads
-    current = torch.get_num_threads()
-    if any(os.environ.get(v) for v in _THREAD_ENVS):
-        return current
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    physical = min(_physical_cores() or cpus, cpus)
-    choice = 1 if cpus <= 2 else physical
-    if current > choice and current in {os.cpu_count(), cpus, physical}:
-        torch.set_num_threads(choice)
-        log.info("gemma3n_fast: torch CPU threads %d -> %d (%s=N overrides)", current, choice, THREADS_ENV)
-        return choice
-    return current
-
-
-def _physical_cores() -> int | None:
-    """Distinct (package, core) pairs in /proc/cpuinfo (Linux); None when unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return None
-    cores, package = set(), None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "physical id":
-            package = value.strip()
-        elif key == "core id":
-            cores.add((package, value.strip()))
-    return len(cores) or None

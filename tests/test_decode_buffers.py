@@ -81,7 +81,8 @@ class _Watch:
                 if workspace is not ws.gemv:
                     self.bad.append(f"{name}: not the state's GEMV workspace")
             elif name == "sparse_ffn":
-                if workspace is not ws.sparse.get(args[1].shape[0]) or workspace.gemv is not ws.gemv:
+                gate_weight = kwargs["gate_weight"] if "gate_weight" in kwargs else args[1]  # [I, H]
+                if workspace is not ws.sparse.get(gate_weight.shape[0]) or workspace.gemv is not ws.gemv:
                     self.bad.append(f"{name}: not the state's sparse-FFN workspace")
             elif workspace is None or workspace is not ws.attention:
                 self.bad.append(f"{name}: not the state's attention workspace")

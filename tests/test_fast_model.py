@@ -490,16 +490,17 @@ def test_kv_shared_layers_have_no_kv_and_weights_are_fused_once(fast_ops):
     assert isinstance(fast_ops.model, Gemma3nReference)  # the fast model holds the reference's module tree
     for i, layer in enumerate(fast_ops.model.language_model.layers):
         owner = i < c.first_kv_shared_layer
-        assert hasattr(layer.self_attn, "k_proj") == owner
-        assert layer.qkv_weight.shape[0] == (Hq + 2 * Hkv * owner) * D + c.laurel_rank  # q|k|v|LAuReL-left
+        w = fast_ops.layer_weights[i]  # one record per layer, built once at load
+        assert hasattr(layer.self_attn, "k_proj") == owner == w.owns_kv
+        assert w.qkv_laurel_left.shape[0] == (Hq + 2 * Hkv * owner) * D + c.laurel_rank  # q|k|v|LAuReL-left
         # the HF-named weights are views of the fused matrices (no second copy)
-        assert layer.self_attn.q_proj.weight.data_ptr() == layer.qkv_weight.data_ptr()
-        assert layer.laurel.linear_left.weight.data_ptr() == layer.qkv_weight[-c.laurel_rank:].data_ptr()
-        assert layer.mlp.up_proj.weight.data_ptr() == layer.gate_up_weight[c.intermediate_size[i]:].data_ptr()
+        assert layer.self_attn.q_proj.weight.data_ptr() == w.qkv_laurel_left.data_ptr()
+        assert layer.laurel.linear_left.weight.data_ptr() == w.qkv_laurel_left[-c.laurel_rank:].data_ptr()
+        assert layer.mlp.up_proj.weight.data_ptr() == w.gate_up[c.intermediate_size[i]:].data_ptr()
         sparse = c.activation_sparsity_pattern[i] > 0  # down stored transposed for the sparse FFN kernel
-        assert hasattr(layer, "down_weight_t") == sparse
+        assert (w.down_t is not None) == sparse
         if sparse:
-            assert layer.mlp.down_proj.weight.data_ptr() == layer.down_weight_t.data_ptr()
+            assert layer.mlp.down_proj.weight.data_ptr() == w.down_t.data_ptr()
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in fast_ops.state_dict()
 
 

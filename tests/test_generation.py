@@ -484,7 +484,7 @@ def test_last_stats_for_every_call(folder, mm):
 
 
 def test_cpu_thread_defaults(monkeypatch):
-    from gemma3n_fast import model as fast_model
+    from gemma3n_fast import loading as fast_model
 
     state = {"threads": 2}
     monkeypatch.setattr(torch, "get_num_threads", lambda: state["threads"])
@@ -703,7 +703,7 @@ def test_cpu_load_leaves_no_file_open(folder, monkeypatch):
     """_physical_cores reads /proc/cpuinfo with a context manager: no ResourceWarning at a CPU load."""
     import gc
 
-    from gemma3n_fast import model as fast_model
+    from gemma3n_fast import loading as fast_model
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", fast_model.THREADS_ENV):
         monkeypatch.delenv(var, raising=False)
