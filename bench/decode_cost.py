@@ -19,8 +19,8 @@ import torch
 
 from bench.byte_model import H100_COPY_BANDWIDTH, account
 from bench.launch_recorder import KINDS
+from kernels._common import H100_SMS  # a Triton grid smaller than this leaves SMs idle
 
-H100_SMS = 132  # a Triton grid smaller than this leaves SMs idle (batch-1 row-wise kernels: 1 program)
 
 
 # ---- output ---------------------------------------------------------------------------------------------------

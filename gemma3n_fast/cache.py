@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from gemma3n_fast.reference.config import TextConfig
-from gemma3n_fast.reference.generation import CacheLengthError
+from gemma3n_fast.reference.generation_args import CacheLengthError
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
