@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gemma3n_fast.reference.quant import QuantizedWeight
+
 __all__ = [
     "rms_norm",
     "altup_router",
@@ -207,36 +209,45 @@ def chunked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
 
 # ---- decode GEMVs and the sparse FFN ----------------------------------------------------------------
-# The decode step's projections with their fused epilogues; weights are nn.Linear weights [N, K]. ``workspace``
-# is the kernels' split-K scratch (the fast model passes its decode state's), accepted and unused here.
+# The decode step's projections with their fused epilogues; weights are nn.Linear weights [N, K], float or
+# ``QuantizedWeight`` (int8 / int4, reference/quant.py). A quantized weight's definition is dequantize-then-the-op:
+# the fp32 dequantized weight times x in fp32, rounded to x.dtype once (what a kernel that dequantizes in registers
+# and accumulates in fp32 computes). ``workspace`` is the kernels' split-K scratch, accepted and unused here.
+
+def project(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """``x @ weight^T`` in x.dtype: F.linear for a float weight, dequantize-then-matmul (fp32) for a quantized one."""
+    if isinstance(weight, QuantizedWeight):
+        return F.linear(x.float(), weight.dequantize()).to(x.dtype)
+    return F.linear(x, weight)
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, workspace=None) -> torch.Tensor:
     """``x @ weight^T`` (F.linear without bias). x [..., K], weight [N, K] -> [..., N]."""
-    return F.linear(x, weight)
+    return project(x, weight)
 
 
 def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor, *, workspace=None) -> torch.Tensor:
     """The dense MLP's ``gelu_tanh(x Wg^T) * (x Wu^T)`` with ``gate_up_weight = [Wg; Wu]`` [2I, K] -> [..., I].
-    Same values as ``gaussian_topk_gelu_mul(F.linear(x, Wg), F.linear(x, Wu), None)``."""
-    gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
+    Same values as ``gaussian_topk_gelu_mul(project(x, Wg), project(x, Wu), None)``."""
+    gate, up = project(x, gate_up_weight).chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
 
 
 def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor, aux: torch.Tensor, *, workspace=None) -> torch.Tensor:
     """``gelu_tanh(x @ weight^T) * aux`` (the per-layer-input gate times the per-layer input). aux [..., N]."""
-    return F.gelu(F.linear(x, weight), approximate="tanh") * aux
+    return F.gelu(project(x, weight), approximate="tanh") * aux
 
 
 def linear_softcap(x: torch.Tensor, weight: torch.Tensor, cap: float | None, *, workspace=None) -> torch.Tensor:
     """The LM head: ``cap * tanh((x @ weight^T) / cap)`` in x.dtype (logits rounded first), or plain if cap is None."""
-    logits = F.linear(x, weight)
+    logits = project(x, weight)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def dual_linear(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor,
                 w2: torch.Tensor, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent projections with the same output width: ``(x1 @ w1^T, x2 @ w2^T)``."""
-    return F.linear(x1, w1), F.linear(x2, w2)
+    return project(x1, w1), project(x2, w2)
 
 
 def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight_t: torch.Tensor,
@@ -247,7 +258,9 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     kernel reads the rows of the active channels). Only channels with ``relu(gate - cutoff) > 0`` contribute,
     which is why a kernel may skip the others' up rows and down columns. x [..., H] -> [..., H].
     """
-    act = gaussian_topk_gelu_mul(F.linear(x, gate_weight), F.linear(x, up_weight), std_multiplier)
+    act = gaussian_topk_gelu_mul(project(x, gate_weight), project(x, up_weight), std_multiplier)
+    if isinstance(down_weight_t, QuantizedWeight):  # quantized as stored: rows = channels, groups along H
+        return F.linear(act.float(), down_weight_t.dequantize().t()).to(act.dtype)
     return F.linear(act, down_weight_t.t())
 
 # ---- fused row-wise chains of the decoder layer
@@ -408,20 +421,33 @@ def per_layer_inputs_combine(projection: torch.Tensor, token_inputs: torch.Tenso
     return (proj + token_inputs) * torch.tensor(2.0 ** -0.5).to(dtype)
 
 
-def token_embeddings(input_ids: torch.Tensor, embed_weight: torch.Tensor, embed_scale: float,
-                     per_layer_weight: torch.Tensor, per_layer_scale: float, hard_embeddings: torch.Tensor | None = None,
-                     hard_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_embeddings(input_ids: torch.Tensor, embed_weight: torch.Tensor | QuantizedWeight, embed_scale: float,
+                     per_layer_weight: torch.Tensor | QuantizedWeight, per_layer_scale: float,
+                     hard_embeddings: torch.Tensor | None = None, hard_offset: int = 0, *,
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode step's embeddings: (x [..., H], per-layer token part [..., L * P]).
 
     x = ``embed[t] * embed_scale`` (rounded), or for t >= hard_offset the precomputed multimodal hard embedding
     ``hard[t - hard_offset]`` (unscaled) when ``hard_embeddings`` is given; token part =
     ``per_layer[t] * per_layer_scale`` with ids outside [0, V_ple) reading row 0. The scales are Python floats
-    already rounded to the table dtype (the reference model rounds sqrt(H), sqrt(P) to the weight dtype)."""
-    dtype = embed_weight.dtype
-    x = F.embedding(input_ids, embed_weight) * torch.tensor(embed_scale, dtype=dtype)
+    already rounded to the table dtype (the reference model rounds sqrt(H), sqrt(P) to the weight dtype).
+    A quantized table (``QuantizedWeight``) is a table of its dequantized rows rounded to ``dtype`` (the activation
+    dtype, required then): the rows read are dequantized, rounded, then scaled as a float table's rows are."""
+    if dtype is None:
+        if isinstance(embed_weight, QuantizedWeight) or isinstance(per_layer_weight, QuantizedWeight):
+            raise ValueError("token_embeddings: a quantized table needs dtype= (the activation dtype)")
+        dtype = embed_weight.dtype
+    x = _embedding(input_ids, embed_weight, dtype) * torch.tensor(embed_scale, dtype=dtype)
     if hard_embeddings is not None:
         is_hard = input_ids >= hard_offset
         hard = F.embedding((input_ids - hard_offset).clamp(min=0), hard_embeddings)
         x = torch.where(is_hard[..., None], hard, x)
     rows = torch.where((input_ids >= 0) & (input_ids < per_layer_weight.shape[0]), input_ids, 0)
-    return x, F.embedding(rows, per_layer_weight) * torch.tensor(per_layer_scale, dtype=dtype)
+    return x, _embedding(rows, per_layer_weight, dtype) * torch.tensor(per_layer_scale, dtype=dtype)
+
+
+def _embedding(ids: torch.Tensor, table: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of a float table, or of a quantized one dequantized (fp32) and rounded to ``dtype``."""
+    if isinstance(table, QuantizedWeight):
+        return table.take_rows(ids).to(dtype)
+    return F.embedding(ids, table)

@@ -60,6 +60,12 @@ class QuantizedWeight:
         q = unpack_int4(self.data)[:, :K].float()
         return q * self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :K]
 
+    def take_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` (any shape of ids in [0, N)) dequantized to fp32 [..., K]: an embedding gather."""
+        flat = idx.reshape(-1)
+        part = replace(self, data=self.data[flat], scales=self.scales[flat], shape=(flat.numel(), self.shape[1]))
+        return part.dequantize().view(*idx.shape, self.shape[1])
+
     def rows(self, start: int, length: int) -> QuantizedWeight:
         """Output rows [start, start + length) as views (a fused matrix's parts)."""
         return replace(self, data=self.data.narrow(0, start, length), scales=self.scales.narrow(0, start, length),
