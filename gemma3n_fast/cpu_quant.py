@@ -1,0 +1,291 @@
+"""Quantized decode GEMVs on a CPU through torch's own packed int8 / int4 matmuls.
+
+``prepack(QuantizedWeight)`` lays a weight out once for torch's CPU ops; ``project(x, w)`` and the GEMV-family
+ops below (same signatures as ``reference.ops``) run on the packed form where that is exact and fast, and on the
+definition (dequantize to fp32, ``F.linear`` in fp32, round to x.dtype once) everywhere else.
+
+What torch offers on a CPU (checked on torch 2.14, x86 AVX-512; private ops, so every use is guarded):
+
+  ``torch._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]``: scales must have x's dtype.
+      bf16 x: fast (vectorized, fp32 accumulation, the output rounded once) but only for K % 16 == 0 (other K
+      gives wrong values or a segfault: we pad K, see ``_K_ALIGN_INT8``); fp32 x: a slow loop whose time grows
+      with M (about 4x an fp32 F.linear at one row, 20x at 20 rows).
+  ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q int32 [N, K] in 0..15, inner_k_tiles)`` ->
+  uint8 [N, K / 2], then ``torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, G, sz [K / G, N, 2])``:
+      W[n, k] = (q - 8) * sz[k // G, n, 0] + sz[k // G, n, 1]; needs N % 16 == 0, K even, K % G == 0,
+      G in {32, 64, 128, 256}, sz in x's dtype. bf16 x: fast and fp32-exact (the dequantized weight and the
+      products are exact in fp32, summed in fp32, rounded once); fp32 x: a slow scalar loop.
+  ``_dyn_quant_pack_4bit_weight`` / ``_dyn_quant_matmul_4bit``: KleidiAI (Arm) only; elsewhere a reference
+      path that also quantizes x to int8, which changes the result: not used.
+
+So the packed route serves bf16 activations: int4 always (our format is torch's formula with zero = 0: the
+stored nibble is q + 8, the bf16 scale is exact in bf16), int8 only when every fp32 scale is exactly a bf16
+value (the bf16 op reads bf16 scales; rounding an fp32 scale would change the weight). fp32 activations take
+the int8 fp32 op at one row (measured faster than dequantizing; so do bf16 rows when the int8 scales are not
+bf16 values: x goes to fp32, exactly) and the definition otherwise. Padding instead
+of falling back: K grows to the op's multiple with weight-0 columns (int8 0, int4 nibble 8) and x with zeros,
+N to a multiple of 16 with zero-scale rows cut from the output, so MatFormer widths, partial last groups and odd
+K all stay on the packed route. Whether an op is usable is decided in one place (``_op_ok``, run once per
+kind / group size / dtype on a small weight, checked bit for bit); a missing or failing op logs one warning
+and the weight uses the definition.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gemma3n_fast.reference import ops as ref_ops
+from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
+
+__all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
+           "linear_softcap", "dual_linear", "sparse_ffn"]
+
+log = logging.getLogger(__name__)
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu accepts
+_K_ALIGN_INT8 = 64  # the bf16 int8 op is right only for K % 16 == 0: pad K to a multiple of 64 (a safe margin)
+_N_ALIGN_INT4 = 16  # the int4 packer requires N % 16 == 0
+_INT4_INNER_K_TILES = 2  # accepted 1/2/4/8 on CPU; 2 needs only K % 32 == 0, which K % G == 0 implies
+FP32_INT8_MAX_ROWS = 1  # fp32 x: the int8 op's loop beats dequantize-then-F.linear only at one row
+
+# route names: which computation a (weight, activation dtype, rows) gets
+PACKED_BF16 = "packed_bf16"  # the bf16 packed op
+PACKED_FP32 = "packed_fp32"  # the fp32 packed op
+DEQUANTIZE = "dequantize"  # the definition: dequantize to fp32, F.linear in fp32, round to x.dtype
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("cpu_quant: %s; those weights use dequantize-then-F.linear (correct, slower)", reason)
+
+
+@dataclass(frozen=True)
+class CpuPackedWeight:
+    """A QuantizedWeight plus torch's packed form of it. ``weight`` is the truth (the definition stays available
+    and is what every route is checked against). ``packed`` / ``scales_bf16`` / ``scales_fp32`` are None where
+    that route is unavailable; ``k_padded`` is the K the packed op reads (x is zero-padded to it), ``n_padded``
+    the N it writes (the output is cut back to N). ``why_not`` says why there is no bf16 packed route."""
+    weight: QuantizedWeight
+    packed: torch.Tensor | None
+    scales_bf16: torch.Tensor | None  # int8: [N]; int4: [K_pad / G, N_pad, 2] (scale, zero = 0)
+    scales_fp32: torch.Tensor | None  # int8 only: [N], the exact fp32 scales (the fp32 op)
+    k_padded: int
+    n_padded: int
+    why_not: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.weight.kind
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one packed GEMV reads (the packed values and the scales it uses); the stored size if unpacked."""
+        if self.packed is None:
+            return self.weight.nbytes
+        side = self.scales_bf16 if self.scales_bf16 is not None else self.scales_fp32
+        return self.packed.numel() * self.packed.element_size() + side.numel() * side.element_size()
+
+    def route(self, dtype: torch.dtype, rows: int) -> str:
+        """The one place that decides which computation x of ``dtype`` with ``rows`` rows gets."""
+        if dtype == torch.bfloat16 and self.scales_bf16 is not None:
+            return PACKED_BF16
+        if dtype in (torch.float32, torch.bfloat16) and self.scales_fp32 is not None and rows <= FP32_INT8_MAX_ROWS:
+            return PACKED_FP32  # bf16 x without bf16 scales: x in fp32 (exact), the fp32 sum rounded once
+
+        return DEQUANTIZE
+
+    def __repr__(self) -> str:
+        how = "bf16 packed" if self.scales_bf16 is not None else f"definition only ({self.why_not})"
+        return f"CpuPackedWeight({self.weight!r}, {how})"
+
+
+# ---- packing -----------------------------------------------------------------------------------------------
+
+def _pack_int8(w: QuantizedWeight):
+    N, K = w.shape
+    k_pad = -(-K // _K_ALIGN_INT8) * _K_ALIGN_INT8
+    data = F.pad(w.data, (0, k_pad - K)).contiguous()  # int8 zeros: weight-0 columns
+    scales = w.scales.float().contiguous()
+    bf16_scales = scales.to(torch.bfloat16)
+    # the bf16 op multiplies by a bf16 scale: usable only if that equals the stored fp32 scale bit for bit
+    exact = bool(torch.equal(bf16_scales.float(), scales))
+    return data, (bf16_scales if exact else None), scales, k_pad, N, "" if exact else "int8 scales not bf16 values"
+
+
+def _pack_int4(w: QuantizedWeight):
+    N, K = w.shape
+    G = w.group_size
+    k_pad = -(-K // G) * G  # whole groups; G even, so the odd-K pad nibble (weight 0) lies inside
+    n_pad = -(-N // _N_ALIGN_INT4) * _N_ALIGN_INT4
+    q = unpack_int4(w.data).to(torch.int32) + 8  # back to the stored nibble 0..15: torch's q
+    q = F.pad(q, (0, k_pad - q.shape[1], 0, n_pad - N), value=8)  # nibble 8 = weight 0 (pad columns and rows)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INT4_INNER_K_TILES)
+    scales = F.pad(w.scales.to(torch.bfloat16), (0, 0, 0, n_pad - N))  # pad rows: scale 0
+    # torch's layout [K / G, N, 2] = (scale, zero); zero = 0 makes (q - 8) * scale + zero our symmetric format
+    sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).contiguous()
+    return packed, sz, None, k_pad, n_pad, ""
+
+
+def _packed_matmul(x2: torch.Tensor, p: CpuPackedWeight, route: str) -> torch.Tensor:
+    """x2 [M, K] (bf16 for PACKED_BF16, fp32 for PACKED_FP32) through the packed op -> [M, N] in x2.dtype."""
+    K = p.shape[1]
+    if p.k_padded != K:
+        x2 = F.pad(x2, (0, p.k_padded - K))  # zeros meet weight-0 columns: the sums are unchanged
+    x2 = x2.contiguous()
+    if p.kind == "int8":
+        scales = p.scales_bf16 if route == PACKED_BF16 else p.scales_fp32
+        return torch._weight_int8pack_mm(x2, p.packed, scales)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p.packed, p.weight.group_size, p.scales_bf16)
+    return out if p.n_padded == p.shape[0] else out[:, :p.shape[0]]
+
+
+def _unpacked(w: QuantizedWeight, why: str) -> CpuPackedWeight:
+    return CpuPackedWeight(w, None, None, None, w.shape[1], w.shape[0], why)
+
+
+_op_cache: dict[tuple, str] = {}  # (kind, G) -> "" if the packed op passed its check, else why not
+
+
+def _op_ok(kind: str, group_size: int) -> str:
+    """Pack a small weight (odd K, a partial last group, N not a multiple of 16) and check the packed op bit for
+    bit: x = the identity gives back the dequantized weight (one product per sum: exact in fp32, one rounding in
+    bf16). Run once per (kind, G); returns "" if usable, else why not (any missing op or error included)."""
+    key = (kind, group_size)
+    if key not in _op_cache:
+        _op_cache[key] = _check_op(kind, group_size)
+    return _op_cache[key]
+
+
+def _check_op(kind: str, group_size: int) -> str:
+    from gemma3n_fast.reference.quant import quantize
+    G = group_size or 32
+    N, K = 21, G + G // 2 + 1  # N % 16 != 0, odd K, a partial last group
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(N, K, generator=gen)
+    qw = quantize(w, kind, group_size if kind == "int4" else 64)
+    if kind == "int8":  # bf16-exact scales so the bf16 op is checked too
+        qw = QuantizedWeight("int8", qw.data, qw.scales.to(torch.bfloat16).float(), qw.shape)
+    truth = qw.dequantize().t()  # [K, N]: what the identity rows must give
+    try:
+        p = _pack(qw)
+        if p.scales_bf16 is None:
+            return f"{kind} packing failed its own check"
+        eye = torch.eye(K)
+        got_bf16 = _packed_matmul(eye.to(torch.bfloat16), p, PACKED_BF16)
+        if not torch.equal(got_bf16, truth.to(torch.bfloat16)):
+            return f"torch's {kind} bf16 packed matmul gives other values than the format ({torch.__version__})"
+        if kind == "int8":
+            got_fp32 = _packed_matmul(eye, p, PACKED_FP32)
+            if not torch.equal(got_fp32, truth):
+                return f"torch's int8 fp32 packed matmul gives other values than the format ({torch.__version__})"
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"torch {torch.__version__} has no usable {kind} packed CPU matmul ({first[:160]})"
+    return ""
+
+
+def _pack(w: QuantizedWeight) -> CpuPackedWeight:
+    packed, sb, sf, k_pad, n_pad, why = (_pack_int8 if w.kind == "int8" else _pack_int4)(w)
+    return CpuPackedWeight(w, packed, sb, sf, k_pad, n_pad, why)
+
+
+def prepack(w: QuantizedWeight) -> CpuPackedWeight:
+    """Lay a CPU QuantizedWeight out for torch's packed ops (once, at load). A weight no packed op can take
+    exactly (an int4 group size torch lacks, a missing or failing op) keeps only the definition; a missing or
+    failing op is logged once."""
+    if not isinstance(w, QuantizedWeight):
+        raise TypeError(f"cpu_quant.prepack: expected a QuantizedWeight, got {type(w).__name__}")
+    if w.device.type != "cpu":
+        raise ValueError(f"cpu_quant.prepack: the packed ops are CPU ops; the weight is on {w.device}")
+    if w.kind == "int4" and w.group_size not in INT4_GROUP_SIZES:
+        return _unpacked(w, f"int4 group size {w.group_size} not in torch's {INT4_GROUP_SIZES}")
+    why = _op_ok(w.kind, w.group_size)
+    if why:
+        _warn_once(why)
+        return _unpacked(w, why)
+    try:
+        return _pack(w)
+    except (RuntimeError, NotImplementedError) as e:
+        why = f"packing a {w.kind} {list(w.shape)} weight failed ({str(e).splitlines()[0][:160]})"
+        _warn_once(why)
+        return _unpacked(w, why)
+
+
+# ---- the ops -----------------------------------------------------------------------------------------------
+
+def project(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight | CpuPackedWeight) -> torch.Tensor:
+    """``x @ weight^T`` in x.dtype. A float weight: F.linear. A QuantizedWeight: the definition (dequantize to
+    fp32, F.linear in fp32, round once; pack it with ``prepack`` for speed). A CpuPackedWeight: the route
+    ``weight.route`` picks, each computing the definition's value (fp32 products and sums, one rounding)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight)
+    if not isinstance(weight, (QuantizedWeight, CpuPackedWeight)):
+        raise TypeError(f"cpu_quant.project: expected a float tensor, QuantizedWeight or CpuPackedWeight weight, "
+                        f"got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"cpu_quant.project: x must be a float tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    N, K = weight.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"cpu_quant.project: x's last dim {tuple(x.shape)[-1:]} does not match the weight's "
+                         f"K = {K} (weight [N, K] = {[N, K]})")
+    if isinstance(weight, QuantizedWeight):
+        return ref_ops.project(x, weight)
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu_quant.project: a CpuPackedWeight needs x on the CPU, got {x.device}")
+    x2 = x.reshape(-1, K)
+    route = weight.route(x.dtype, x2.shape[0])
+    if route == DEQUANTIZE or x2.shape[0] == 0:
+        return ref_ops.project(x, weight.weight)
+    if route == PACKED_FP32:
+        return _packed_matmul(x2.float(), weight, route).to(x.dtype).reshape(*x.shape[:-1], N)
+    return _packed_matmul(x2, weight, route).reshape(*x.shape[:-1], N)
+
+
+def linear(x: torch.Tensor, weight, *, workspace=None) -> torch.Tensor:
+    """``x @ weight^T``. x [..., K], weight [N, K] -> [..., N]."""
+    return project(x, weight)
+
+
+def linear_gelu_mul(x: torch.Tensor, gate_up_weight, *, workspace=None) -> torch.Tensor:
+    """``gelu_tanh(x Wg^T) * (x Wu^T)`` with ``gate_up_weight = [Wg; Wu]`` [2I, K] -> [..., I]."""
+    gate, up = project(x, gate_up_weight).chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def linear_gelu_aux(x: torch.Tensor, weight, aux: torch.Tensor, *, workspace=None) -> torch.Tensor:
+    """``gelu_tanh(x @ weight^T) * aux``. aux [..., N]."""
+    return F.gelu(project(x, weight), approximate="tanh") * aux
+
+
+def linear_softcap(x: torch.Tensor, weight, cap: float | None, *, workspace=None) -> torch.Tensor:
+    """``cap * tanh((x @ weight^T) / cap)`` in x.dtype (logits rounded first), or plain if cap is None."""
+    logits = project(x, weight)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def dual_linear(x1: torch.Tensor, w1, x2: torch.Tensor, w2, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x1 @ w1^T, x2 @ w2^T)``."""
+    return project(x1, w1), project(x2, w2)
+
+
+def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float, *,
+               workspace=None) -> torch.Tensor:
+    """``reference.ops.sparse_ffn`` with gate and up through ``project``. The down weight is stored transposed
+    (rows = channels, quantized along H), so no packed op computes ``act @ down_weight_t`` with its values: a
+    CpuPackedWeight there is used through its definition."""
+    act = ref_ops.gaussian_topk_gelu_mul(project(x, gate_weight), project(x, up_weight), std_multiplier)
+    down = down_weight_t.weight if isinstance(down_weight_t, CpuPackedWeight) else down_weight_t
+    if isinstance(down, QuantizedWeight):
+        return F.linear(act.float(), down.dequantize().t()).to(act.dtype)
+    return F.linear(act, down.t())

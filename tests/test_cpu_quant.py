@@ -1,0 +1,172 @@
+"""gemma3n_fast.cpu_quant: every GEMV-family op on a CpuPackedWeight equals the plain op (reference.ops) on its
+QuantizedWeight by the 2x rule and rounds like it (fp32 and bf16 x; int8, int4 G=32/64; odd N, odd K, partial
+last groups; 1, 3 and 20 rows), on the packed route and on the forced fallback; bad input gets a clear error."""
+import functools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gemma3n_fast import cpu_quant as cq
+from gemma3n_fast.reference import ops
+from gemma3n_fast.reference.quant import QuantizedWeight, quantize
+from kernel_checks import assert_2x_torch, randn
+
+# fp32: the packed fp32 op sums in another order than F.linear (O(1) outputs, K <= 83); bf16: the plain op's own
+# rounding dominates (its error is in the bound)
+ATOL = {torch.float32: 4e-6 * 8, torch.bfloat16: 4e-3}
+assert_2x = functools.partial(assert_2x_torch, atol=ATOL)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (kind, G, N, K): odd N, odd K, a partial last group (K=80 with G=64, K=72 with G=32)
+WEIGHTS = [("int8", 0, 37, 83), ("int8", 0, 21, 64), ("int4", 64, 37, 80), ("int4", 32, 21, 72),
+           ("int4", 32, 19, 37)]
+ROWS = [1, 3, 20]
+
+
+def _qweight(kind, G, N, K, seed, bf16_scales=True):
+    w = randn((N, K), torch.float32, seed, scale=K ** -0.5, device="cpu")
+    q = quantize(w, kind, G or 64)
+    if kind == "int8" and bf16_scales:  # the scales the bf16 packed op can read exactly
+        q = QuantizedWeight("int8", q.data, q.scales.to(torch.bfloat16).float(), q.shape)
+    return q
+
+
+def _check(fn_fast, fn_plain, args_fast, args_plain, args_64, what):
+    out, ref, ref64 = fn_fast(*args_fast), fn_plain(*args_plain), fn_plain(*args_64)
+    outs, refs, ref64s = [(o if isinstance(o, tuple) else (o,)) for o in (out, ref, ref64)]
+    for o, r, r64 in zip(outs, refs, ref64s):
+        assert_2x(o, r, r64.double(), what)
+
+
+def _as64(q: QuantizedWeight) -> torch.Tensor:
+    return q.dequantize().double()  # the fp64 reference: the exact dequantized weight, fp64 sums
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("spec", WEIGHTS, ids=lambda s: f"{s[0]}G{s[1]}N{s[2]}K{s[3]}")
+def test_project_and_linear(spec, dtype_id, rows):
+    kind, G, N, K = spec
+    dt = DTYPES[dtype_id]
+    q = _qweight(kind, G, N, K, seed=rows)
+    p = cq.prepack(q)
+    assert p.scales_bf16 is not None, p.why_not  # the packed route exists: the test is not trivially the fallback
+    assert p.route(torch.bfloat16, rows) == cq.PACKED_BF16
+    x = randn((rows, K), dt, seed=100 + rows, device="cpu")
+    _check(cq.linear, ops.linear, (x, p), (x, q), (x.double(), _as64(q)), f"linear {spec} {dtype_id} rows={rows}")
+    x3 = randn((2, rows, K), dt, seed=200 + rows, device="cpu")  # leading dims
+    _check(cq.project, ops.project, (x3, p), (x3, q), (x3.double(), _as64(q)), f"project 3-D {spec} {dtype_id}")
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("spec", [("int8", 0, 42, 83), ("int4", 64, 38, 80), ("int4", 32, 42, 37)],
+                         ids=lambda s: f"{s[0]}G{s[1]}N{s[2]}K{s[3]}")
+def test_epilogue_ops(spec, dtype_id):
+    kind, G, N, K = spec  # N even: gate|up halves
+    dt = DTYPES[dtype_id]
+    q = _qweight(kind, G, N, K, seed=7)
+    p, q64 = cq.prepack(q), _as64(q)
+    for rows in (1, 3):
+        x = randn((rows, K), dt, seed=rows, device="cpu")
+        aux = randn((rows, N), dt, seed=50 + rows, device="cpu")
+        x64, aux64 = x.double(), aux.double()
+        tag = f"{spec} {dtype_id} rows={rows}"
+        _check(cq.linear_gelu_mul, ops.linear_gelu_mul, (x, p), (x, q), (x64, q64), "gelu_mul " + tag)
+        _check(cq.linear_gelu_aux, ops.linear_gelu_aux, (x, p, aux), (x, q, aux), (x64, q64, aux64), "gelu_aux " + tag)
+        _check(cq.linear_softcap, ops.linear_softcap, (x, p, 0.5), (x, q, 0.5), (x64, q64, 0.5), "softcap " + tag)
+        _check(cq.linear_softcap, ops.linear_softcap, (x, p, None), (x, q, None), (x64, q64, None), "nocap " + tag)
+        q2 = _qweight(kind, G, N, K + 3, seed=8)
+        x2 = randn((rows, K + 3), dt, seed=9, device="cpu")
+        _check(cq.dual_linear, ops.dual_linear, (x, p, x2, cq.prepack(q2)), (x, q, x2, q2),
+               (x64, q64, x2.double(), _as64(q2)), "dual " + tag)
+
+
+@pytest.mark.parametrize("kind,G", [("int8", 0), ("int4", 32)])
+def test_sparse_ffn(kind, G):
+    H, I = 72, 106
+    dt = torch.bfloat16
+    gate, up, down_t = (_qweight(kind, G, I, H, seed=s) for s in (1, 2, 3))
+    x = randn((3, H), dt, seed=4, device="cpu")
+    z = 1.6448535919189453
+    out = cq.sparse_ffn(x, cq.prepack(gate), cq.prepack(up), cq.prepack(down_t), z)
+    ref = ops.sparse_ffn(x, gate, up, down_t, z)
+    ref64 = ops.sparse_ffn(x.double(), _as64(gate), _as64(up), _as64(down_t), z)
+    assert_2x(out, ref, ref64, f"sparse_ffn {kind}")
+
+
+def test_int4_packing_is_bit_exact():
+    """x = the identity gives back each dequantized weight element (one product per sum, exact in fp32; bf16 x:
+    the weight rounded once): the packed nibbles and scales are our format's, bit for bit."""
+    q = _qweight("int4", 32, 21, 71, seed=3)
+    p = cq.prepack(q)
+    eye = torch.eye(71, dtype=torch.bfloat16)
+    assert torch.equal(cq.project(eye, p), q.dequantize().t().to(torch.bfloat16))
+    fp32_sz = p.scales_bf16.float()  # the fp32 op reads fp32 (scale, zero) pairs; bf16 -> fp32 is exact
+    x = torch.nn.functional.pad(torch.eye(71), (0, p.k_padded - 71))
+    got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, p.packed, 32, fp32_sz)[:, :21]
+    assert torch.equal(got, q.dequantize().t())
+
+
+def test_int8_fp32_scales_keep_the_definition_exact():
+    """Scales that are not bf16 values cannot go to the bf16 op: bf16 rows take the fp32 op (one row) or the
+    definition, and still round like the plain op."""
+    q = _qweight("int8", 0, 37, 83, seed=5, bf16_scales=False)
+    p = cq.prepack(q)
+    assert p.scales_bf16 is None and p.route(torch.bfloat16, 1) == cq.PACKED_FP32
+    assert p.route(torch.bfloat16, 3) == cq.DEQUANTIZE
+    for rows in (1, 3):
+        x = randn((rows, 83), torch.bfloat16, seed=rows, device="cpu")
+        _check(cq.linear, ops.linear, (x, p), (x, q), (x.double(), _as64(q)), f"int8 fp32 scales rows={rows}")
+
+
+def test_unsupported_group_size_uses_the_definition():
+    q = _qweight("int4", 16, 21, 40, seed=6)
+    p = cq.prepack(q)
+    assert p.packed is None and "group size 16" in p.why_not and p.route(torch.bfloat16, 1) == cq.DEQUANTIZE
+    x = randn((3, 40), torch.bfloat16, seed=1, device="cpu")
+    assert torch.equal(cq.linear(x, p), ops.linear(x, q))
+
+
+@pytest.mark.parametrize("kind,G", [("int8", 0), ("int4", 64)])
+def test_missing_op_falls_back_loudly_and_stays_correct(kind, G, monkeypatch, caplog):
+    def gone(*a, **k):
+        raise RuntimeError("no such op in this torch")
+    if kind == "int8":
+        monkeypatch.setattr(torch, "_weight_int8pack_mm", gone)
+    else:
+        monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", gone, raising=False)
+    monkeypatch.setattr(cq, "_op_cache", {})
+    monkeypatch.setattr(cq, "_warned", set())
+    q = _qweight(kind, G, 37, 80, seed=2)
+    with caplog.at_level("WARNING", logger="gemma3n_fast.cpu_quant"):
+        p = cq.prepack(q)
+        cq.prepack(q)
+    assert p.packed is None and "no usable" in p.why_not
+    assert sum("no usable" in r.getMessage() for r in caplog.records) == 1  # once, not per weight
+    for dt in DTYPES.values():
+        x = randn((3, 80), dt, seed=3, device="cpu")
+        assert torch.equal(cq.linear(x, p), ops.linear(x, q))
+
+
+def test_bad_inputs():
+    q = _qweight("int4", 32, 21, 72, seed=1)
+    p = cq.prepack(q)
+    with pytest.raises(ValueError, match="does not match the weight's K = 72"):
+        cq.project(torch.randn(2, 71), p)
+    with pytest.raises(TypeError, match="x must be a float tensor"):
+        cq.project(torch.ones(2, 72, dtype=torch.int32), p)
+    with pytest.raises(TypeError, match="expected a float tensor, QuantizedWeight or CpuPackedWeight"):
+        cq.project(torch.randn(2, 72), [1, 2])
+    with pytest.raises(TypeError, match="expected a QuantizedWeight"):
+        cq.prepack(torch.randn(4, 4))
+    float_w = torch.randn(5, 72)
+    assert torch.equal(cq.project(torch.ones(2, 72), float_w), torch.nn.functional.linear(torch.ones(2, 72), float_w))
+
+
+def test_bench_smoke():
+    """The benchmark runs end to end on tiny shapes (so it cannot rot); no timing is checked."""
+    r = subprocess.run([sys.executable, "-m", "bench.bench_cpu_quant", "--smoke"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| shape" in r.stdout and "per token" in r.stdout
