@@ -19,7 +19,7 @@ import torch
 
 from bench.byte_model import H100_COPY_BANDWIDTH, account
 from bench.launch_recorder import KINDS
-from kernels._common import H100_SMS  # a Triton grid smaller than this leaves SMs idle
+from gemma3n_fast.kernels._common import H100_SMS  # a Triton grid smaller than this leaves SMs idle
 
 
 
