@@ -303,7 +303,8 @@ def summarize(rec: Recorder, cfg, *, model, how, context, batch, dtype, bandwidt
 
 
 # ---- the roofline ---------------------------------------------------------------------------------------------
-def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2) -> dict:
+def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2, quantize: str | None = None,
+                   group_size: int = 64) -> dict:
     """The bytes one decode step of ``batch`` sequences must move at least, by rule, in ``elem``-byte weights and K/V:
 
     * ``weights``: every text-decoder weight once (the tied LM head: the whole table once), except the per-layer token
@@ -312,6 +313,8 @@ def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2) 
       window; a KV-shared layer reads its producer's cache again);
     * ``total``: their sum.
 
+    ``quantize`` ("int8" | "int4", ``group_size``): the weights ``load(quantize=...)`` quantizes count their packed
+    values and scales (``reference.quant.quantized_nbytes``), the rest ``elem`` bytes per element.
     text_config: a ``TextConfig`` or its dict. The model is built on the meta device: no weights, instant at E4B size.
     ``account`` at batch 1 reads these weights (less the inactive part of the sparse FFNs) and this K/V (plus one
     written slot per KV-owning layer): tests/test_decode_cost.py checks it.
@@ -322,9 +325,20 @@ def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2) 
     cfg = text_config if isinstance(text_config, TextConfig) else TextConfig.from_dict(dict(text_config))
     with torch.device("meta"):
         model = Gemma3nTextModel(cfg)
+    from gemma3n_fast.reference.model import quantized_layout
+    from gemma3n_fast.reference.quant import quantized_nbytes
+
+    def nbytes(name: str, p: torch.Tensor) -> int:
+        layout = quantized_layout(cfg, f"language_model.{name}") if quantize else None
+        if layout is None:
+            return p.numel() * elem
+        N, K = p.shape if layout != "transposed" else p.shape[::-1]
+        return quantized_nbytes(N, K, quantize, group_size)
+
     table = model.embed_tokens_per_layer.weight
-    ple_row = table.shape[1] * elem
-    weights = (sum(p.numel() for p in model.parameters()) - table.numel()) * elem + batch * ple_row
+    ple_row = nbytes("embed_tokens_per_layer.weight", table[:1])
+    weights = sum(nbytes(n, p) for n, p in model.named_parameters()
+                  if n != "embed_tokens_per_layer.weight") + batch * ple_row
     per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # K and V of one layer
     tokens = sum(min(context, cfg.sliding_window) if cfg.is_sliding(i) else context
                  for i in range(cfg.num_hidden_layers))

@@ -98,6 +98,13 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.kind}, {list(self.shape)}{g}, {self.nbytes / 1e6:.2f} MB, {self.device})"
 
 
+def quantized_nbytes(N: int, K: int, kind: str, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Bytes of an [N, K] weight stored as ``kind`` (values + scales), without building it."""
+    if kind == "int8":
+        return N * K + 4 * N
+    return N * ((K + 1) // 2) + 2 * N * (-(-K // group_size))
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, J] -> int8 [N, 2J] signed values: column 2j from the low nibble of byte j, 2j + 1 from the high."""
     lo = (packed & 0xF).to(torch.int8) - 8
