@@ -261,10 +261,9 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
     def _embed_decode(self, input_ids, ws: Workspaces = NO_WORKSPACES):
         """Decode: the same for any id in one gather launch (text table or the hard-embedding table), no host sync."""
         lm, c = self.model.language_model, self.text_config
-        quantized = {"dtype": self.dtype} if self.quantization else {}  # a quantized table needs the dtype
         x, token_part = self.backend.token_embeddings(input_ids, lm.embed_tokens.weight, self.embed_scale,
                                                       lm.embed_tokens_per_layer.weight, self.per_layer_embed_scale,
-                                                      self.hard_embeddings, self.mm_offset or 0, **quantized)
+                                                      self.hard_embeddings, self.mm_offset or 0, dtype=self.dtype)
         return x, self._per_layer_inputs(x, token_part.unflatten(-1, (c.num_hidden_layers, -1)), ws)
 
     # ---- the decoder ---------------------------------------------------------------------------------------
