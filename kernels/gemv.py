@@ -29,7 +29,19 @@ it lives. Pass one as ``workspace=`` (the fast model's decode state owns one); w
 the same size is used, created on first use (outside capture; a clear error says so otherwise). A too-small or
 too-few-rows workspace is an error, never grown; only an explicit ``config=`` beyond the default's bound gets a
 one-launch scratch buffer. Otherwise no host sync and no allocation beyond the outputs: CUDA-graph safe.
-Bytes each launch must move: ``gemv_bytes``. Requires triton >= 3.6, torch >= 2.11.
+Quantized weights (``reference.quant.QuantizedWeight``, any activation dtype; both weights of a dual launch of
+one kind, each with its own int4 group size): read packed, dequantized in registers (constexpr QUANT), fp32
+products and sums as for a float weight. int8: q * x accumulated, the row sum times scale[n] (fp32) once at the end
+of the slice, before any split-K partial (one multiply a row instead of one a weight; q * scale is not exact in
+fp32 either way, so neither order is the reference's bit for bit); for 2..16 rows q is converted to x's dtype for
+tl.dot (|q| <= 127: exact in fp16 and bf16). int4: a chunk of BLOCK_K weights is BLOCK_K / 2 consecutive bytes of
+a row; per byte (lo - 8) x[k even] + (hi - 8) x[k odd] (x read at stride 2, no interleave) times
+scale[n, k // G] gathered per byte (G even: a byte never straddles groups); for 2..16 rows the even and odd
+halves are dequantized to fp32 (exact: 4 bits times a bf16 scale) and fed to two IEEE tl.dots (a bf16 tile would
+round the weight). Prefill rows (> 16) dequantize to fp32 in chunks of ``_DEQUANT_ROWS`` weight rows and multiply
+in fp32, rounded once to x's dtype (the plain op's definition, with a bounded fp32 copy).
+Bytes each launch must move: ``gemv_bytes`` (``quant=``: packed weights plus scales). Requires triton >= 3.6,
+torch >= 2.11.
 """
 from __future__ import annotations
 
