@@ -135,3 +135,14 @@ def test_bytes_of_quantized_weights():
     assert plain == sparse_ffn_bytes(1, 8192, 2048, torch.bfloat16, weight_kind=None)
     q4 = sparse_ffn_bytes(1, 8192, 2048, torch.bfloat16, weight_kind="int4", group_size=64)
     assert abs(q4["dense"] / plain["dense"] - 1088 / 4096) < 1e-3 and q4["total"] < plain["total"] / 3
+
+
+@pytest.mark.parametrize("M", [3, 12])
+@pytest.mark.parametrize("spec", ["int8", "int4g32"])
+def test_quantized_gate_up_and_down(spec, M):
+    """Every weight quantized, as the model stores a sparse layer: the gate through the GEMV's packed path (M <= 8)
+    or the dense path (M = 12)."""
+    dtype = torch.bfloat16
+    x, (wg, wu, wdt) = _inputs(M, dtype, spec, seed=61)
+    weights = (_quantize(wg.float(), spec), wu, wdt)
+    _check(x, weights, Z_95, f"quantized gate {spec} M={M}", _poisoned_workspace(3, dtype) if M <= 8 else None)
