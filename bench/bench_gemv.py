@@ -80,6 +80,40 @@ def test_bench_gemv(benchmark, name, rows_id, provider):
          shape=[M, N, K, K2], kind=kind, rows=rows_id, config=str(cfg))
 
 
+QUANT_KINDS = ["int8", "int4"]  # int4 with the default group size (reference.quant.DEFAULT_GROUP_SIZE)
+QUANT_GEMVS = [name for name in ("qkv_laurel", "o_laurel_dual", "down_e2b", "gate_up_e2b", "lm_head") if name in GEMVS]
+
+
+@pytest.mark.parametrize("provider", ["triton", "eager"])
+@pytest.mark.parametrize("rows_id", ROW_IDS)
+@pytest.mark.parametrize("quant", QUANT_KINDS)
+@pytest.mark.parametrize("name", QUANT_GEMVS)
+def test_bench_gemv_quantized(benchmark, name, quant, rows_id, provider):
+    """The same GEMVs with weights stored int8 / int4 (``QuantizedWeight``): ``GB/s`` counts the packed bytes plus
+    scales (``gemv_bytes(..., quant=)``). ``eager`` is the plain op: dequantize to fp32, then F.linear."""
+    from gemma3n_fast.kernels import gemv
+    from gemma3n_fast.reference.quant import DEFAULT_GROUP_SIZE, quantize
+
+    kind, N, K, K2 = GEMVS[name]
+    M = ROWS[rows_id]
+    x = _randn(M, K)
+    w = quantize(_randn(2 * N if kind == "gelu_mul" else N, K, scale=1 / math.sqrt(K)), quant)
+    if kind == "linear":
+        triton_fn, ref_fn, args = gemv.linear, ops.linear, (x, w)
+    elif kind == "gelu_mul":
+        triton_fn, ref_fn, args = gemv.linear_gelu_mul, ops.linear_gelu_mul, (x, w)
+    elif kind == "softcap":
+        triton_fn, ref_fn, args = gemv.linear_softcap, ops.linear_softcap, (10 * x, w, 30.0)
+    else:
+        triton_fn, ref_fn = gemv.dual_linear, ops.dual_linear
+        args = (x, w, _randn(M, K2), quantize(_randn(N, K2, scale=1 / math.sqrt(K2)), quant))
+    cfg = gemv.gemv_config(M, N, max(K, K2), DTYPE, gate_up=kind == "gelu_mul", pairs=2 if kind == "dual" else 1,
+                           quant=quant)
+    nbytes = gemv.gemv_bytes(kind, M, N, K, DTYPE, K2=K2, quant=quant, group_size=DEFAULT_GROUP_SIZE)
+    _run(benchmark, f"gemv_{name}_{quant}", provider, triton_fn, ref_fn, args, {}, nbytes,
+         shape=[M, N, K, K2], kind=kind, quant=quant, rows=rows_id, config=str(cfg))
+
+
 FFN_PROVIDERS = ["triton", "triton_dense", "eager", *compiled("compile")]
 
 

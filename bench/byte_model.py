@@ -96,7 +96,7 @@ ARG_TRAFFIC = {
 WEIGHT_GROUPS = (
     ("gate|up", r"mlp\.(gate|up)_proj\.|gate_up"),
     ("down", r"mlp\.down_proj\.|down_"),
-    ("LM head", r"^embed_tokens\.weight$"),  # tied: the LM head reads the whole table, the token gather one row
+    ("LM head", r"^embed_tokens\.weight(\.data|\.scales)?$"),  # tied: the LM head reads the whole table, the token gather one row
     ("q|k|v", r"self_attn\.[qkv]_proj\.|qkv"),
     ("o", r"self_attn\.o_proj\."),
     ("per-layer inputs", r"per_layer"),
@@ -132,17 +132,18 @@ def text_config(model: str):
     return TextConfig.from_dict(dict(configs.model_dict(model)["text_config"]))
 
 
-def build_meta_model(model: str, dtype: torch.dtype):
-    """-> (fast model on meta with the op table in its "triton" mode, how it was built)."""
+def build_meta_model(model: str, dtype: torch.dtype, quantize: str | None = None, group_size: int = 64):
+    """-> (fast model on meta with the op table in its "triton" mode, how it was built). ``quantize``: its
+    matrices quantized as ``load(quantize=...)`` stores them (``reference.model.quantize_model``)."""
     from gemma3n_fast import backend as backend_module
     from gemma3n_fast.model import from_reference
     from gemma3n_fast.reference.config import Gemma3nConfig
-    from gemma3n_fast.reference.model import Gemma3nReference
+    from gemma3n_fast.reference.model import Gemma3nReference, quantize_model
 
     cfg = Gemma3nConfig(text=text_config(model), audio=None, vision=None, text_only=True)
     with torch.device("meta"):
         ref = Gemma3nReference(cfg)
-    ref = ref.to(dtype).eval().requires_grad_(False)
+    ref = quantize_model(ref.to(dtype).eval().requires_grad_(False), quantize, group_size)
     real_pick = backend_module.pick_mode
 
     def pick_triton(mode, device):  # the kernel mode on meta: the launchers only look at shapes
@@ -159,7 +160,7 @@ def build_meta_model(model: str, dtype: torch.dtype):
 
     with torch.device("meta"):
         ref = Gemma3nReference(cfg)
-    ref = ref.to(dtype).eval().requires_grad_(False)
+    ref = quantize_model(ref.to(dtype).eval().requires_grad_(False), quantize, group_size)
     fast = from_reference(ref, kernels="reference")
     for name in list(fast.backend.sources):
         module = backend_module.KERNEL_MODULES.get(name, name)
@@ -177,14 +178,15 @@ def layer_type(cfg, i: int) -> str:
 
 # ---- the accounting -------------------------------------------------------------------------------------------
 def account(model: str = "e2b", *, context: int = 1024, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
-            bandwidth: float = H100_COPY_BANDWIDTH) -> dict:
-    """Launches and bytes of one decode step of ``model`` ("e2b", "e4b", "smoke"); see the module docstring."""
+            bandwidth: float = H100_COPY_BANDWIDTH, quantize: str | None = None, group_size: int = 64) -> dict:
+    """Launches and bytes of one decode step of ``model`` ("e2b", "e4b", "smoke"), its weights in ``dtype`` or
+    quantized (``quantize`` "int8" | "int4", ``group_size``); see the module docstring."""
     from gemma3n_fast import reference
     from gemma3n_fast.generate import DecodeState, _step
     from gemma3n_fast.reference.generation import GenerationPlan, Sampler
 
     t0 = time.perf_counter()
-    fast, how = build_meta_model(model, dtype)
+    fast, how = build_meta_model(model, dtype, quantize, group_size)
     cfg = fast.text_config
     context = min(context, cfg.max_position_embeddings)
     plan = GenerationPlan(sampler=Sampler.from_args(False), max_new_tokens=context, eos=[1], pad=0)  # greedy
@@ -202,8 +204,10 @@ def account(model: str = "e2b", *, context: int = 1024, batch: int = 1, dtype: t
     if not wrapped or not rec.layers_begun:
         raise RuntimeError(f"byte_model: no decoder layer call was seen (wrapped {wrapped or 'nothing'}); add the "
                            "fast model's per-layer method to bench.byte_model.LAYER_METHODS")
-    return summarize(rec, cfg, model=model, how=how, context=context, batch=batch, dtype=dtype,
-                     bandwidth=bandwidth, seconds=time.perf_counter() - t0)
+    out = summarize(rec, cfg, model=model, how=how, context=context, batch=batch, dtype=dtype,
+                    bandwidth=bandwidth, seconds=time.perf_counter() - t0)
+    out["quantize"] = None if quantize is None else quantize + (f" G={group_size}" if quantize == "int4" else "")
+    return out
 
 
 def _part(layer, begun, n_layers_begun) -> str:
@@ -285,6 +289,7 @@ def summarize(rec: Recorder, cfg, *, model, how, context, batch, dtype, bandwidt
                       triton_programs={k: dict(launches=len(v), min=min(v), max=max(v)) for k, v in programs.items()},
                       op_table=dict(op_calls)),
         bytes=dict(total=total, weights=weight_total, kv=kv_bytes, activations=act_bytes, by_group=group_bytes,
+                   loaded_weights=sum(b - a for segs in wm.segments.values() for a, b, _ in segs),
                    weights_read_by_launches=sum(read_by_weight.values()),
                    per_weight={n: dict(size=wm.size[n], read=read_by_weight.get(n, 0.0), group=wm.group[n],
                                        parameter=wm.is_parameter[n]) for n in wm.leaves},
@@ -298,7 +303,8 @@ def summarize(rec: Recorder, cfg, *, model, how, context, batch, dtype, bandwidt
 
 
 # ---- the roofline ---------------------------------------------------------------------------------------------
-def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2) -> dict:
+def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2, quantize: str | None = None,
+                   group_size: int = 64) -> dict:
     """The bytes one decode step of ``batch`` sequences must move at least, by rule, in ``elem``-byte weights and K/V:
 
     * ``weights``: every text-decoder weight once (the tied LM head: the whole table once), except the per-layer token
@@ -307,6 +313,8 @@ def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2) 
       window; a KV-shared layer reads its producer's cache again);
     * ``total``: their sum.
 
+    ``quantize`` ("int8" | "int4", ``group_size``): the weights ``load(quantize=...)`` quantizes count their packed
+    values and scales (``reference.quant.quantized_nbytes``), the rest ``elem`` bytes per element.
     text_config: a ``TextConfig`` or its dict. The model is built on the meta device: no weights, instant at E4B size.
     ``account`` at batch 1 reads these weights (less the inactive part of the sparse FFNs) and this K/V (plus one
     written slot per KV-owning layer): tests/test_decode_cost.py checks it.
@@ -317,9 +325,20 @@ def roofline_bytes(text_config, *, context: int, batch: int = 1, elem: int = 2) 
     cfg = text_config if isinstance(text_config, TextConfig) else TextConfig.from_dict(dict(text_config))
     with torch.device("meta"):
         model = Gemma3nTextModel(cfg)
+    from gemma3n_fast.reference.model import quantized_layout
+    from gemma3n_fast.reference.quant import quantized_nbytes
+
+    def nbytes(name: str, p: torch.Tensor) -> int:
+        layout = quantized_layout(cfg, f"language_model.{name}") if quantize else None
+        if layout is None:
+            return p.numel() * elem
+        N, K = p.shape if layout != "transposed" else p.shape[::-1]
+        return quantized_nbytes(N, K, quantize, group_size)
+
     table = model.embed_tokens_per_layer.weight
-    ple_row = table.shape[1] * elem
-    weights = (sum(p.numel() for p in model.parameters()) - table.numel()) * elem + batch * ple_row
+    ple_row = nbytes("embed_tokens_per_layer.weight", table[:1])
+    weights = sum(nbytes(n, p) for n, p in model.named_parameters()
+                  if n != "embed_tokens_per_layer.weight") + batch * ple_row
     per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # K and V of one layer
     tokens = sum(min(context, cfg.sliding_window) if cfg.is_sliding(i) else context
                  for i in range(cfg.num_hidden_layers))

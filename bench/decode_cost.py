@@ -1,7 +1,7 @@
 """Launches and bytes of ONE batch-1 decode step of gemma3n_fast, counted on the meta device (no GPU, no weights).
 
     python -m bench.decode_cost [--models e2b,e4b] [--context 1024] [--bandwidth-tbs 3.0] [--dtype bfloat16]
-                                [--json PATH] [--dry-run]
+                                [--quantize none,int8,int4] [--group-size 64] [--json PATH] [--dry-run]
 
 The report: per model, launches by kind per layer type and per step, the largest launch groups, the Triton grids
 smaller than an H100's SMs, bytes per token by weight group and the memory floor. How the step is counted:
@@ -19,7 +19,7 @@ import torch
 
 from bench.byte_model import H100_COPY_BANDWIDTH, account
 from bench.launch_recorder import KINDS
-from kernels._common import H100_SMS  # a Triton grid smaller than this leaves SMs idle
+from gemma3n_fast.kernels._common import H100_SMS  # a Triton grid smaller than this leaves SMs idle
 
 
 
@@ -38,12 +38,13 @@ def table(results: list[dict]) -> str:
     out = []
     for r in results:
         la, by = r["launches"], r["bytes"]
-        name = r["model"].upper()
+        name = r["model"].upper() + (f" {r['quantize']}" if r.get("quantize") else "")
         out += [f"### {name}: {la['total']:,} launches per decode step, {by['total'] / 1e9:.2f} GB per token, "
                 f"floor {r['floor_s'] * 1e3:.2f} ms ({r['floor_tok_s']:.0f} tok/s at "
                 f"{r['bandwidth_Bps'] / 1e12:.1f} TB/s)", "",
                 f"batch {r['batch']}, {r['dtype']}, cache of {r['context']} slots (the step at its last column), "
-                f"{r['layers']} layers ({r['first_kv_shared_layer']} own K/V); built: {r['built']}", "",
+                f"{r['layers']} layers ({r['first_kv_shared_layer']} own K/V); text weights loaded "
+                f"{by['loaded_weights'] / 1e9:.2f} GB; built: {r['built']}", "",
                 "| launches | layers | " + " | ".join(KINDS) + " | total |",
                 "|---|---|" + "---:|" * (len(KINDS) + 1)]
         for t in la["layer_types"]:
@@ -115,6 +116,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--bandwidth-tbs", type=float, default=H100_COPY_BANDWIDTH / 1e12,
                    help="memory bandwidth for the floor, TB/s (default: the H100's measured copy bandwidth)")
+    p.add_argument("--quantize", default="none",
+                   help="comma list from none,int8,int4: the weights as load(quantize=...) stores them")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size")
     p.add_argument("--json", default=None, help="write the full accounting here")
     p.add_argument("--dry-run", action="store_true", help="check the arguments, print what would be counted, exit")
     args = p.parse_args(argv)
@@ -124,6 +128,10 @@ def main(argv=None):
     for m in models:
         if m not in configs.MODELS:
             p.error(f"--models: unknown model {m!r}; choose from {','.join(configs.MODELS)}")
+    quants = [None if q.strip() == "none" else q.strip() for q in args.quantize.split(",") if q.strip()]
+    for q in quants:
+        if q not in (None, "int8", "int4"):
+            p.error(f"--quantize: unknown {q!r}; choose from none,int8,int4")
     if args.context < 1 or args.batch < 1 or args.bandwidth_tbs <= 0:
         p.error("--context and --batch must be >= 1, --bandwidth-tbs > 0")
     if args.dry_run:
@@ -131,7 +139,8 @@ def main(argv=None):
               + (f", json {args.json}" if args.json else ""))
         return
     results = [account(m, context=args.context, batch=args.batch, dtype=getattr(torch, args.dtype),
-                       bandwidth=args.bandwidth_tbs * 1e12) for m in models]
+                       bandwidth=args.bandwidth_tbs * 1e12, quantize=q, group_size=args.group_size)
+               for m in models for q in quants]
     print(table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

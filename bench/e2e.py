@@ -38,7 +38,7 @@ if not torch.cuda.is_available():  # CPU: the fast model's kernels run through t
 
 from bench import byte_model, configs, decode_cost, report  # noqa: E402
 from bench.common import device_bandwidth, device_name  # noqa: E402
-from bench.systems import SLOW_SYSTEMS, SYSTEMS, build_hf, make_system  # noqa: E402
+from bench.systems import SLOW_SYSTEMS, SYSTEMS, build_hf, make_system, quantization  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ SMOKE_WORKLOADS = [Workload("text", 1, 6), Workload("text", 3, 16), Workload("te
                    Workload("image", 1, 8), Workload("audio", 1, 8)]
 # In the smoke the fast model's kernels run through the Triton interpreter (seconds per call even for the
 # tiny model), so it runs the first cell only; the other systems run every cell.
-SMOKE_INTERPRETED = {"gemma3n_fast"}
+SMOKE_INTERPRETED = {"gemma3n_fast", "gemma3n_fast-int4", "gemma3n_fast-int8"}
 
 
 def plan(models: list[str], smoke: bool, kinds=("text", "image", "audio"), batches=None,
@@ -252,7 +252,7 @@ class ModelBench:
                     self.inputs[w] = make_inputs(w, self.cfg, self.device, self.args.seed, self.args.smoke)
                 context = row["prompt_tokens"] + n // 2  # mean context over the decode
                 step_bytes = byte_model.roofline_bytes(self.cfg["text_config"], context=context, batch=w.batch,
-                                                       elem=self.elem)["total"]
+                                                       elem=self.elem, quantize=quantization(system))["total"]
                 run_cell(sysobj, w, self.inputs[w], n, budget, step_bytes, self.bandwidth, row,
                          reps=self.args.reps, warmup=not self.args.smoke)  # smoke: numbers mean nothing
                 info = ", ".join(f"{k}={v}" for k, v in sysobj.info.items())

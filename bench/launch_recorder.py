@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gemma3n_fast.reference.quant import QuantizedWeight
+
 KINDS = ("GEMM", "elementwise", "copy/cat", "indexing", "reduction", "Triton")
 
 # ---- aten ops: which launch, and what kind --------------------------------------------------------------------
@@ -101,6 +103,9 @@ class WeightMap:
             for aname, v in vars(mod).items():
                 if isinstance(v, torch.Tensor) and not aname.startswith("_") and v.device == model.device:
                     named.setdefault(prefix + aname, (v, False))
+                elif isinstance(v, QuantizedWeight) and not aname.startswith("_"):  # packed values + scales
+                    named.setdefault(f"{prefix}{aname}.data", (v.data, True))
+                    named.setdefault(f"{prefix}{aname}.scales", (v.scales, True))
         self.tensors = named
         self.is_parameter = {n: p for n, (_, p) in named.items()}
         self.size = {n: t.numel() * t.element_size() for n, (t, _) in named.items()}
@@ -220,6 +225,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def tensors_in(v):
     if isinstance(v, torch.Tensor):
         yield v
+    elif isinstance(v, QuantizedWeight):  # what a kernel reads of it: the packed values and the scales
+        yield v.data
+        yield v.scales
     elif isinstance(v, (list, tuple)):
         for x in v:
             yield from tensors_in(x)

@@ -69,10 +69,12 @@ class Step:
     kind: str  # "decode" | "prefill" | "audio"
     batch: int
     tokens: int
+    quantize: str | None = None  # "int8" | "int4": the weights as load(quantize=...) stores them (G = 64)
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.kind}-b{self.batch}-{self.tokens}"
+        weights = f"-{self.quantize}" if self.quantize else ""
+        return f"{self.model}{weights}-{self.kind}-b{self.batch}-{self.tokens}"
 
 
 PREFILL_NEW_TOKENS = 128  # new tokens a prefill's generate() call asks for: the cache holds prompt + these, rounded
@@ -92,8 +94,13 @@ def _cache_slots(prompt: int, new_tokens: int = PREFILL_NEW_TOKENS) -> int:
 # The steps the check is defined by: batch-1 decode of E2B and E4B and batch-8 decode of E2B at a 1024-slot cache,
 # an E2B prefill of 2,500 tokens (chunks of 1024, 1024 and 452 columns: a prompt length, hence position strides,
 # not divisible by 16; the benchmark cells' prompts are), and one 30 s segment through the audio tower.
+# The quantized decode steps (int8 and int4 weights: the GEMVs, the sparse FFN and the gathers read packed
+# weights) at batch 1 and 8; a quantized prefill runs the same kernels as the float one (chunks of more than 16 rows
+# dequantize and multiply in torch).
 NAMED_STEPS = (Step("e2b", "decode", 1, 1024), Step("e4b", "decode", 1, 1024), Step("e2b", "decode", 8, 1024),
-               Step("e2b", "prefill", 1, 2500), Step("e2b", "audio", 1, AUDIO_FRAMES))
+               Step("e2b", "prefill", 1, 2500), Step("e2b", "audio", 1, AUDIO_FRAMES),
+               *(Step(m, "decode", b, 1024, q) for q in ("int8", "int4") for m, b in (("e2b", 1), ("e2b", 8),
+                                                                                       ("e4b", 1))))
 
 
 def bench_steps() -> tuple[Step, ...]:
@@ -302,19 +309,20 @@ class _MetaHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_meta_model(model: str, dtype: torch.dtype = torch.bfloat16):
+def build_meta_model(model: str, dtype: torch.dtype = torch.bfloat16, quantize: str | None = None):
     """The fast model of ``model`` (a ``bench.configs`` name: the released structure, audio and vision towers
-    included, as a checkpoint loads) on the meta device, its op table in the "triton" mode."""
+    included, as a checkpoint loads) on the meta device, its op table in the "triton" mode; ``quantize``: its
+    weights as ``load(quantize=...)`` stores them."""
     from bench import configs
     from gemma3n_fast import backend as backend_module
     from gemma3n_fast.model import from_reference
     from gemma3n_fast.reference.config import Gemma3nConfig
-    from gemma3n_fast.reference.model import Gemma3nReference
+    from gemma3n_fast.reference.model import Gemma3nReference, quantize_model
 
     cfg = Gemma3nConfig.from_dict(configs.model_dict(model))
     with torch.device("meta"):
         ref = Gemma3nReference(cfg)
-    ref = ref.to(dtype).eval().requires_grad_(False)
+    ref = quantize_model(ref.to(dtype).eval().requires_grad_(False), quantize)
     real_pick = backend_module.pick_mode
 
     def pick(mode, device):  # "triton" is for CUDA; on meta the launchers only look at shapes
@@ -330,10 +338,10 @@ def build_meta_model(model: str, dtype: torch.dtype = torch.bfloat16):
 
 def parse_step(name: str) -> Step:
     """``Step.name`` back to its step."""
-    m = re.fullmatch(r"(\w+)-(decode|prefill|audio)-b(\d+)-(\d+)", name)
+    m = re.fullmatch(r"(\w+?)(?:-(int8|int4))?-(decode|prefill|audio)-b(\d+)-(\d+)", name)
     if m is None:
-        raise ValueError(f"{name!r} is not model-kind-bBATCH-TOKENS (kind: decode, prefill or audio)")
-    return Step(m.group(1), m.group(2), int(m.group(3)), int(m.group(4)))
+        raise ValueError(f"{name!r} is not model[-int8|-int4]-kind-bBATCH-TOKENS (kind: decode, prefill or audio)")
+    return Step(m.group(1), m.group(3), int(m.group(4)), int(m.group(5)), m.group(2))
 
 
 def run_step(fast, step: Step) -> None:
@@ -364,9 +372,9 @@ def record(steps=None, target=None, dtype: torch.dtype = torch.bfloat16) -> Laun
     recorder = LaunchRecorder(target)
     n = 0
     with recorder:
-        for model in dict.fromkeys(s.model for s in steps):  # one model on meta at a time, built once
-            fast = build_meta_model(model, dtype)
-            for step in (s for s in steps if s.model == model):
+        for model, quant in dict.fromkeys((s.model, s.quantize) for s in steps):  # one model at a time, once
+            fast = build_meta_model(model, dtype, quant)
+            for step in (s for s in steps if (s.model, s.quantize) == (model, quant)):
                 recorder.step = step.name
                 run_step(fast, step)
                 n = _check_recorded(recorder, n, step)

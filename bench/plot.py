@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 COLORS = {"gemma3n_fast": (214, 39, 40), "hf": (31, 119, 180), "hf-compile": (44, 160, 44),
-          "reference": (127, 127, 127)}
+          "reference": (127, 127, 127), "gemma3n_fast-int4": (255, 127, 14), "gemma3n_fast-int8": (140, 86, 75)}
 W, H = 1200, 520
 
 

@@ -24,7 +24,8 @@ import torch
 
 from gemma3n_fast.reference.tiny import randomize_
 
-SYSTEMS = ("gemma3n_fast", "hf", "reference", "hf-compile")  # run order inside a cell group
+# run order inside a cell group; gemma3n_fast-int8 / -int4: the fast model with load(quantize=...)'s weights
+SYSTEMS = ("gemma3n_fast", "gemma3n_fast-int4", "gemma3n_fast-int8", "hf", "reference", "hf-compile")
 SLOW_SYSTEMS = {"reference", "hf"}  # fewer new tokens: per-step decode time is still comparable
 
 
@@ -112,7 +113,7 @@ class OursSystem:
         """On CUDA, the fast model must have decoded through a captured graph on its kernels: a benchmark of a
         fallback would measure the wrong thing."""
         m = self.model
-        if self.name != "gemma3n_fast" or m.device.type != "cuda":
+        if not self.name.startswith("gemma3n_fast") or m.device.type != "cuda":
             return
         not_kernel = [op for op, src in m.backend.sources.items() if src != "kernel"]
         if m.backend.mode != "triton" or not_kernel:
@@ -136,17 +137,24 @@ class OursSystem:
         return t1, None, new, tn
 
 
-_MODULES = ("gemma3n_fast", "reference")
+_MODULES = ("gemma3n_fast", "gemma3n_fast-int4", "gemma3n_fast-int8", "reference")
+
+
+def quantization(system: str) -> str | None:
+    """The weight format of one of our systems: "int8" / "int4" for gemma3n_fast-int8 / -int4, else None."""
+    return system.rpartition("-")[2] if system.startswith("gemma3n_fast-") else None
 
 
 def build_ours(system: str, hf_model, config_dict: dict, device: str, dtype: torch.dtype):
     """Our model on the HF model's random weights, without writing them to disk: the reference's ``build`` takes
-    the HF-named tensors (shared, not copied, when device and dtype already match); the fast model wraps it."""
+    the HF-named tensors (shared, not copied, when device and dtype already match; quantized on the device for the
+    -int8 / -int4 systems, as ``load(quantize=...)`` stores them); the fast model wraps it."""
     from gemma3n_fast.model import from_reference
     from gemma3n_fast.reference.config import Gemma3nConfig
     from gemma3n_fast.reference.model import build
 
-    reference = build(Gemma3nConfig.from_dict(config_dict), hf_model.state_dict(), device=device, dtype=dtype)
+    reference = build(Gemma3nConfig.from_dict(config_dict), hf_model.state_dict(), device=device, dtype=dtype,
+                      quantize=quantization(system))
     return reference if system == "reference" else from_reference(reference)
 
 

@@ -194,8 +194,11 @@ def cmd_generate(args) -> int:
         print(f"(no --model: using the embedded tiny checkpoint with random weights at {path}; output is gibberish)",
               file=sys.stderr)
     model = _load(path, device=args.device, dtype=args.dtype, kernels=args.kernels, matformer=matformer,
-                  num_threads=args.threads)
-    print(f"(loaded in {model.load_time_s:.2f} s; {model.backend.describe()}{_matformer_note(model)})",
+                  num_threads=args.threads, quantize=args.quantize, group_size=args.group_size)
+    quant = model.quantization
+    note = "" if quant is None else f"; weights {quant['kind']}" + (
+        f" G={quant['group_size']}" if quant["kind"] == "int4" else "")
+    print(f"(loaded in {model.load_time_s:.2f} s; {model.backend.describe()}{_matformer_note(model)}{note})",
           file=sys.stderr)
     run_prompt(model, args.prompt, args.image or (), args.audio, args.max_new_tokens, args.temperature, args.stream,
                args.seed)
@@ -287,6 +290,9 @@ def main(argv=None) -> int:
     g.add_argument("--matformer", metavar="SLICE",
                    help="load a MatFormer slice: a preset (E2B, ... for an E4B checkpoint), a JSON object "
                         "'{\"ffn_hidden_dims\": [...], \"layers_skipped\": [...]}' or a JSON file holding one")
+    g.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weights of the decode step stored int8 (per channel) or int4 (groups of --group-size)")
+    g.add_argument("--group-size", type=_positive_int, default=64, help="int4 group size (even; default 64)")
     g.add_argument("--threads", type=_positive_int, help=threads_help)
     g.add_argument("--debug", **debug)
     d = sub.add_parser("demo", help="the fast model on the tiny checkpoint (text + image prompt)")

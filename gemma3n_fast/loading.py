@@ -17,6 +17,7 @@ import torch
 from gemma3n_fast.backend import enable_interpreter, pick_mode
 from gemma3n_fast.reference import model as reference_model
 from gemma3n_fast.reference.loader import check_device
+from gemma3n_fast.reference.quant import DEFAULT_GROUP_SIZE, check_kind
 
 log = logging.getLogger("gemma3n_fast")
 
@@ -38,7 +39,8 @@ def check_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, revision=None,
-         matformer=None, num_threads: int | None = None) :
+         matformer=None, num_threads: int | None = None, quantize: str | None = None,
+         group_size: int = DEFAULT_GROUP_SIZE):
     """Load a Gemma 3n checkpoint (local folder or hub id) as the fast model.
 
     device: default CUDA if available, else CPU; a device this machine lacks is a ``ValueError`` naming ``device=``
@@ -51,23 +53,29 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
     matformer: a MatFormer slice of the checkpoint, read sliced (``"E2B"`` on an E4B checkpoint, or
     ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``; see ``gemma3n_fast.reference.matformer``);
     ``model.config.matformer`` records it.
+    quantize: "int8" (per output channel) or "int4" (groups of ``group_size`` input channels, default 64) stores
+    every matrix of the decode step and the embedding tables quantized, each quantized as it is read (see
+    ``gemma3n_fast.reference.quant`` for the format); ``model.quantization`` records it and
+    ``model.dequantized_state_dict()`` returns the weights the kernels use, under HF's keys.
     """
     t0 = time.perf_counter()
     device = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = check_dtype(dtype, device)
+    check_kind(quantize, group_size)
     threads = cpu_threads(num_threads) if device.type == "cpu" else None
     if pick_mode(kernels, device) == "interpret":  # before anything imports the kernels
         enable_interpreter()
     reference = reference_model.load(path_or_hub_id, device=device, dtype=dtype, revision=revision,
-                                     matformer=matformer)
+                                     matformer=matformer, quantize=quantize, group_size=group_size)
     from gemma3n_fast.model import FastGemma3n
 
     model = FastGemma3n(reference, kernels)
     model.num_threads = threads
     model.load_time_s = time.perf_counter() - t0
     spec = reference.config.matformer
-    log.info("gemma3n_fast: loaded %s in %.2f s (%s, %s)%s", reference.source, model.load_time_s, device, dtype,
-             f"; {spec.describe()}" if spec is not None else "")
+    quant = "" if quantize is None else f", {quantize}" + (f" G={group_size}" if quantize == "int4" else "")
+    log.info("gemma3n_fast: loaded %s in %.2f s (%s, %s%s)%s", reference.source, model.load_time_s, device, dtype,
+             quant, f"; {spec.describe()}" if spec is not None else "")
     return model
 
 

@@ -31,6 +31,7 @@ from gemma3n_fast.generate import GenerationMixin
 from gemma3n_fast.loading import PinnedPlacement, load  # noqa: F401 - gemma3n_fast.model.load: the loader's old home
 from gemma3n_fast.reference import model as reference_model
 from gemma3n_fast.reference.generation import check_media, check_prompt
+from gemma3n_fast.reference.quant import QuantizedLinear, QuantizedWeight
 from gemma3n_fast.reference.text import embedding_scale, positions_from_mask, rope_inv_freq
 
 log = logging.getLogger("gemma3n_fast")
@@ -73,7 +74,8 @@ NO_WORKSPACES = Workspaces()
 class DecoderLayerWeights:
     """One decoder layer's weights as the fused ops take them, built once at load (``layer_weights``). Every tensor
     is a weight of the reference's module tree or a view of one (q|k|v, gate|up are fused there, see
-    ``_fuse``), so there is one copy in memory."""
+    ``_fuse``), so there is one copy in memory. In a quantized model the matrices are ``QuantizedWeight``s
+    (reference/quant.py; the ops take either), the norms and AltUp's router and coefficients stay float."""
     layer_type: str  # "sliding_attention" | "full_attention"
     window: int | None  # sliding window (None: full attention)
     owns_kv: bool  # False: a KV-shared layer, attending over the K/V of the last owner layer of its type
@@ -94,7 +96,7 @@ class DecoderLayerWeights:
     pre_ffn_norm: torch.Tensor  # [H]
     # MLP: dense (gate|up, down) or sparse (gate|up, down transposed, the sparsity's std multiplier)
     gate_up: torch.Tensor  # [2I, H]
-    down: torch.Tensor  # [H, I]
+    down: torch.Tensor | None  # [H, I]; None for a sparse layer (it reads down_t)
     down_t: torch.Tensor | None  # [I, H], the sparse FFN kernel gathers the active channels' rows; None: dense
     sparsity_std_multiplier: float | None
     # AltUp correct, the per-layer input gate and projection
@@ -113,7 +115,9 @@ class DecoderLayerWeights:
         qkv = [at.q_proj, at.k_proj, at.v_proj] if owns_kv else [at.q_proj]
         sparse = mlp.std_multiplier is not None
         down_t = None
-        if sparse:
+        if sparse and isinstance(mlp.down_proj, QuantizedLinear):  # quantized: already stored transposed
+            down_t = mlp.down_proj.weight
+        elif sparse:
             down_t = mlp.down_proj.weight.data.t().contiguous()
             mlp.down_proj.weight = nn.Parameter(down_t.t(), requires_grad=False)
         return cls(
@@ -124,7 +128,7 @@ class DecoderLayerWeights:
             k_norm=at.k_norm.weight if owns_kv else None, o_proj=at.o_proj.weight,
             laurel_right=layer.laurel.linear_right.weight, post_attention_norm=layer.post_attention_layernorm.weight,
             post_laurel_norm=layer.laurel.post_laurel_norm.weight, pre_ffn_norm=layer.pre_feedforward_layernorm.weight,
-            gate_up=_fuse([mlp.gate_proj, mlp.up_proj]), down=mlp.down_proj.weight, down_t=down_t,
+            gate_up=_fuse([mlp.gate_proj, mlp.up_proj]), down=None if sparse else mlp.down_proj.weight, down_t=down_t,
             sparsity_std_multiplier=mlp.std_multiplier, post_ffn_norm=layer.post_feedforward_layernorm.weight,
             correction_coefs=au.correction_coefs.weight,
             correct_output_scale=au.correct_output_scale if au.use_scale else None,
@@ -159,8 +163,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.config, self.text_config = reference.config, reference.config.text
         self.generation_config = reference.generation_config
         self.processor, self.tokenizer = reference.processor, reference.tokenizer
-        w = reference.language_model.embed_tokens.weight
-        self.device, self.dtype = w.device, w.dtype
+        self.device, self.dtype = reference.language_model.norm.weight.device, reference.language_model.dtype
+        self.quantization = reference.quantization  # {"kind", "group_size"} or None (see reference.quant)
         self.backend = Backend(kernels, self.device)
         self.load_time_s: float | None = None
         self.num_threads: int | None = None  # torch's CPU thread count set by load() (None: not on the CPU)
@@ -201,6 +205,11 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
             ids = torch.arange(self.mm_offset, self.text_config.vocab_size, device=self.device)[None]
             zeros = torch.zeros(1, ids.shape[1], self.text_config.hidden_size, device=self.device, dtype=self.dtype)
             self.hard_embeddings = embed_hard_tokens(ids, zeros, ev, ea)[0]
+
+    def dequantized_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every quantized weight dequantized to fp32 under its HF key, in HF's layout: the values the kernels
+        compute with (``reference.model.dequantized_state_dict``); empty for a float model."""
+        return reference_model.dequantized_state_dict(self.model)
 
     def make_workspaces(self, batch: int, cache: StaticKVCache) -> Workspaces:
         """The scratch buffers every kernel launch of a ``batch``-row prefill + decode over ``cache`` needs (see
@@ -254,7 +263,7 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         lm, c = self.model.language_model, self.text_config
         x, token_part = self.backend.token_embeddings(input_ids, lm.embed_tokens.weight, self.embed_scale,
                                                       lm.embed_tokens_per_layer.weight, self.per_layer_embed_scale,
-                                                      self.hard_embeddings, self.mm_offset or 0)
+                                                      self.hard_embeddings, self.mm_offset or 0, dtype=self.dtype)
         return x, self._per_layer_inputs(x, token_part.unflatten(-1, (c.num_hidden_layers, -1)), ws)
 
     # ---- the decoder ---------------------------------------------------------------------------------------
@@ -415,13 +424,19 @@ def positions_of(input_ids, attention_mask):
     return positions_from_mask(attention_mask.to(input_ids.device)).to(torch.int32)
 
 
-def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
-    """Concatenate Linear weights along the output dim; each weight becomes a view of the fused matrix."""
-    fused = torch.cat([m.weight.data for m in linears], dim=0)
+def _fuse(linears: list[nn.Linear | QuantizedLinear]) -> torch.Tensor | QuantizedWeight:
+    """Concatenate Linear weights along the output dim; each weight becomes a view of the fused matrix.
+    Quantized weights (all of one kind) concatenate as stored: quantization is per output row, so this equals
+    quantizing the fused matrix."""
+    if all(isinstance(m, QuantizedLinear) for m in linears):
+        fused = QuantizedWeight.cat([m.weight for m in linears])
+    else:
+        fused = torch.cat([m.weight.data for m in linears], dim=0)
     start = 0
     for m in linears:
         n = m.weight.shape[0]
-        m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
+        view = fused[start:start + n]
+        m.weight = view if isinstance(m, QuantizedLinear) else nn.Parameter(view, requires_grad=False)
         start += n
     return fused
 

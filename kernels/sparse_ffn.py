@@ -35,6 +35,11 @@ once, left at zero by every launch), and the gate GEMV's split-K scratch (a ``Ge
 with other GEMVs). Built once by ``sparse_ffn_workspace`` for up to ``max_rows`` rows and never reallocated; pass
 one for CUDA graphs (the fast model's decode state owns one per I). Without it a cached default per (device, I,
 H, dtype) for SPARSE_MAX_ROWS rows is used, created on first use (outside capture, or a clear error).
+Quantized weights (``QuantizedWeight``, int8 or int4; up_weight and down_weight_t [I, H] quantized row-wise with
+int4 groups along H, as ``quantize(down_t)`` lays them out): the contract is the plain op's dequantize-then-matmul
+in fp32. The up and down kernels gather the active channels' packed rows (a row's bytes are contiguous) and
+dequantize them in registers to exactly those fp32 weights; the gate weight goes to the gate GEMV as it is. The
+dense path dequantizes a quantized weight whole (fp32 matmul, rounded once), as the plain op does.
 Requires triton >= 3.6, torch >= 2.11. I > 32768 takes the dense path too (the up kernel holds a row of g in
 registers).
 """
@@ -43,21 +48,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..reference.quant import KINDS, QuantizedWeight
 from ._common import H100_SMS, check_dtype, check_out, gelu_tanh, round_scalar, round_to, rows
 from .gaussian_topk import gaussian_cutoff, gaussian_topk_gelu_mul, sparse_gate
 from .gemv import MAX_ROWS, GemvWorkspace, default_gemv_workspace, gemv_workspace, launch_gemv, linear
 
 SPARSE_MAX_ROWS = 8  # more rows: the dense path (see the module docstring for the numbers)
 MAX_INTERMEDIATE = 32768  # a gate row is held in registers by every up program
+_FLOAT, _INT8, _INT4 = 0, 1, 2  # a weight's storage (the kernels' W_KIND constexprs)
+
+
+@triton.jit
+def _weight_rows(data_ptr, scales_ptr, chan, h, row_mask, col_mask, row_stride, scales_row_stride,
+                 KIND: tl.constexpr, GROUP: tl.constexpr):
+    """fp32 tile [len(chan), len(h)] of weight rows ``chan`` (int64) at columns ``h``: a float weight's entries, or
+    a quantized one's q * scale in fp32 (the values ``QuantizedWeight.dequantize`` gives). Masked entries are 0."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    if KIND == 0:
+        return tl.load(data_ptr + chan[:, None] * row_stride + h[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif KIND == 1:
+        q = tl.load(data_ptr + chan[:, None] * row_stride + h[None, :], mask=mask, other=0).to(tl.float32)
+        scale = tl.load(scales_ptr + chan, mask=row_mask, other=0.0)  # fp32, one per row (output channel)
+        return q * scale[:, None]
+    else:
+        # column k is the low (k even) or high (k odd) nibble of byte k // 2 of its row; stored value q + 8
+        packed = tl.load(data_ptr + chan[:, None] * row_stride + (h // 2)[None, :], mask=mask, other=0x88)
+        q = ((packed.to(tl.int32) >> ((h % 2) * 4)[None, :]) & 0xF) - 8
+        scale = tl.load(scales_ptr + chan[:, None] * scales_row_stride + (h // GROUP)[None, :], mask=mask,
+                        other=0.0).to(tl.float32)  # bf16, one per row and group of GROUP columns
+        return q.to(tl.float32) * scale  # exact: a bf16 scale times an integer in [-8, 7] fits fp32
 
 
 @triton.jit
 def _sparse_up_kernel(
-    x_ptr, gate_ptr, wu_ptr, idx_ptr, act_ptr, count_ptr,
-    I, H, stride_xm, stride_gm, stride_wu, stride_im, stride_am, z,
+    x_ptr, gate_ptr, wu_ptr, wu_scales_ptr, idx_ptr, act_ptr, count_ptr,
+    I, H, stride_xm, stride_gm, stride_wu, stride_wus, stride_im, stride_am, z,
+    W_KIND: tl.constexpr, W_GROUP: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     p = tl.program_id(0)
@@ -97,13 +127,13 @@ def _sparse_up_kernel(
         s_mask = slot < hi
         chan = tl.load(idx_row + slot, mask=s_mask, other=0)
         gp = tl.load(act_row + slot, mask=s_mask, other=0.0).to(tl.float32)
-        w_rows = wu_ptr + chan.to(tl.int64)[:, None] * stride_wu
+        chan = chan.to(tl.int64)  # row offsets: I * H may pass 2^31
         acc = tl.zeros([BLOCK_C, BLOCK_H], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             h = h0 + tl.arange(0, BLOCK_H)
             h_mask = h < H
             xv = tl.load(x_row + h, mask=h_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + h[None, :], mask=s_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+            w = _weight_rows(wu_ptr, wu_scales_ptr, chan, h, s_mask, h_mask, stride_wu, stride_wus, W_KIND, W_GROUP)
             acc += w * xv[None, :]
         up = round_to(tl.sum(acc, axis=1), dtype).to(tl.float32)  # F.linear's rounding of x Wu^T
         act = round_to(gelu_tanh(gp), dtype).to(tl.float32)
@@ -112,9 +142,9 @@ def _sparse_up_kernel(
 
 @triton.jit
 def _sparse_down_kernel(
-    idx_ptr, act_ptr, count_ptr, wdt_ptr, out_ptr, ws_ptr, lock_ptr,
-    H, stride_im, stride_am, stride_wd, stride_om,
-    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    idx_ptr, act_ptr, count_ptr, wdt_ptr, wdt_scales_ptr, out_ptr, ws_ptr, lock_ptr,
+    H, stride_im, stride_am, stride_wd, stride_wds, stride_om,
+    W_KIND: tl.constexpr, W_GROUP: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     s = tl.program_id(0)
     hb = tl.program_id(1)
@@ -133,8 +163,8 @@ def _sparse_down_kernel(
         s_mask = slot < hi
         chan = tl.load(idx_row + slot, mask=s_mask, other=0)
         a = tl.load(act_row + slot, mask=s_mask, other=0.0).to(tl.float32)
-        w = tl.load(wdt_ptr + chan.to(tl.int64)[:, None] * stride_wd + h[None, :],
-                    mask=s_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+        w = _weight_rows(wdt_ptr, wdt_scales_ptr, chan.to(tl.int64), h, s_mask, h_mask, stride_wd, stride_wds,
+                         W_KIND, W_GROUP)
         acc += a[:, None] * w
     part = tl.sum(acc, axis=0)  # [BLOCK_H] fp32
     out_ptrs = out_ptr + m.to(tl.int64) * stride_om + h
@@ -258,40 +288,103 @@ def _default_workspace(device, I, H, dtype, config, fn) -> SparseFFNWorkspace:
     return ws
 
 
-def sparse_ffn_bytes(M: int, I: int, H: int, dtype: torch.dtype, active_fraction: float = 0.05) -> dict:
+def weight_row_bytes(H: int, dtype: torch.dtype, kind: str | None = None, group_size: int = 64) -> int:
+    """Stored bytes of one weight row of H values: ``dtype`` for a float weight, else the int8 row (H bytes and an
+    fp32 scale) or the int4 row (ceil(H / 2) bytes and a bf16 scale per group of ``group_size``)."""
+    if kind is None:
+        return H * dtype.itemsize
+    if kind == "int8":
+        return H + 4
+    if kind == "int4":
+        return (H + 1) // 2 + 2 * triton.cdiv(H, group_size)
+    raise ValueError(f"weight_row_bytes: expected a kind in {KINDS} or None, got {kind!r}")
+
+
+def sparse_ffn_bytes(M: int, I: int, H: int, dtype: torch.dtype, active_fraction: float = 0.05, *,
+                     weight_kind: str | None = None, group_size: int = 64) -> dict:
     """Bytes one call must move: the dense gate GEMV, then the active channels' up rows and down rows (each row
-    of x its own channels), given the expected active fraction; ``dense`` is the same FFN read densely."""
-    e = dtype.itemsize
+    of x its own channels), given the expected active fraction; ``dense`` is the same FFN read densely.
+    ``weight_kind`` ("int8" / "int4" with ``group_size``; None: float in ``dtype``) is the three weights' storage;
+    activations are in ``dtype``."""
+    e, w = dtype.itemsize, weight_row_bytes(H, dtype, weight_kind, group_size)
     act_rows = M * active_fraction * I  # channel rows read, summed over the rows of x
-    gate = (I * H + M * H + M * I) * e
-    up = act_rows * H * e + M * (H + I) * e  # up rows, x, the row's gate scan (L2) left out; act written
-    down = act_rows * H * e + M * H * e
-    dense = (3 * I * H + 2 * M * H + 2 * M * I) * e
+    gate = I * w + (M * H + M * I) * e
+    up = act_rows * w + M * (H + I) * e  # up rows, x, the row's gate scan (L2) left out; act written
+    down = act_rows * w + M * H * e
+    dense = 3 * I * w + (2 * M * H + 2 * M * I) * e
     return {"gate": gate, "up": up, "down": down, "total": gate + up + down, "dense": dense}
 
 
 # ---- launcher -------------------------------------------------------------------------------------------
-def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight_t: torch.Tensor,
+def _check_weight(fn: str, name: str, w, I: int, x: torch.Tensor) -> None:
+    """A float [I, H] weight in x's dtype and device, or a well-formed quantized one on x's device."""
+    H = x.shape[-1]
+    if not isinstance(w, QuantizedWeight):
+        check_dtype(fn, name, w)
+    if len(w.shape) != 2 or tuple(w.shape) != (I, H):
+        raise ValueError(f"{fn}: {name} must be [I, {H}] (down_weight_t is the down weight transposed) with "
+                         f"the gate's I = {I}, got {tuple(w.shape)}")
+    if not isinstance(w, QuantizedWeight):
+        if w.dtype != x.dtype or w.device != x.device:
+            raise ValueError(f"{fn}: {name} must be {x.dtype} on {x.device}, got {w.dtype} on {w.device}")
+        if w.stride(-1) != 1:
+            raise ValueError(f"{fn}: {name} must have a contiguous last dim (rows are gathered)")
+        return
+    if w.kind not in KINDS:
+        raise ValueError(f"{fn}: {name} has unknown quantization {w.kind!r}; expected one of {KINDS}")
+    int4 = w.kind == "int4"
+    if int4 and (not isinstance(w.group_size, int) or w.group_size < 2 or w.group_size % 2):
+        raise ValueError(f"{fn}: {name}'s int4 group size must be even and >= 2, got {w.group_size!r}")
+    data_shape = (I, (H + 1) // 2) if int4 else (I, H)
+    scales_shape = (I, triton.cdiv(H, w.group_size)) if int4 else (I,)
+    data_dtype, scales_dtype = (torch.uint8, torch.bfloat16) if int4 else (torch.int8, torch.float32)
+    if (tuple(w.data.shape) != data_shape or w.data.dtype != data_dtype
+            or tuple(w.scales.shape) != scales_shape or w.scales.dtype != scales_dtype):
+        raise ValueError(f"{fn}: {name} ({w.kind}, shape {list(w.shape)}) must hold {data_dtype} data {data_shape} "
+                         f"and {scales_dtype} scales {scales_shape}, got {w.data.dtype} {tuple(w.data.shape)} and "
+                         f"{w.scales.dtype} {tuple(w.scales.shape)}")
+    if w.data.device != x.device or w.scales.device != x.device:
+        raise ValueError(f"{fn}: {name} must be on {x.device}, got {w.data.device}")
+    if w.data.stride(-1) != 1 or w.scales.stride(-1) != 1:
+        raise ValueError(f"{fn}: {name}'s data and scales must have a contiguous last dim (rows are gathered)")
+
+
+def _weight_args(w) -> tuple:
+    """(data, scales, data row stride, scales row stride) and the W_KIND / W_GROUP constexprs of a checked weight."""
+    if not isinstance(w, QuantizedWeight):
+        return (w, w, w.stride(0), 0), {"W_KIND": _FLOAT, "W_GROUP": 2}
+    if w.kind == "int8":
+        return (w.data, w.scales, w.data.stride(0), 0), {"W_KIND": _INT8, "W_GROUP": 2}
+    return (w.data, w.scales, w.data.stride(0), w.scales.stride(0)), {"W_KIND": _INT4, "W_GROUP": w.group_size}
+
+
+def _dense_project(x_rows: torch.Tensor, w, workspace: GemvWorkspace | None) -> torch.Tensor:
+    """x_rows @ w^T in x's dtype: the GEMV for a float weight; a quantized one dequantized whole, fp32 matmul
+    rounded once (the plain op's definition; the dense path serves prefill, where the weight is read once anyway)."""
+    if isinstance(w, QuantizedWeight):
+        return F.linear(x_rows.float(), w.dequantize()).to(x_rows.dtype)
+    return linear(x_rows, w, workspace=workspace)
+
+
+def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor | QuantizedWeight,
+               up_weight: torch.Tensor | QuantizedWeight, down_weight_t: torch.Tensor | QuantizedWeight,
                std_multiplier: float, *, out: torch.Tensor | None = None,
                workspace: SparseFFNWorkspace | None = None, config: SparseFFNConfig | None = None) -> torch.Tensor:
     """Triton version of ``reference.ops.sparse_ffn``: x [..., H], gate/up weights [I, H], down_weight_t [I, H]
     (the down weight transposed) -> [..., H]. Up to 8 rows: 3 launches reading only the active channels' up and
-    down rows; more rows: the dense path. ``workspace``: see ``sparse_ffn_workspace`` (default: a cached one,
-    created on first use); ``config`` overrides ``sparse_ffn_config``."""
+    down rows; more rows: the dense path. Each weight may be a ``QuantizedWeight`` (int8 / int4, rows of H values;
+    the gate one is handed to the gate GEMV as it is). ``workspace``: see ``sparse_ffn_workspace`` (default: a
+    cached one, created on first use); ``config`` overrides ``sparse_ffn_config``."""
     fn = "sparse_ffn"
     check_dtype(fn, "x", x)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"{fn}: x must be a non-empty [..., H], got {tuple(x.shape)}")
     H = x.shape[-1]
+    if not isinstance(gate_weight, (torch.Tensor, QuantizedWeight)):
+        raise TypeError(f"{fn}: gate_weight must be a torch.Tensor or a QuantizedWeight, got "
+                        f"{type(gate_weight).__name__}")
     for name, w in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight_t", down_weight_t)):
-        check_dtype(fn, name, w)
-        if w.dim() != 2 or w.shape[1] != H or w.shape[0] != gate_weight.shape[0]:
-            raise ValueError(f"{fn}: {name} must be [I, {H}] (down_weight_t is the down weight transposed) with "
-                             f"the gate's I = {gate_weight.shape[0]}, got {tuple(w.shape)}")
-        if w.dtype != x.dtype or w.device != x.device:
-            raise ValueError(f"{fn}: {name} must be {x.dtype} on {x.device}, got {w.dtype} on {w.device}")
-        if w.stride(-1) != 1:
-            raise ValueError(f"{fn}: {name} must have a contiguous last dim (rows are gathered)")
+        _check_weight(fn, name, w, gate_weight.shape[0], x)
     if not isinstance(std_multiplier, (int, float)):
         raise TypeError(f"{fn}: std_multiplier must be a Python float (a tensor would force a host sync), got "
                         f"{type(std_multiplier).__name__}")
@@ -301,9 +394,12 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     M = x_rows.shape[0]
     if M > SPARSE_MAX_ROWS or I > MAX_INTERMEDIATE:  # dense: the union of active sets nears every channel
         gemv_ws = workspace.gemv if workspace is not None else None
-        gate, up = linear(x_rows, gate_weight, workspace=gemv_ws), linear(x_rows, up_weight, workspace=gemv_ws)
+        gate, up = _dense_project(x_rows, gate_weight, gemv_ws), _dense_project(x_rows, up_weight, gemv_ws)
         act = gaussian_topk_gelu_mul(gate, up, float(std_multiplier))
-        torch.matmul(act, down_weight_t, out=out_rows)
+        if isinstance(down_weight_t, QuantizedWeight):  # fp32 products and sums, rounded once
+            out_rows.copy_(torch.matmul(act.float(), down_weight_t.dequantize()))
+        else:
+            torch.matmul(act, down_weight_t, out=out_rows)
         return out
 
     cfg = config or sparse_ffn_config(M, I, H, x.dtype)
@@ -317,14 +413,16 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     z = round_scalar(float(std_multiplier), x.dtype)
     gate = ws.gate[:M]
     launch_gemv(fn, x_rows, gate_weight, gate, workspace=ws.gemv)  # 1: dense gate GEMV (M <= 8 <= MAX_ROWS)
+    (wu, wu_scales, stride_wu, stride_wus), wu_kind = _weight_args(up_weight)
+    (wd, wd_scales, stride_wd, stride_wds), wd_kind = _weight_args(down_weight_t)
     _sparse_up_kernel[(cfg.up_programs, M)](  # 2: cutoff, active list, sparse up x gelu
-        x_rows, gate, up_weight, ws.index, ws.act, ws.count,
-        I, H, x_rows.stride(0), gate.stride(0), up_weight.stride(0), ws.index.stride(0), ws.act.stride(0), z,
-        BLOCK_I=triton.next_power_of_2(I), BLOCK_C=cfg.BLOCK_C, BLOCK_H=cfg.BLOCK_HU, num_warps=cfg.up_warps,
+        x_rows, gate, wu, wu_scales, ws.index, ws.act, ws.count,
+        I, H, x_rows.stride(0), gate.stride(0), stride_wu, stride_wus, ws.index.stride(0), ws.act.stride(0), z,
+        **wu_kind, BLOCK_I=triton.next_power_of_2(I), BLOCK_C=cfg.BLOCK_C, BLOCK_H=cfg.BLOCK_HU, num_warps=cfg.up_warps,
     )
     _sparse_down_kernel[(cfg.down_splits, n_hd, M)](  # 3: sparse down, deterministic split reduction
-        ws.index, ws.act, ws.count, down_weight_t, out_rows, ws.partials, ws.locks,
-        H, ws.index.stride(0), ws.act.stride(0), down_weight_t.stride(0), out_rows.stride(0),
+        ws.index, ws.act, ws.count, wd, wd_scales, out_rows, ws.partials, ws.locks,
+        H, ws.index.stride(0), ws.act.stride(0), stride_wd, stride_wds, out_rows.stride(0), **wd_kind,
         SPLITS=cfg.down_splits, BLOCK_S=cfg.BLOCK_S, BLOCK_H=cfg.BLOCK_HD, num_warps=cfg.down_warps,
     )
     return out

@@ -155,13 +155,16 @@ def _shard_files(folder: Path) -> list[Path]:
 
 def read_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     keep: Callable[[str], bool] | None = None, check_finite: bool = True,
-                    transform: Callable[[str, Any], torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+                    transform: Callable[[str, Any], torch.Tensor | None] | None = None,
+                    quantize: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, floating ones cast to ``dtype``.
 
     ``keep(name) -> bool`` filters keys before a tensor is read, so dropped tensors never leave the file.
     ``transform(name, lazy) -> tensor | None`` reads part of a tensor: ``lazy`` is safetensors' slice object
     (``lazy.get_shape()``; ``lazy[rows, cols]`` reads only those elements); None reads the tensor whole. The part is
     cast and moved like a whole tensor, so what a transform drops never reaches ``device``.
+    ``quantize(name, tensor) -> QuantizedWeight | None`` quantizes a tensor as read (in the file's dtype, on the
+    CPU; the hook moves the result to ``device``): a quantized weight's float copy never reaches ``device``.
     A file that cannot be read (truncated, corrupt) raises ``CheckpointError`` naming it. With
     ``check_finite``, NaN or infinite weights give a ``CheckpointWarning`` naming the first tensors.
     """
@@ -176,6 +179,8 @@ def read_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     else:
         shards_iter = shards
     out: dict[str, torch.Tensor] = {}
+    quantized: dict = {}
+    bad_quantized: list[str] = []
     finite_flags: list[tuple[str, torch.Tensor]] = []
     for shard in shards_iter:
         try:
@@ -186,6 +191,13 @@ def read_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
                     t = transform(name, f.get_slice(name)) if transform is not None else None
                     if t is None:
                         t = f.get_tensor(name)
+                    q = quantize(name, t) if quantize is not None else None
+                    if q is not None:  # checked now, on the CPU copy that is dropped next
+                        if check_finite and not torch.isfinite(t.sum(dtype=torch.float32)) and \
+                                not torch.isfinite(t).all():
+                            bad_quantized.append(name)
+                        quantized[name] = q
+                        continue
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
                     t = t.to(device)
@@ -201,17 +213,19 @@ def read_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
             size = shard.stat().st_size if shard.is_file() else 0
             raise CheckpointError(f"{shard}: cannot read this safetensors file ({size} bytes): {e}. The file is "
                                   "truncated or corrupt (an interrupted download?): download it again") from None
-    if finite_flags:
-        _warn_non_finite(out, finite_flags)
-    return out
+    if finite_flags or bad_quantized:
+        _warn_non_finite(out, finite_flags, bad_quantized)
+    return out | quantized
 
 
-def _warn_non_finite(tensors: dict[str, torch.Tensor], flags: list[tuple[str, torch.Tensor]]) -> None:
+def _warn_non_finite(tensors: dict[str, torch.Tensor], flags: list[tuple[str, torch.Tensor]],
+                     known_bad: list[str] = ()) -> None:
     """Warn (not raise) about tensors holding NaN/inf: HF loads them silently, and a NaN in a row no prompt
     reaches (an unused token's embedding) leaves every real output intact, so refusing to load would be wrong;
     a warning naming the tensors tells the user why logits may come out NaN."""
-    ok = torch.stack([f.to("cpu") for _, f in flags]).tolist()
-    bad = [name for (name, _), good in zip(flags, ok) if not good and not torch.isfinite(tensors[name]).all()]
+    ok = torch.stack([f.to("cpu") for _, f in flags]).tolist() if flags else []
+    bad = list(known_bad) + [name for (name, _), good in zip(flags, ok)
+                             if not good and not torch.isfinite(tensors[name]).all()]
     if bad:
         shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
         warnings.warn(f"{len(bad)} checkpoint tensor(s) hold NaN or infinite values: {shown}; outputs that "

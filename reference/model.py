@@ -19,6 +19,8 @@ from gemma3n_fast.reference.loader import (CheckpointError, assign_state_dict, c
                                             read_tokenizer, resolve_checkpoint)
 from gemma3n_fast.reference.matformer import MatformerSlice
 from gemma3n_fast.reference.matformer import resolve as resolve_matformer
+from gemma3n_fast.reference.quant import (DEFAULT_GROUP_SIZE, QuantizedEmbedding, QuantizedLinear, QuantizedWeight,
+                                          check_kind, quantize)
 from gemma3n_fast.reference.text import Gemma3nTextModel, KVCache, TextOutput
 
 _VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")
@@ -47,6 +49,11 @@ class Gemma3nReference(nn.Module):
         self.processor = None  # reference.processor.Processor for multimodal checkpoints with tokenizer files
         self.tokenizer = None  # tokenizers.Tokenizer when tokenizer.json is present
         self.source: str = ""
+        self.quantization: dict | None = None  # {"kind": "int8" | "int4", "group_size": G} when loaded quantized
+
+    def dequantized_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every quantized weight as fp32 under its HF key (``dequantized_state_dict``); empty for a float model."""
+        return dequantized_state_dict(self)
 
     def embed_inputs(self, input_ids, pixel_values=None, input_features=None, input_features_mask=None):
         """-> (inputs_embeds [B, T, H], per_layer_token_inputs [B, T, L, D]) with the multimodal merge.
@@ -176,32 +183,116 @@ def _key_rules(config: Gemma3nConfig, with_vision: bool, matformer: MatformerSli
     return keep, rename
 
 
+# ---- quantized weights: which matrices, in which layout ------------------------------------------------
+# Every matrix a decode step reads is quantized: q|k|v|o, gate|up|down, LAuReL's two projections, the per-layer
+# input gate and projection, the per-layer-model projection, the AltUp stream projections, and the two embedding
+# tables (the token table is also the tied LM head). Norm weights, AltUp's router and coefficients (tiny), the
+# AltUp unembed projections (the logits' collapse runs them as one batched matmul; 3 H^2 weights, ~1 % of the
+# bytes) and the audio / vision towers (run once per prompt, not per token) stay in the activation dtype.
+_QUANTIZED_MATRIX = re.compile(
+    r"^language_model\.(?:layers\.(\d+)\.(?:self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|laurel\.linear_(?:left|right)"
+    r"|per_layer_input_gate|per_layer_projection)|per_layer_model_projection|altup_projections\.\d+)\.weight$")
+_QUANTIZED_TABLES = ("language_model.embed_tokens.weight", "language_model.embed_tokens_per_layer.weight")
+
+
+def quantized_layout(text_config, key: str) -> str | None:
+    """How module key ``key`` is stored when the model is quantized: "linear" ([out, in], groups along in),
+    "transposed" (a sparse layer's down projection, stored [in, out] with groups along out: its kernel gathers
+    the rows of the active channels), "table" (an embedding table, groups along the width) or None (float)."""
+    if key in _QUANTIZED_TABLES:
+        return "table"
+    m = _QUANTIZED_MATRIX.match(key)
+    if m is None:
+        return None
+    if m.group(2) == "down" and text_config.activation_sparsity_pattern[int(m.group(1))] > 0:
+        return "transposed"
+    return "linear"
+
+
+def _quantize_as(layout: str, t: torch.Tensor, kind: str, group_size: int, device) -> QuantizedWeight:
+    return quantize(t.t() if layout == "transposed" else t, kind, group_size, device=device)
+
+
+def _install_quantized(model: nn.Module, weights: dict[str, QuantizedWeight], text_config) -> None:
+    """Replace the modules owning ``weights`` (module key -> quantized weight) by their quantized versions."""
+    for key, w in weights.items():
+        path = key[:-len(".weight")]
+        parent_path, _, child = path.rpartition(".")
+        layout = quantized_layout(text_config, key)
+        module = QuantizedEmbedding(w) if layout == "table" else QuantizedLinear(w, layout == "transposed")
+        setattr(model.get_submodule(parent_path), child, module)
+
+
+def quantize_model(model: Gemma3nReference, kind: str, group_size: int = DEFAULT_GROUP_SIZE) -> Gemma3nReference:
+    """Quantize a float model's matrices in place (those ``quantized_layout`` names; each on its own device, meta
+    included): for a model built from tensors in memory (``load(quantize=...)`` quantizes while reading instead)."""
+    check_kind(kind, group_size)
+    if kind is None:
+        return model
+    text = model.config.text
+    weights = {}
+    for name, m in model.named_modules():
+        layout = quantized_layout(text, f"{name}.weight")
+        if layout is not None and isinstance(m, (nn.Linear, nn.Embedding)):
+            weights[f"{name}.weight"] = _quantize_as(layout, m.weight.detach(), kind, group_size, None)
+    _install_quantized(model, weights, text)
+    model.quantization = {"kind": kind, "group_size": group_size}
+    return model
+
+
 def build(config: Gemma3nConfig, state_dict: dict, *, device="cpu", dtype=None, with_vision: bool = True,
-          what: str = "state dict", matformer=None) -> Gemma3nReference:
+          what: str = "state dict", matformer=None, quantize: str | None = None,
+          group_size: int = DEFAULT_GROUP_SIZE) -> Gemma3nReference:
     """Checkpoint-named tensors (``model.language_model.*`` ...) -> the module tree, built on the meta device and
     given the tensors (moved to ``device``/``dtype``) with ``assign=True``: no weight is ever initialised.
 
     ``matformer`` (a preset name, ``{"ffn_hidden_dims": [...], "layers_skipped": [...]}``, a ``MatformerSpec`` or
     ``MatformerSlice``; see ``reference.matformer``): build the slice of the model ``config`` describes; tensors at
-    the checkpoint's shapes are sliced here, tensors already sliced (``load`` reads only the kept parts) pass."""
+    the checkpoint's shapes are sliced here, tensors already sliced (``load`` reads only the kept parts) pass.
+    ``quantize`` ("int8" | "int4" | None; ``group_size`` for int4): the matrices ``quantized_layout`` names are
+    stored quantized (``reference.quant``); values already quantized (``load`` quantizes while reading) pass."""
+    check_kind(quantize, group_size)
     sliced = resolve_matformer(matformer, config)
     keep, rename = _key_rules(config, with_vision, sliced)
+    text = (config if sliced is None else sliced.config).text
 
-    def prepare(name: str, t: torch.Tensor) -> torch.Tensor:
+    def prepare(name: str, t):
+        if isinstance(t, QuantizedWeight):
+            return t.to(device)
         if sliced is not None:
             part = sliced.part(name, t)
             t = t if part is None else part
+        layout = quantized_layout(text, rename(name)) if quantize else None
+        if layout is not None:
+            return _quantize_as(layout, t, quantize, group_size, device)
         return t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
 
     state = {rename(k): prepare(k, v) for k, v in state_dict.items() if keep(k)}
     with torch.device("meta"):
         model = Gemma3nReference(config if sliced is None else sliced.config, with_vision=with_vision)
-    assign_state_dict(model, state, what=what)
+    _install_quantized(model, {k: v for k, v in state.items() if isinstance(v, QuantizedWeight)}, text)
+    assign_state_dict(model, {k: v for k, v in state.items() if not isinstance(v, QuantizedWeight)}, what=what)
+    model.quantization = None if quantize is None else {"kind": quantize, "group_size": group_size}
     return model.eval().requires_grad_(False)
 
 
+def dequantized_state_dict(model: Gemma3nReference) -> dict[str, torch.Tensor]:
+    """Every quantized weight of ``model`` dequantized to fp32, under its checkpoint (HF) key and in HF's layout
+    (a transposed down projection back to [out, in]): what the kernels compute with, for inspection or to load
+    into another implementation (put back into HF transformers, they reproduce the quantized model)."""
+    prefix = model.config.weight_prefix
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+            w = m.dequantized() if isinstance(m, QuantizedLinear) else m.weight.dequantize()
+            key = f"{name}.weight"
+            out[prefix + key[len("language_model."):] if key.startswith("language_model.") else "model." + key] = w
+    return out
+
+
 def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config: bool = True,
-         with_vision: bool = True, matformer=None) -> Gemma3nReference:
+         with_vision: bool = True, matformer=None, quantize: str | None = None,
+         group_size: int = DEFAULT_GROUP_SIZE) -> Gemma3nReference:
     """Checkpoint folder or hub id -> reference model (weights in ``dtype``, default fp32, on ``device``), with its
     generation defaults (generation_config.json), tokenizer and, for multimodal checkpoints, processor.
 
@@ -210,21 +301,35 @@ def load(path_or_hub_id, device="cpu", dtype=None, revision=None, strict_config:
     config before any weight is read (``MatformerError``), and only the kept parts of the tensors are read from the
     files; ``model.config`` is the sliced model's, with ``model.config.matformer`` = the spec.
 
+    ``quantize``: "int8" or "int4" (groups of ``group_size`` input channels) stores the decode step's matrices and
+    the embedding tables quantized (``reference.quant``; which ones: ``quantized_layout``), each quantized as it is
+    read, chunk by chunk on ``device``, so no full-precision copy of them reaches ``device``. The model then
+    computes with the dequantized weights (``dequantized_state_dict`` returns them under HF's keys).
+
     Checked before any weight is read: ``device`` exists here (``loader.check_device``: a ``ValueError`` naming
     ``device=`` and the devices available), config.json, the MatFormer slice, and the small files
     (generation_config.json, tokenizer.json, the processor's JSON files: an error naming the file)."""
     t0 = time.perf_counter()
     device = check_device(device)
+    check_kind(quantize, group_size)
     dtype = dtype or torch.float32
     folder = resolve_checkpoint(path_or_hub_id, revision)
     config = load_config(folder, strict=strict_config)
     sliced = resolve_matformer(matformer, config)
     files = _read_files(folder, config)  # the small files first: a corrupt one fails before any weight is read
-    keep, _ = _key_rules(config, with_vision, sliced)
+    keep, rename = _key_rules(config, with_vision, sliced)
+    text = (config if sliced is None else sliced.config).text
+
+    def quantize_as_read(name: str, t: torch.Tensor) -> QuantizedWeight | None:
+        layout = quantized_layout(text, rename(name))
+        return None if layout is None else _quantize_as(layout, t, quantize, group_size, device)
+
     raw = read_state_dict(folder, dtype=dtype, device=device, keep=keep,
-                          transform=None if sliced is None else sliced.part)
+                          transform=None if sliced is None else sliced.part,
+                          quantize=quantize_as_read if quantize else None)
     model = build(config, raw, device=device, dtype=dtype, with_vision=with_vision, what=f"checkpoint {folder}",
-                  matformer=sliced)
+                  matformer=sliced, quantize=quantize, group_size=group_size)
+    model.quantization = None if quantize is None else {"kind": quantize, "group_size": group_size}
     _attach_files(model, folder, files)
     model.source = str(folder)
     model.load_seconds = time.perf_counter() - t0

@@ -66,6 +66,13 @@ class QuantizedWeight:
         part = replace(self, data=self.data[flat], scales=self.scales[flat], shape=(flat.numel(), self.shape[1]))
         return part.dequantize().view(*idx.shape, self.shape[1])
 
+    def __getitem__(self, rows: slice) -> QuantizedWeight:
+        """``w[a:b]``: a range of output rows, as views (like a float weight's ``w[a:b]``)."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"QuantizedWeight: only a contiguous range of rows can be taken (w[a:b]), got {rows!r}")
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.rows(start, max(stop - start, 0))
+
     def rows(self, start: int, length: int) -> QuantizedWeight:
         """Output rows [start, start + length) as views (a fused matrix's parts)."""
         return replace(self, data=self.data.narrow(0, start, length), scales=self.scales.narrow(0, start, length),
@@ -91,6 +98,13 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.kind}, {list(self.shape)}{g}, {self.nbytes / 1e6:.2f} MB, {self.device})"
 
 
+def quantized_nbytes(N: int, K: int, kind: str, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Bytes of an [N, K] weight stored as ``kind`` (values + scales), without building it."""
+    if kind == "int8":
+        return N * K + 4 * N
+    return N * ((K + 1) // 2) + 2 * N * (-(-K // group_size))
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, J] -> int8 [N, 2J] signed values: column 2j from the low nibble of byte j, 2j + 1 from the high."""
     lo = (packed & 0xF).to(torch.int8) - 8
@@ -107,13 +121,17 @@ def check_kind(kind: str | None, group_size: int = DEFAULT_GROUP_SIZE) -> None:
                          f"one group), got {group_size!r}")
 
 
-def quantize(weight: torch.Tensor, kind: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight:
-    """Quantize a float [N, K] weight (on its device; big tables in row chunks) to ``kind``."""
+def quantize(weight: torch.Tensor, kind: str, group_size: int = DEFAULT_GROUP_SIZE, *,
+             device: torch.device | str | None = None) -> QuantizedWeight:
+    """Quantize a float [N, K] weight to ``kind``, in row chunks (bounded fp32 temporaries), each chunk moved to
+    ``device`` first (default: the weight's): a checkpoint tensor read on the CPU is quantized on the GPU and
+    only its quantized form stays there."""
     check_kind(kind, group_size)
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize: expected a float [N, K] weight, got {weight.dtype} {tuple(weight.shape)}")
     N, K = weight.shape
-    parts = [_quantize_rows(weight[i:i + _ROWS_PER_CHUNK].float(), kind, group_size)
+    device = weight.device if device is None else torch.device(device)
+    parts = [_quantize_rows(weight[i:i + _ROWS_PER_CHUNK].to(device).float(), kind, group_size)
              for i in range(0, N, _ROWS_PER_CHUNK)]
     data = torch.cat([p[0] for p in parts])
     scales = torch.cat([p[1] for p in parts])
@@ -138,3 +156,50 @@ def _quantize_rows(w: torch.Tensor, kind: str, G: int) -> tuple[torch.Tensor, to
         q = torch.nn.functional.pad(q, (0, 1))  # the pad nibble holds 8: weight 0
     nib = (q + 8).to(torch.uint8)
     return nib[:, 0::2] | (nib[:, 1::2] << 4), scale
+
+
+# ---- modules of a quantized reference model ------------------------------------------------------------
+class QuantizedLinear(torch.nn.Module):
+    """A bias-free nn.Linear whose weight is a ``QuantizedWeight`` (``.weight``, as the fast model reads it).
+    ``transposed``: the weight is stored as W^T [in, out] (a sparse layer's down projection: its kernel gathers
+    the rows of the active channels, so it is quantized in that layout). Forward = ``reference.ops.project``:
+    dequantize to fp32, multiply in fp32, round to x.dtype once."""
+
+    def __init__(self, weight: QuantizedWeight, transposed: bool = False):
+        super().__init__()
+        self.weight, self.transposed = weight, transposed
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0 if self.transposed else 1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1 if self.transposed else 0]
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight in nn.Linear's [out, in] layout."""
+        w = self.weight.dequantize()
+        return w.t() if self.transposed else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return torch.nn.functional.linear(x.float(), self.dequantized()).to(x.dtype)
+        from gemma3n_fast.reference.ops import project
+
+        return project(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight!r}, transposed={self.transposed}"
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """An embedding table stored quantized (``.weight``); the reference model gathers rows through
+    ``reference.ops.token_embeddings`` (rows dequantized, rounded to the activation dtype)."""
+
+    def __init__(self, weight: QuantizedWeight):
+        super().__init__()
+        self.weight = weight
+
+    def extra_repr(self) -> str:
+        return repr(self.weight)

@@ -224,14 +224,19 @@ class Gemma3nTextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: the final norm's weight dtype (norms stay float when the matrices are quantized)."""
+        return self.norm.weight.dtype
+
     # -- embeddings --
     def token_embeddings(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] -> (scaled token embeddings [B, T, H], token part of the per-layer inputs [B, T, L, D]); both
         tables scaled by ``embedding_scale`` of their width; ids outside the per-layer table read its row 0."""
-        cfg, dtype = self.config, self.embed_tokens.weight.dtype
+        cfg, dtype = self.config, self.dtype
         x, token_part = ops.token_embeddings(
             input_ids, self.embed_tokens.weight, embedding_scale(cfg.hidden_size, dtype),
-            self.embed_tokens_per_layer.weight, embedding_scale(cfg.hidden_size_per_layer_input, dtype))
+            self.embed_tokens_per_layer.weight, embedding_scale(cfg.hidden_size_per_layer_input, dtype), dtype=dtype)
         return x, token_part.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -259,7 +264,7 @@ class Gemma3nTextModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied head on the unscaled table, then ``cap * tanh(x / cap)``. [B, T, H] -> [B, T, V]."""
-        logits = F.linear(hidden, self.embed_tokens.weight)
+        logits = ops.project(hidden, self.embed_tokens.weight)  # a quantized table: dequantize-then-matmul
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -155,3 +155,34 @@ def test_op_table_ops_are_counted_by_their_launchers():
     assert kv_written == 2 * Hkv * D * BF16  # one slot of K and of V
     kv_read = sum(t.read for t in rec.traffic if t.group == "KV")
     assert kv_read >= 2 * Hkv * S * D * BF16  # attention reads both caches whole (plus their position table)
+
+
+# ---- quantized weights (issue 19's targets) ----------------------------------------------------------------
+# Bytes per batch-1 decode step at most, and the loaded text weights (E2B bf16: 4.25 GB per step, 8.87 GB loaded).
+QUANTIZED_TARGETS = {("e2b", "int4"): 1.3e9, ("e2b", "int8"): 2.4e9, ("e4b", "int4"): 2.3e9}
+E2B_INT4_LOADED_TARGET = 2.6e9
+
+
+@pytest.fixture(scope="module", params=list(QUANTIZED_TARGETS), ids=lambda p: "-".join(p))
+def quantized_cost(request):
+    model, kind = request.param
+    return byte_model.account(model, context=1024, quantize=kind, group_size=64)
+
+
+def test_quantized_step_meets_its_byte_target_with_no_more_launches(quantized_cost):
+    from gemma3n_fast.reference.quant import quantized_nbytes
+
+    c = quantized_cost
+    kind = c["quantize"].split()[0]
+    assert not c["plain_op_fallbacks"], f"launchers refused the quantized weights: {c['plain_op_fallbacks']}"
+    assert c["launches"]["total"] <= CEILING[c["model"]]
+    by, cfg = c["bytes"], byte_model.text_config(c["model"])
+    assert by["total"] <= QUANTIZED_TARGETS[(c["model"], kind)], f"{by['total'] / 1e9:.3f} GB per step"
+    # the tied head reads the whole packed table once; every quantized weight is read, none as a float copy
+    assert by["by_group"]["LM head"] == quantized_nbytes(cfg.vocab_size, cfg.hidden_size, kind, 64)
+    assert not by["weights_not_read"], f"weights no launch reads: {by['weights_not_read']}"
+    roofline = byte_model.roofline_bytes(cfg, context=c["context"], elem=BF16, quantize=kind, group_size=64)
+    assert by["weights"] <= roofline["weights"] * (1 + 1e-9)  # less the sparse FFNs' inactive rows
+    assert by["weights"] >= 0.8 * roofline["weights"]
+    if (c["model"], kind) == ("e2b", "int4"):
+        assert by["loaded_weights"] <= E2B_INT4_LOADED_TARGET, f"{by['loaded_weights'] / 1e9:.3f} GB loaded"

@@ -36,8 +36,10 @@ def compile_ttir(fn, names, types, constexprs, warps):
 
 gemv = compile_ttir(G._gemv_kernel,
     "x_ptr w_ptr out_ptr aux_ptr x2_ptr w2_ptr out2_ptr ws_ptr lock_ptr M N K K2 stride_xm stride_wn stride_om "
-    "stride_am stride_x2m stride_w2n stride_o2m cap", "*bf16 " * 7 + "*fp32 *i32 " + "i32 " * 11 + "fp32",
-    dict(EPILOGUE=1, DUAL=False, SPLIT_K=4, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, IEEE_DOT=False, NUM_STAGES=3), 4)
+    "stride_am stride_x2m stride_w2n stride_o2m cap s_ptr s2_ptr stride_sn stride_s2n",
+    "*bf16 " * 7 + "*fp32 *i32 " + "i32 " * 11 + "fp32 *bf16 *bf16 i32 i32",
+    dict(EPILOGUE=1, DUAL=False, SPLIT_K=4, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, IEEE_DOT=False, NUM_STAGES=3,
+         QUANT=0, GROUP=2, GROUP2=2), 4)
 down = compile_ttir(S._sparse_down_kernel,
     "idx_ptr act_ptr count_ptr wdt_ptr out_ptr ws_ptr lock_ptr H stride_im stride_am stride_wd stride_om",
     "*i32 *bf16 *i32 *bf16 *bf16 *fp32 *i32 " + "i32 " * 5, dict(SPLITS=4, BLOCK_S=32, BLOCK_H=256), 4)
