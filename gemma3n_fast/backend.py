@@ -79,7 +79,8 @@ def enable_interpreter() -> None:
 
 
 class Backend:
-    """Callable ops by name (``backend.rms_norm(...)``); ``sources[name]`` is "kernel" or "reference"."""
+    """Callable ops by name (``backend.rms_norm(...)``); ``sources[name]`` is "kernel" or "reference" (or
+    "cpu_quant" for the GEMVs of a quantized model on the CPU's reference ops: ``FastGemma3n._pack_for_cpu``)."""
 
     def __init__(self, mode: str | None, device):
         device = torch.device(device)
@@ -108,4 +109,6 @@ class Backend:
     def describe(self) -> str:
         kern = [n for n, s in self.sources.items() if s == "kernel"]
         ref = [n for n, s in self.sources.items() if s == "reference"]
-        return f"mode={self.mode}; kernels: {', '.join(kern) or '-'}; reference ops: {', '.join(ref) or '-'}"
+        cpu = [n for n, s in self.sources.items() if s == "cpu_quant"]
+        packed = f"; torch's packed CPU matmuls (gemma3n_fast.cpu_quant): {', '.join(cpu)}" if cpu else ""
+        return f"mode={self.mode}; kernels: {', '.join(kern) or '-'}; reference ops: {', '.join(ref) or '-'}{packed}"

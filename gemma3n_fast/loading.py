@@ -22,10 +22,12 @@ from gemma3n_fast.reference.quant import DEFAULT_GROUP_SIZE, check_kind
 log = logging.getLogger("gemma3n_fast")
 
 
-def check_dtype(dtype, device: torch.device) -> torch.dtype:
-    """Default bf16 on CUDA (the released dtype), fp32 on CPU; fp16 is refused."""
+def check_dtype(dtype, device: torch.device, quantize: str | None = None) -> torch.dtype:
+    """Default bf16 on CUDA (the released dtype), fp32 on CPU, bf16 on CPU for quantized weights (torch's packed
+    int8 / int4 CPU matmuls serve bf16 activations; in fp32 a quantized model dequantizes per call and runs slower
+    than the float one); fp16 is refused."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or quantize else torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float16") else None
         if dtype is None:
@@ -45,7 +47,7 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
 
     device: default CUDA if available, else CPU; a device this machine lacks is a ``ValueError`` naming ``device=``
     and the devices available (``reference.loader.check_device``), before anything is read.
-    dtype: default bf16 on CUDA, fp32 on CPU; fp16 is refused.
+    dtype: default bf16 on CUDA, fp32 on CPU (bf16 with ``quantize``: see ``check_dtype``); fp16 is refused.
     kernels: "triton" | "interpret" | "reference" | None (see ``gemma3n_fast.backend``); checked before any weight
     is read. num_threads: torch's CPU thread count when the device is the CPU (see ``cpu_threads``). The
     tokenizer, processor and generation defaults come with the checkpoint (``model.tokenizer``,
@@ -60,8 +62,8 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
     """
     t0 = time.perf_counter()
     device = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = check_dtype(dtype, device)
     check_kind(quantize, group_size)
+    dtype = check_dtype(dtype, device, quantize)
     threads = cpu_threads(num_threads) if device.type == "cpu" else None
     if pick_mode(kernels, device) == "interpret":  # before anything imports the kernels
         enable_interpreter()

@@ -96,6 +96,8 @@ class DecoderLayerWeights:
     pre_ffn_norm: torch.Tensor  # [H]
     # MLP: dense (gate|up, down) or sparse (gate|up, down transposed, the sparsity's std multiplier)
     gate_up: torch.Tensor  # [2I, H]
+    gate: torch.Tensor | None  # [I, H], a sparse layer's gate (a view of gate_up's first half); None: dense
+    up: torch.Tensor | None  # [I, H], a sparse layer's up (a view of gate_up's second half); None: dense
     down: torch.Tensor | None  # [H, I]; None for a sparse layer (it reads down_t)
     down_t: torch.Tensor | None  # [I, H], the sparse FFN kernel gathers the active channels' rows; None: dense
     sparsity_std_multiplier: float | None
@@ -120,6 +122,8 @@ class DecoderLayerWeights:
         elif sparse:
             down_t = mlp.down_proj.weight.data.t().contiguous()
             mlp.down_proj.weight = nn.Parameter(down_t.t(), requires_grad=False)
+        gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+        inter = mlp.gate_proj.weight.shape[0]
         return cls(
             layer_type=layer_type, window=at.window, owns_kv=owns_kv, qkv_width=sum(m.weight.shape[0] for m in qkv),
             router_norm=au.router_norm.weight, router=au.modality_router.weight,
@@ -128,7 +132,8 @@ class DecoderLayerWeights:
             k_norm=at.k_norm.weight if owns_kv else None, o_proj=at.o_proj.weight,
             laurel_right=layer.laurel.linear_right.weight, post_attention_norm=layer.post_attention_layernorm.weight,
             post_laurel_norm=layer.laurel.post_laurel_norm.weight, pre_ffn_norm=layer.pre_feedforward_layernorm.weight,
-            gate_up=_fuse([mlp.gate_proj, mlp.up_proj]), down=None if sparse else mlp.down_proj.weight, down_t=down_t,
+            gate_up=gate_up, gate=gate_up[:inter] if sparse else None, up=gate_up[inter:] if sparse else None,
+            down=None if sparse else mlp.down_proj.weight, down_t=down_t,
             sparsity_std_multiplier=mlp.std_multiplier, post_ffn_norm=layer.post_feedforward_layernorm.weight,
             correction_coefs=au.correction_coefs.weight,
             correct_output_scale=au.correct_output_scale if au.use_scale else None,
@@ -178,6 +183,11 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         with torch.no_grad():
             self._fuse_weights()
             self._precompute_hard_embeddings()
+        lm = reference.language_model
+        self.lm_head_weight = lm.embed_tokens.weight  # tied; the decode gather reads the same table
+        self.per_layer_model_projection_weight = lm.per_layer_model_projection.weight
+        if self.quantization and self.device.type == "cpu" and self.backend.mode == "reference":
+            self._pack_for_cpu()
         if reference.audio_tower is not None:  # the conformer's attention core runs on the op table
             from gemma3n_fast.reference.audio_tower import AudioAttention
 
@@ -193,6 +203,33 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.layer_weights = [DecoderLayerWeights.of(layer, c.layer_types[i]) for i, layer in enumerate(lm.layers)]
         self.altup_projection_weight = _fuse(list(lm.altup_projections))
         self.altup_unembed_weight = _fuse(list(lm.altup_unembed_projections)).view(-1, c.hidden_size, c.hidden_size)
+
+    def _pack_for_cpu(self) -> None:
+        """A quantized model on the CPU's reference ops: its matrices also laid out for torch's packed int8 / int4
+        CPU matmuls (``cpu_quant``: exact for bf16 activations, several times faster than dequantizing per call),
+        and the GEMV ops of the op table taken from ``cpu_quant`` (the same values as the plain ops). The packed
+        copies come on top of the quantized weights (which the embedding gathers and ``dequantized_state_dict``
+        read)."""
+        from dataclasses import fields, replace
+
+        from gemma3n_fast import cpu_quant
+
+        def pack(w):
+            return cpu_quant.prepack(w) if isinstance(w, QuantizedWeight) else w
+
+        skip = {"down_t", "gate_up"}  # down_t: read by active rows; a sparse layer's gate|up: as gate and up
+        self.layer_weights = [
+            replace(w, **{f.name: pack(getattr(w, f.name)) for f in fields(w)
+                          if f.name not in skip or (f.name == "gate_up" and w.gate is None)})
+            for w in self.layer_weights]
+        self.altup_projection_weight = pack(self.altup_projection_weight)
+        self.lm_head_weight = pack(self.lm_head_weight)
+        self.per_layer_model_projection_weight = pack(self.per_layer_model_projection_weight)
+        for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "dual_linear", "sparse_ffn"):
+            setattr(self.backend, name, getattr(cpu_quant, name))
+            self.backend.sources[name] = "cpu_quant"
+        log.info("gemma3n_fast: quantized weights packed for torch's CPU int8 / int4 matmuls (bf16 activations "
+                 "use them; other dtypes dequantize per call)")
 
     def _precompute_hard_embeddings(self) -> None:
         """Every multimodal id's hard embedding [V - first multimodal id, H] (decode embeds with one gather)."""
@@ -233,7 +270,7 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
     # ---- embeddings --------------------------------------------------------------------------------------
     def _per_layer_inputs(self, x, token_part, ws: Workspaces):
         lm, c = self.model.language_model, self.text_config
-        projection = self.backend.linear(x, lm.per_layer_model_projection.weight, workspace=ws.gemv)
+        projection = self.backend.linear(x, self.per_layer_model_projection_weight, workspace=ws.gemv)
         return self.backend.per_layer_inputs_combine(projection, token_part, lm.per_layer_projection_norm.weight,
                                                      c.hidden_size, c.rms_norm_eps)
 
@@ -321,10 +358,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
             mlp_out = ops.linear(ops.linear_gelu_mul(h_normed, w.gate_up, workspace=ws.gemv), w.down,
                                  workspace=ws.gemv)
         else:
-            inter = w.down_t.shape[0]
-            mlp_out = ops.sparse_ffn(h_normed, gate_weight=w.gate_up[:inter], up_weight=w.gate_up[inter:],
-                                     down_weight_t=w.down_t, std_multiplier=w.sparsity_std_multiplier,
-                                     workspace=ws.sparse.get(inter))
+            mlp_out = ops.sparse_ffn(h_normed, gate_weight=w.gate, up_weight=w.up, down_weight_t=w.down_t,
+                                     std_multiplier=w.sparsity_std_multiplier, workspace=ws.sparse.get(w.down_t.shape[0]))
 
         # ---- post-FFN norm, AltUp correct; the per-layer input's gate and projection
         corrected, gate_input = ops.altup_correct_fused(
@@ -367,7 +402,7 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         others = streams[1:].flatten(1, 2)  # [A-1, B*T, H]
         unembedded = torch.bmm(others, self.altup_unembed_weight.transpose(1, 2)).view(streams[1:].shape)
         normed = ops.altup_collapse_norm(streams[0], unembedded, lm.norm.weight, c.rms_norm_eps)
-        return ops.linear_softcap(normed, lm.embed_tokens.weight, c.final_logit_softcapping, workspace=ws.gemv)
+        return ops.linear_softcap(normed, self.lm_head_weight, c.final_logit_softcapping, workspace=ws.gemv)
 
     # ---- public forward, prefill and decode step ----------------------------------------------------------
     @torch.no_grad()

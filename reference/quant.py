@@ -3,8 +3,10 @@ every quantized kernel is checked against: dequantize to fp32, then the plain op
 
 A weight W [N, K] (an nn.Linear weight, output channel n, input channel k; or an embedding table, row n):
 
-  int8  per output channel, symmetric (gpt-fast's int8): scale[n] = max_k |W[n, k]| / 127 in fp32,
-        q[n, k] = round(W[n, k] / scale[n]) in [-127, 127], stored int8 [N, K].  W ~ q * scale[n].
+  int8  per output channel, symmetric (gpt-fast's int8): scale[n] = max_k |W[n, k]| / 127 rounded to a bf16
+        value (stored fp32: torch's packed bf16 CPU matmul reads bf16 scales, and this way it computes exactly
+        this weight), q[n, k] = round(W[n, k] / scale[n]) clamped to [-127, 127], stored int8 [N, K].
+        W ~ q * scale[n].
   int4  per group of G consecutive input channels, symmetric with all 16 levels (llama.cpp's Q4_0 rule): in each
         group, m = the element of largest magnitude (with its sign) and scale = m / -8, rounded to bf16 (bf16: the
         range of fp32, so tiny or huge groups keep their scale; 16 bits per G weights like Marlin's fp16 scales);
@@ -141,7 +143,7 @@ def quantize(weight: torch.Tensor, kind: str, group_size: int = DEFAULT_GROUP_SI
 def _quantize_rows(w: torch.Tensor, kind: str, G: int) -> tuple[torch.Tensor, torch.Tensor]:
     N, K = w.shape
     if kind == "int8":
-        scale = w.abs().amax(dim=1) / 127
+        scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).float()  # a bf16 value (see the module docstring)
         inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))  # an all-zero row: q = 0
         q = torch.round(w * inv[:, None]).clamp_(-127, 127).to(torch.int8)
         return q, scale

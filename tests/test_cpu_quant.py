@@ -26,9 +26,9 @@ ROWS = [1, 3, 20]
 
 def _qweight(kind, G, N, K, seed, bf16_scales=True):
     w = randn((N, K), torch.float32, seed, scale=K ** -0.5, device="cpu")
-    q = quantize(w, kind, G or 64)
-    if kind == "int8" and bf16_scales:  # the scales the bf16 packed op can read exactly
-        q = QuantizedWeight("int8", q.data, q.scales.to(torch.bfloat16).float(), q.shape)
+    q = quantize(w, kind, G or 64)  # int8: bf16-valued scales, which the bf16 packed op reads exactly
+    if kind == "int8" and not bf16_scales:  # fp32 scales that are no bf16 value (a QuantizedWeight built by hand)
+        q = QuantizedWeight("int8", q.data, q.scales * (1 + 2 ** -12), q.shape)
     return q
 
 

@@ -20,9 +20,10 @@ def test_int8_per_channel_half_a_step(K):
     w = _weight(11, K)
     q = quantize(w, "int8")
     assert q.data.dtype == torch.int8 and q.data.shape == (11, K) and q.scales.shape == (11,)
-    assert torch.equal(q.scales, w.abs().amax(1) / 127)
+    assert torch.equal(q.scales, (w.abs().amax(1) / 127).to(torch.bfloat16).float())  # bf16 values, fp32 storage
     err = (q.dequantize() - w).abs()
-    assert (err <= q.scales[:, None] / 2 * (1 + 1e-6) + 1e-12).all()
+    # half a step, plus what the bf16 rounding of the scale can push the largest element past the clamp at 127
+    assert (err <= q.scales[:, None] / 2 * (1 + 1e-6) + w.abs().amax(1, keepdim=True) * 2 ** -8 + 1e-12).all()
     assert torch.equal(q.dequantize()[3], torch.zeros(K))
 
 

@@ -164,3 +164,36 @@ def test_bad_quantize_arguments_are_named_before_any_weight_is_read(tmp_path):
                        (dict(quantize="nf4"), "quantize")]:
         with pytest.raises(ValueError, match=match):
             gemma3n_fast.load(tmp_path / "no_such_folder", device="cpu", kernels="reference", **bad)
+
+
+# ---- the CPU's packed path: load(quantize=...) on the reference ops (torch's int8 / int4 CPU matmuls) ----------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_packed_matmuls_equal_the_quantized_reference(folder, kind, dtype, monkeypatch):
+    """On the CPU a quantized model's GEMVs run on ``cpu_quant`` (bf16: torch's packed ops; fp32: the definition,
+    and the int8 fp32 op at one row), the sparse FFN's down projection on its active rows only. fp32 logits within
+    the whole-model 1e-4; bf16 logits within bf16's 1e-2 of the bf16 quantized reference and the same greedy
+    tokens (a shallow model: 6 layers)."""
+    from gemma3n_fast import cpu_quant
+
+    ref = reference.load(folder, quantize=kind, dtype=dtype)
+    fast = gemma3n_fast.load(folder, device="cpu", dtype=dtype, kernels="reference", quantize=kind)
+    assert {fast.backend.sources[op] for op in ("linear", "dual_linear", "sparse_ffn")} == {"cpu_quant"}
+    calls = []
+    packed = cpu_quant._packed_matmul
+    monkeypatch.setattr(cpu_quant, "_packed_matmul", lambda *a: calls.append(a[2]) or packed(*a))
+    ids = _ids(2, 13, seed=8)
+    with torch.no_grad():
+        theirs = ref(ids).logits.float()
+    ours = fast(ids).logits.float()
+    assert _rel_err(ours, theirs) <= (LOGIT_REL_TOL if dtype == torch.float32 else 1e-2)
+    if dtype == torch.bfloat16:
+        assert calls and set(calls) == {cpu_quant.PACKED_BF16}  # every GEMV on the bf16 packed op
+        ids1 = _ids(1, 9, seed=9)
+        assert torch.equal(fast.generate(ids1, max_new_tokens=12, eos_token_id=[]),
+                           ref.generate(ids1, max_new_tokens=12, eos_token_id=[]))
+
+
+def test_a_quantized_cpu_model_defaults_to_bf16(folder):
+    assert gemma3n_fast.load(folder, device="cpu", kernels="reference", quantize="int4").dtype == torch.bfloat16
+    assert gemma3n_fast.load(folder, device="cpu", kernels="reference").dtype == torch.float32
