@@ -41,8 +41,10 @@ gemv = compile_ttir(G._gemv_kernel,
     dict(EPILOGUE=1, DUAL=False, SPLIT_K=4, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, IEEE_DOT=False, NUM_STAGES=3,
          QUANT=0, GROUP=2, GROUP2=2), 4)
 down = compile_ttir(S._sparse_down_kernel,
-    "idx_ptr act_ptr count_ptr wdt_ptr out_ptr ws_ptr lock_ptr H stride_im stride_am stride_wd stride_om",
-    "*i32 *bf16 *i32 *bf16 *bf16 *fp32 *i32 " + "i32 " * 5, dict(SPLITS=4, BLOCK_S=32, BLOCK_H=256), 4)
+    "idx_ptr act_ptr count_ptr wdt_ptr wdt_scales_ptr out_ptr ws_ptr lock_ptr H stride_im stride_am stride_wd "
+    "stride_wds stride_om",
+    "*i32 *bf16 *i32 *bf16 *bf16 *bf16 *fp32 *i32 " + "i32 " * 6,
+    dict(W_KIND=0, W_GROUP=2, SPLITS=4, BLOCK_S=32, BLOCK_H=256), 4)
 for name, ir in (("gemv", gemv), ("sparse_down", down)):
     print("=====", name)
     print(ir)
