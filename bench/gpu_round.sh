@@ -20,7 +20,8 @@
 #   device         5  nvidia-smi: name, memory, clocks, driver, power limit (device.txt)
 #   env           15  versions, kernels mode, measured copy bandwidth, bf16 matmul rate (env.json)
 #   gpu-tests    160  pytest -m gpu tests, no -x: every failure listed (gpu-tests.xml JUnit, gpu-tests.log)
-#   headline     150  E2B batch 1, prompts 128 and 2048, gemma3n_fast vs HF eager: decode tok/s, TTFT (headline/)
+#   headline     150  E2B batch 1, prompts 128 and 2048, gemma3n_fast bf16 / int4 / int8 vs HF eager: decode tok/s,
+#                     TTFT (headline/)
 #   k-gemv        35  decode-step GEMVs at M = 1 and the sparse FFN, triton vs eager (kernels/k-gemv.json)
 #   k-attention   15  decode attention at batch 1: 1k / 8k / 32k cache, 512-slot ring (kernels/k-attention.json)
 #   k-fused       30  fused row-wise ops at one token, bounded and split decode attention (kernels/k-fused.json)
@@ -137,7 +138,8 @@ stage() {
       run env 15 "$PY" -m bench.env --json "$OUT/env.json" ;;
     gpu-tests) run gpu-tests 160 "$PY" -m pytest -m gpu tests -p no:cacheprovider -v --tb=short --durations=20 \
       --junitxml="$OUT/gpu-tests.xml" ;;
-    headline) e2e headline 150 --models e2b --systems gemma3n_fast,hf --workloads text --batches 1 --prompts 128,2048 ;;
+    headline) e2e headline 150 --models e2b --systems gemma3n_fast,gemma3n_fast-int4,gemma3n_fast-int8,hf \
+      --workloads text --batches 1 --prompts 128,2048 ;;
     k-gemv) kernels k-gemv 35 gemv "$DECODE" ;;
     k-attention) kernels k-attention 15 attention "$DECODE" ;;
     k-fused) kernels k-fused 30 fused "$DECODE" ;;

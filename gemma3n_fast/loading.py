@@ -64,7 +64,8 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
     device = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     check_kind(quantize, group_size)
     dtype = check_dtype(dtype, device, quantize)
-    threads = cpu_threads(num_threads) if device.type == "cpu" else None
+    if device.type == "cpu":
+        _check_threads(num_threads)  # a bad count fails before any weight is read; it is set after the load
     if pick_mode(kernels, device) == "interpret":  # before anything imports the kernels
         enable_interpreter()
     reference = reference_model.load(path_or_hub_id, device=device, dtype=dtype, revision=revision,
@@ -72,7 +73,8 @@ def load(path_or_hub_id, device=None, dtype=None, kernels: str | None = None, re
     from gemma3n_fast.model import FastGemma3n
 
     model = FastGemma3n(reference, kernels)
-    model.num_threads = threads
+    if device.type == "cpu":
+        model.num_threads = cpu_threads(num_threads, reference.config.text.hidden_size)
     model.load_time_s = time.perf_counter() - t0
     spec = reference.config.matformer
     quant = "" if quantize is None else f", {quantize}" + (f" G={group_size}" if quantize == "int4" else "")
@@ -126,22 +128,21 @@ THREADS_ENV = "GEMMA3N_FAST_NUM_THREADS"
 _THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def cpu_threads(num_threads: int | None = None) -> int:
+WIDE_HIDDEN = 1024  # a model this wide (E2B / E4B: 2048) has GEMVs big enough for every core
+
+
+def cpu_threads(num_threads: int | None = None, hidden_size: int | None = None) -> int:
     """Set torch's intra-op thread count for CPU inference; returns the count in effect.
 
     ``num_threads`` (or ``$GEMMA3N_FAST_NUM_THREADS``) is used as given. Otherwise torch's own default (one thread
-    per CPU) is lowered to 1 on a machine with at most 2 CPUs and to the physical core count above that: decode
-    runs many small ops per token, and extra threads contend for the same cores (on 2 cores, decode ran several
-    times slower with torch's default of 2 than with 1). A count that looks set by the user (OMP_NUM_THREADS /
-    MKL_NUM_THREADS in the environment, or a value that is not one of torch's defaults) is kept."""
-    if num_threads is None and os.environ.get(THREADS_ENV):
-        text = os.environ[THREADS_ENV]
-        if not text.strip().isdigit() or int(text) < 1:
-            raise ValueError(f"{THREADS_ENV}={text!r}: expected a whole number >= 1")
-        num_threads = int(text)
+    per CPU) is lowered to the physical core count, and to 1 on a machine with at most 2 CPUs unless the model is
+    wide (``hidden_size`` >= ``WIDE_HIDDEN``). Measured on 2 cores (BENCHMARKS.md, ``bench.cpu_decode``): at the
+    real E2B widths 2 threads decode 1.5-1.8x faster than 1 (fp32, bf16, int8, int4 alike: the matmuls dominate);
+    on the tiny test models, whose steps are many small ops, 2 threads ran several times slower than 1. A count
+    that looks set by the user (OMP_NUM_THREADS / MKL_NUM_THREADS in the environment, or a value that is not one of
+    torch's defaults) is kept."""
+    num_threads = _check_threads(num_threads)
     if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads: expected an int >= 1, got {num_threads!r}")
         torch.set_num_threads(num_threads)
         return num_threads
     current = torch.get_num_threads()
@@ -149,12 +150,25 @@ def cpu_threads(num_threads: int | None = None) -> int:
         return current
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     physical = min(_physical_cores() or cpus, cpus)
-    choice = 1 if cpus <= 2 else physical
+    choice = 1 if cpus <= 2 and (hidden_size or 0) < WIDE_HIDDEN else physical
     if current > choice and current in {os.cpu_count(), cpus, physical}:
         torch.set_num_threads(choice)
         log.info("gemma3n_fast: torch CPU threads %d -> %d (%s=N overrides)", current, choice, THREADS_ENV)
         return choice
     return current
+
+
+def _check_threads(num_threads: int | None) -> int | None:
+    """The thread count asked for (the argument, else ``$GEMMA3N_FAST_NUM_THREADS``), checked; None: not asked."""
+    if num_threads is None and os.environ.get(THREADS_ENV):
+        text = os.environ[THREADS_ENV]
+        if not text.strip().isdigit() or int(text) < 1:
+            raise ValueError(f"{THREADS_ENV}={text!r}: expected a whole number >= 1")
+        num_threads = int(text)
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"num_threads: expected an int >= 1, got {num_threads!r}")
+    return num_threads
 
 
 def _physical_cores() -> int | None:

@@ -499,6 +499,9 @@ def test_cpu_thread_defaults(monkeypatch):
 
     machine(2, 2)
     assert fast_model.cpu_threads() == 1 and state["threads"] == 1  # torch's default 2 -> 1 on 2 cores
+    state["threads"] = 2
+    assert fast_model.cpu_threads(hidden_size=2048) == 2  # E2B's widths: both cores (faster there, measured)
+    assert fast_model.cpu_threads(hidden_size=72) == 1  # a tiny model: one
     machine(16, 8)
     state["threads"] = 16
     assert fast_model.cpu_threads() == 8  # hyper-threads: the physical cores
