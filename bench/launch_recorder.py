@@ -104,8 +104,9 @@ class WeightMap:
                 if isinstance(v, torch.Tensor) and not aname.startswith("_") and v.device == model.device:
                     named.setdefault(prefix + aname, (v, False))
                 elif isinstance(v, QuantizedWeight) and not aname.startswith("_"):  # packed values + scales
-                    named.setdefault(f"{prefix}{aname}.data", (v.data, True))
-                    named.setdefault(f"{prefix}{aname}.scales", (v.scales, True))
+                    own = aname == "weight"  # a quantized module's own weight ranks as a parameter (owns its bytes)
+                    named.setdefault(f"{prefix}{aname}.data", (v.data, own))
+                    named.setdefault(f"{prefix}{aname}.scales", (v.scales, own))
         self.tensors = named
         self.is_parameter = {n: p for n, (_, p) in named.items()}
         self.size = {n: t.numel() * t.element_size() for n, (t, _) in named.items()}

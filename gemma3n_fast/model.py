@@ -184,8 +184,9 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
             self._fuse_weights()
             self._precompute_hard_embeddings()
         lm = reference.language_model
-        self.lm_head_weight = lm.embed_tokens.weight  # tied; the decode gather reads the same table
-        self.per_layer_model_projection_weight = lm.per_layer_model_projection.weight
+        # plain references (detach(): a Parameter assigned here would become a second state_dict key)
+        self.lm_head_weight = _plain(lm.embed_tokens.weight)  # tied; the decode gather reads the same table
+        self.per_layer_model_projection_weight = _plain(lm.per_layer_model_projection.weight)
         if self.quantization and self.device.type == "cpu" and self.backend.mode == "reference":
             self._pack_for_cpu()
         if reference.audio_tower is not None:  # the conformer's attention core runs on the op table
@@ -457,6 +458,11 @@ def positions_of(input_ids, attention_mask):
         raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} does not match input_ids "
                          f"{tuple(input_ids.shape)}")
     return positions_from_mask(attention_mask.to(input_ids.device)).to(torch.int32)
+
+
+def _plain(w):
+    """A module's weight as the op table takes it: a float Parameter's tensor (same storage), or a QuantizedWeight."""
+    return w.detach() if isinstance(w, torch.Tensor) else w
 
 
 def _fuse(linears: list[nn.Linear | QuantizedLinear]) -> torch.Tensor | QuantizedWeight:
