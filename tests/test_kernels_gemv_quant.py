@@ -249,3 +249,31 @@ def test_bad_quantized_inputs():
     with pytest.raises(ValueError, match="too small for an int4 weight"):
         linear(x, w4, config=GemvConfig(16, 16, 16, 1, 4))
     assert isinstance(w4, QuantizedWeight)
+
+
+# ---- on a GPU: the compiled kernels at E2B's shapes, bf16 activations (tensor-core and FMA paths) -----------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8])
+@pytest.mark.parametrize("kind,G", [("int8", 0), ("int4", 64)])
+def test_gpu_quantized_real_shapes(kind, G, M):
+    from gemma3n_fast.kernels.gemv import dual_linear, linear, linear_gelu_mul, linear_softcap
+
+    def weight(n, k, seed):
+        return quantize(randn((n, k), torch.float32, seed, scale=k ** -0.5), kind, G or 64)
+
+    x = randn((M, 2048), torch.bfloat16, 40)
+    for name, n, k in (("q|k|v|laurel", 3136, 2048), ("down", 2048, 8192)):
+        xi = x if k == 2048 else randn((M, k), torch.bfloat16, 41)
+        w = weight(n, k, 42)
+        assert_2x(linear(xi, w, out=nans((M, n), xi.dtype)), ops.linear(xi, w), _ref64(ops.linear, xi, w), name)
+    gu = weight(16384, 2048, 43)
+    assert_2x(linear_gelu_mul(x, gu, out=nans((M, 8192), x.dtype)), ops.linear_gelu_mul(x, gu),
+              _ref64(ops.linear_gelu_mul, x, gu), "gate|up")
+    wo, wr, xl = weight(2048, 2048, 44), weight(2048, 64, 45), randn((M, 64), torch.bfloat16, 46)
+    o1, o2 = dual_linear(x, wo, xl, wr)
+    r1, r2 = ops.dual_linear(x, wo, xl, wr)
+    assert_2x(o1, r1, ops.linear(x.double(), wo.dequantize().double()), "o_proj")
+    assert_2x(o2, r2, ops.linear(xl.double(), wr.dequantize().double()), "laurel right")
+    head, xh = weight(262_400, 2048, 47), x * 10  # logits of a few tens against the real cap 30
+    assert_2x(linear_softcap(xh, head, 30.0, out=nans((M, 262_400), x.dtype)), ops.linear_softcap(xh, head, 30.0),
+              _ref64(ops.linear_softcap, xh, head, 30.0), "LM head")
