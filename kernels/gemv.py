@@ -45,7 +45,7 @@ torch >= 2.11.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -241,7 +241,7 @@ def _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om
 
 
 @triton.jit
-def _gemv_kernel(
+def gemv_tile(
     x_ptr, w_ptr, out_ptr, aux_ptr, x2_ptr, w2_ptr, out2_ptr, ws_ptr, lock_ptr,
     M, N, K, K2, stride_xm, stride_wn, stride_om, stride_am, stride_x2m, stride_w2n, stride_o2m, cap,
     s_ptr, s2_ptr, stride_sn, stride_s2n,
@@ -249,6 +249,9 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
     QUANT: tl.constexpr, GROUP: tl.constexpr, GROUP2: tl.constexpr,
 ):
+    """This program's share of a GEMV launch (the whole body of ``_gemv_kernel``) -> whether this program stored a
+    finished output tile (always without split-K; with it, only the last slice of the tile to arrive). Fused
+    kernels call it first, then ``last_tile_done`` to let the last finisher of the launch run a row-wise tail."""
     tile = tl.program_id(0)  # column tile (dual: first pair's tiles, then the second's)
     pid_k = tl.program_id(1)  # slice of K
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -267,6 +270,7 @@ def _gemv_kernel(
     if SPLIT_K == 1:
         _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om, stride_o2m, stride_am, cap,
                 EPILOGUE, DUAL, BLOCK_M, BLOCK_N)
+        finished = tile >= 0  # every program stores its tile (a runtime True: the tail's atomic takes it as a mask)
     else:
         TILE: tl.constexpr = BLOCK_N * BLOCK_M
         NACC: tl.constexpr = 2 if GATE_UP else 1
@@ -277,7 +281,8 @@ def _gemv_kernel(
             tl.store(tile_ws + pid_k * (NACC * TILE) + TILE + offs, y_up)
         tl.debug_barrier()  # every thread's partial is written before the single atomic below publishes them
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:  # the last slice of this tile to finish: add all slices in a fixed order
+        finished = arrived == SPLIT_K - 1
+        if finished:  # the last slice of this tile to finish: add all slices in a fixed order
             y = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             y_up = y
             for s in tl.static_range(SPLIT_K):
@@ -287,6 +292,39 @@ def _gemv_kernel(
             tl.store(lock_ptr + tile, 0)  # counters start at zero again for the next launch / graph replay
             _finish(y, y_up, tile, n_blocks, out_ptr, out2_ptr, aux_ptr, M, N, stride_om, stride_o2m, stride_am,
                     cap, EPILOGUE, DUAL, BLOCK_M, BLOCK_N)
+    return finished
+
+
+@triton.jit
+def last_tile_done(done_ptr, finished):
+    """True in exactly one program of a GEMV launch: the last to store a finished tile (``gemv_tile``'s result).
+
+    The launch's tiles are the grid's first axis (``tl.num_programs(0)``): each finisher adds one to the launch's
+    counter ``done_ptr`` after its tile is stored; the one that sees every other tile counted resets the counter
+    (zero again for the next launch or graph replay: launches on a stream run one after another, so fused launches
+    may share one counter) and may then read the whole output. Under the interpreter programs run one by one, so
+    the last program is the last to arrive: the same path runs on the CPU."""
+    tl.debug_barrier()  # every thread's output stores are issued before the single atomic below publishes them
+    arrived = tl.atomic_add(done_ptr, 1, mask=finished, sem="acq_rel", scope="gpu")  # acquire: others' tiles seen
+    last = finished & (arrived == tl.num_programs(0) - 1)
+    if last:
+        tl.store(done_ptr, 0)
+    return last
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, out_ptr, aux_ptr, x2_ptr, w2_ptr, out2_ptr, ws_ptr, lock_ptr,
+    M, N, K, K2, stride_xm, stride_wn, stride_om, stride_am, stride_x2m, stride_w2n, stride_o2m, cap,
+    s_ptr, s2_ptr, stride_sn, stride_s2n,
+    EPILOGUE: tl.constexpr, DUAL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, GROUP2: tl.constexpr,
+):
+    gemv_tile(x_ptr, w_ptr, out_ptr, aux_ptr, x2_ptr, w2_ptr, out2_ptr, ws_ptr, lock_ptr,
+              M, N, K, K2, stride_xm, stride_wn, stride_om, stride_am, stride_x2m, stride_w2n, stride_o2m, cap,
+              s_ptr, s2_ptr, stride_sn, stride_s2n, EPILOGUE, DUAL, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE_DOT,
+              NUM_STAGES, QUANT, GROUP, GROUP2)
 
 
 # ---- settings, workspace, bytes -------------------------------------------------------------------------
@@ -365,9 +403,11 @@ class GemvWorkspace:
     partials: torch.Tensor
     locks: torch.Tensor
     max_rows: int
+    done: torch.Tensor | None = None  # int32 [1]: the launch-wide counter of fused launches (``last_tile_done``)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"partials": self.partials, "locks": self.locks}
+        out = {"partials": self.partials, "locks": self.locks}
+        return out if self.done is None else out | {"done": self.done}
 
 
 def gemv_workspace_size(max_rows: int = MAX_ROWS) -> tuple[int, int]:
@@ -386,7 +426,8 @@ def gemv_workspace(device, max_rows: int = MAX_ROWS) -> GemvWorkspace:
     """A workspace for every heuristic GEMV launch of up to ``max_rows`` rows on ``device`` (allocated here, once)."""
     n_partials, n_locks = gemv_workspace_size(max_rows)
     return GemvWorkspace(torch.empty(n_partials, dtype=torch.float32, device=device),
-                         torch.zeros(n_locks, dtype=torch.int32, device=device), max_rows)
+                         torch.zeros(n_locks, dtype=torch.int32, device=device), max_rows,
+                         torch.zeros(1, dtype=torch.int32, device=device))
 
 
 _WORKSPACES: dict = {}  # device -> GemvWorkspace(max_rows=MAX_ROWS), created once, never reallocated
@@ -507,12 +548,27 @@ def _check_x(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
+class GemvTail:
+    """A row-wise chain run by the last program of a GEMV launch (``last_tile_done``), in the same launch.
+
+    ``kernel``: a @triton.jit kernel whose parameters are ``_gemv_kernel``'s, then ``done_ptr`` (the workspace's
+    launch counter), then ``args`` (the chain's tensors and scalars, in order), with ``gemv_tile``'s constexprs and
+    ``meta`` (the chain's constexprs) by keyword. Its body: ``finished = gemv_tile(...)``, then
+    ``if last_tile_done(done_ptr, finished):`` the chain over every row of the GEMV's output."""
+    kernel: object
+    args: tuple = ()
+    meta: dict = field(default_factory=dict)
+
+
 def launch_gemv(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, cap=0.0, x2_rows=None, w2=None,
-                out2_rows=None, config=None, workspace: GemvWorkspace | None = None):
+                out2_rows=None, config=None, workspace: GemvWorkspace | None = None, tail: GemvTail | None = None):
     """One ``_gemv_kernel`` launch on checked [M, K] row views (M <= MAX_ROWS): ``out_rows = x_rows @ w^T`` with
     ``epilogue`` (and the second pair x2_rows / w2 / out2_rows when given); the building block of every entry point
     here and of sparse_ffn's dense gate. ``w`` / ``w2``: float weights in x's dtype, or QuantizedWeights of one
-    kind (checked: ``_check_weight``), read packed and dequantized in registers."""
+    kind (checked: ``_check_weight``), read packed and dequantized in registers. ``tail``: launch ``tail.kernel``
+    instead, which also runs a row-wise chain over the whole output in its last program (``GemvTail``); it counts
+    in ``workspace.done`` (the default workspace's when None)."""
     M, K = x_rows.shape
     if workspace is not None:  # checked whether or not this launch splits K: the same calls fail on CPU and GPU
         if not isinstance(workspace, GemvWorkspace):
@@ -552,11 +608,18 @@ def launch_gemv(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=Non
     else:
         w_data, w2_data, scales, scales2 = w.data, w2.data, w.scales, w2.scales
         group, group2 = (w.group_size, w2.group_size) if quant == "int4" else (2, 2)
-    _gemv_kernel[(tiles, cfg.SPLIT_K)](
+    kernel, tail_args, tail_meta = _gemv_kernel, (), {}
+    if tail is not None:
+        done = (workspace if workspace is not None else default_gemv_workspace(x_rows.device, fn)).done
+        if done is None:
+            raise ValueError(f"{fn}: a fused launch needs the workspace's launch counter; build the workspace with "
+                             "gemv_workspace(device, max_rows)")
+        kernel, tail_args, tail_meta = tail.kernel, (done, *tail.args), tail.meta
+    kernel[(tiles, cfg.SPLIT_K)](
         x_rows, w_data, out_rows, aux_rows, x2_rows, w2_data, out2_rows, ws, locks,
         M, N, K, x2_rows.shape[1], x_rows.stride(0), w_data.stride(0), out_rows.stride(0), aux_rows.stride(0),
         x2_rows.stride(0), w2_data.stride(0), out2_rows.stride(0), float(cap),
-        scales, scales2, scales.stride(0), scales2.stride(0),
+        scales, scales2, scales.stride(0), scales2.stride(0), *tail_args, **tail_meta,
         QUANT=_QUANT_CODES[quant], GROUP=group, GROUP2=group2,
         EPILOGUE=epilogue.value, DUAL=dual, SPLIT_K=cfg.SPLIT_K, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         # fp32 operands: IEEE products, never TF32. On CPU (the interpreter, whose bf16 tl.dot is wrong) 16-bit
