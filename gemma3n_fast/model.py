@@ -51,11 +51,12 @@ class Workspaces:
       gemv       split-K partials + counters of every GEMV (decode rows and prefill chunks of up to 16 rows; the
                  bound of every heuristic launch, ~1.6 MB);
       sparse     {I: sparse-FFN workspace for up to 8 rows} per intermediate size of the sparse layers, sharing gemv;
-      attention  decode attention's split partials, for the longest cache of the configuration (None: one split).
+      attention  decode attention's split partials, for the longest cache of the configuration, and its arrival
+                 counters, one per (batch row, KV head) (None: one split).
     ``Workspaces()`` (all empty): the kernels' own per-device defaults (``forward()``; the reference ops need none)."""
     gemv: object = None  # kernels.gemv.GemvWorkspace
     sparse: dict = field(default_factory=dict)  # I -> kernels.sparse_ffn.SparseFFNWorkspace
-    attention: torch.Tensor | None = None
+    attention: object = None  # kernels.sliding_window_decode.DecodeWorkspace
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every buffer, by name (what a captured graph points at, besides the KV cache and the step's I/O)."""
@@ -63,7 +64,7 @@ class Workspaces:
         for I, ws in self.sparse.items():
             out |= {f"sparse[{I}].{k}": t for k, t in ws.tensors().items()}
         if self.attention is not None:
-            out["attention"] = self.attention
+            out |= {f"attention.{k}": t for k, t in self.attention.tensors().items()}
         return out
 
 
@@ -255,7 +256,7 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         if self.backend.mode == "reference":
             return NO_WORKSPACES
         from gemma3n_fast.kernels.gemv import gemv_workspace
-        from gemma3n_fast.kernels.sliding_window_decode import decode_workspace_need
+        from gemma3n_fast.kernels.sliding_window_decode import decode_workspace, decode_workspace_need
         from gemma3n_fast.kernels.sparse_ffn import SPARSE_MAX_ROWS, sparse_ffn_workspace
 
         c, dev, dtype = self.text_config, self.device, self.dtype
@@ -265,7 +266,7 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
                   for I in sparse_sizes}
         need = max((decode_workspace_need(batch, c.num_attention_heads, c.num_key_value_heads, 1, c.head_dim,
                                           k.shape[2], dtype) for k in cache.k), default=0)
-        attention = torch.empty(need, dtype=torch.float32, device=dev) if need else None
+        attention = decode_workspace(batch, c.num_key_value_heads, need, dev) if need else None
         return Workspaces(gemv, sparse, attention)
 
     # ---- embeddings --------------------------------------------------------------------------------------

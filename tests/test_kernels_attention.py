@@ -21,7 +21,7 @@ from gemma3n_fast.kernels import chunked_local_attention as cla_mod
 from gemma3n_fast.kernels import sliding_window_attention as swa_mod
 from gemma3n_fast.kernels import sliding_window_decode as dec_mod
 from gemma3n_fast.reference import ops
-from kernel_checks import DEVICE, assert_2x_torch, nans, nans_like
+from kernel_checks import DEVICE, assert_2x_torch, nans, nans_like, shuffled_programs, spy  # noqa: F401
 
 # Absolute slack on top of 2x torch's own error, per element: fp32 -> a few ulps of O(1) outputs after a
 # softmax-weighted sum; fp16 / bf16 -> about two ulps at |out| ~ 2 (the kernels round unnormalised P to the input
@@ -196,34 +196,42 @@ def test_decode_workspace_and_splits():
     q = torch.randn(B, Hq, 1, D, device=DEVICE)
     k, v = torch.randn(B, Hkv, S, D, device=DEVICE), torch.randn(B, Hkv, S, D, device=DEVICE)
     q_pos, k_pos = build_cache([600], S, 1, False)
-    ws = torch.full((dec_mod.decode_workspace_size(B, Hq, 1, D, 2),), float("nan"), device=DEVICE)
+    ws = dec_mod.decode_workspace(B, Hkv, dec_mod.decode_workspace_size(B, Hq, 1, D, 2), DEVICE)
+    ws.partials.fill_(float("nan"))
     out = dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws, num_splits=2)
     ref = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos)
-    assert not torch.isnan(ws).all()  # the workspace was used
+    assert not torch.isnan(ws.partials).all()  # the workspace was used
+    assert torch.equal(ws.counters, torch.zeros_like(ws.counters))  # the arrival counters are back at zero
     assert (out.double() - ref).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="workspace"):
-        dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws[:10], num_splits=2)
+    Workspace = dec_mod.DecodeWorkspace
+    for bad, what in ((Workspace(ws.partials[:10], ws.counters), "partials"),
+                      (Workspace(ws.partials, ws.counters[:1]), "counters"),
+                      (Workspace(ws.partials, ws.counters.long()), "counters"), (ws.partials, "DecodeWorkspace")):
+        with pytest.raises(ValueError, match=what):
+            dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=bad, num_splits=2)
     # decode_workspace_need: exactly what a launch with the default split takes (what a decode state preallocates)
     need = dec_mod.decode_workspace_need(B, Hq, Hkv, 1, D, S, q.dtype)
     assert need > 0 and dec_mod.decode_workspace_need(B, Hq, Hkv, 1, D, 16, q.dtype) == 0  # 16 slots: one split
-    dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws.new_empty(need))
-    with pytest.raises(ValueError, match="workspace"):
-        dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws.new_empty(need - 1))
+    dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=dec_mod.decode_workspace(B, Hkv, need,
+                                                                                                     DEVICE))
+    with pytest.raises(ValueError, match="partials"):
+        dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos,
+                                                workspace=dec_mod.decode_workspace(B, Hkv, need - 1, DEVICE))
 
 
-def _bounded_cache(B, Hkv, S, D, dtype, pads, last, ring_window=None):
+def _bounded_cache(B, Hkv, S, D, dtype, pads, last, ring_window=None, Tq=1):
     """A static cache whose row b holds columns 0..last[b] (left padding pads[b]; a ring of S slots when
     ring_window is set) and whose slots past last[b] hold poison: NaN K/V at position 0, which every query sees.
-    Any read of them makes the output NaN. Returns k, v, k_pos, q_pos (the query at column last[b]) and the clean
-    k_pos (poisoned slots empty) for the reference."""
+    Any read of them makes the output NaN. Returns k, v, k_pos, q_pos (the Tq queries at columns up to last[b]) and
+    the clean k_pos (poisoned slots empty) for the reference."""
     k = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dtype)
     v = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dtype)
     k_pos = torch.full((B, S), -1, dtype=torch.long)
-    q_pos = torch.empty((B, 1), dtype=torch.long)
+    q_pos = torch.empty((B, Tq), dtype=torch.long)
     for b, (pad, col) in enumerate(zip(pads, last)):
         for c in range(max(0, col - S + 1), col + 1):
             k_pos[b, c % S] = c - pad if c >= pad else -1
-        q_pos[b, 0] = col - pad
+        q_pos[b] = torch.arange(col - Tq + 1, col + 1) - pad
     clean = k_pos.clone()
     for b, col in enumerate(last):
         if col + 1 < S:
@@ -265,17 +273,18 @@ def test_decode_bounded_by_last_slot(case, dtype):
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the unbounded call at the end reads the NaN poison on purpose
 def test_decode_bounded_splits_past_the_bound_write_nothing():
     """A short bound in a long cache: all splits share the live slots; splits left over read and write nothing
-    (their workspace records stay NaN) and the reduce merges only the splits that ran."""
+    (their workspace records stay NaN) and the last arriver merges only the splits that ran."""
     B, Hq, Hkv, S, D, splits = 1, 2, 1, 128, 32, 8  # 8 splits of one 16-key tile at full length
     k, v, k_pos, q_pos, clean_pos = _bounded_cache(B, Hkv, S, D, torch.float32, [0], [20])
     q = torch.randn(B, Hq, 1, D, device=DEVICE)
-    ws = torch.full((dec_mod.decode_workspace_size(B, Hq, 1, D, splits),), float("nan"), device=DEVICE)
+    ws = dec_mod.decode_workspace(B, Hkv, dec_mod.decode_workspace_size(B, Hq, 1, D, splits), DEVICE)
+    ws.partials.fill_(float("nan"))
     out = dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, workspace=ws, num_splits=splits,
                                                   last_slot=torch.tensor([20], device=DEVICE))
     ref = ops.sliding_window_attention(q.double(), k.nan_to_num(0.0).double(), v.nan_to_num(0.0).double(), q_pos,
                                        clean_pos)
     assert (out.double() - ref).abs().max().item() <= 1e-5
-    records = ws.view(splits, Hq, D + 2)  # [split, row, acc | m | l]; 21 live slots at 16 keys per split: 2 splits
+    records = ws.partials.view(splits, Hq, D + 2)  # [split, row, acc | m | l]; 21 live slots, 16 keys per split
     assert not records[:2].isnan().any() and records[2:].isnan().all()
     # No bound: the same cache read whole sees the poison (the NaN keys at position 0 are visible).
     assert dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, num_splits=splits).isnan().any()
@@ -293,6 +302,101 @@ def test_decode_bounded_no_key_gives_zeros():
         assert torch.equal(out, torch.zeros_like(out))
     with pytest.raises(ValueError, match="last_slot must be"):
         dec_mod.sliding_window_attention_decode(q, k, k, q_pos, k_pos, last_slot=torch.zeros(3, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode: the split merge in the split launch (the last split of a (batch, KV head) to arrive merges)
+# ----------------------------------------------------------------------------------------------------------------
+
+# (id, B, Hq, Hkv, Tq, S, D, window, pads, last column per row (-1: nothing written), num_splits). Splits above 16
+# take the merge's loop over split blocks more than once; rows of a batch have different bounds, one none at all.
+MERGE_CASES = [
+    ("rows_differ_gqa4_split7", 3, 8, 2, 1, 200, 64, None, [0, 2, 0], [150, 9, -1], 7),
+    ("window_cut_split19", 2, 4, 1, 1, 300, 64, 37, [0, 5], [299, 120], 20),
+    ("ring_wrapped_split32", 1, 4, 2, 1, 512, 32, 512, [0], [1300], 33),
+    ("ring_not_full_tq2_gqa3", 2, 6, 2, 2, 64, 64, 16, [0, 1], [40, 63], 4),
+    ("e2b_ring_D256", 1, 8, 2, 1, 512, 256, 512, [0], [700], 32),
+]
+
+
+def _merge_case(case, dtype):
+    name, B, Hq, Hkv, Tq, S, D, window, pads, last, splits = case
+    torch.manual_seed(zlib.crc32(name.encode()))
+    k, v, k_pos, q_pos, clean_pos = _bounded_cache(B, Hkv, S, D, dtype, pads, last, Tq=Tq)
+    q = torch.randn(B, Hq, Tq, D, device=DEVICE, dtype=dtype)
+    kw = dict(window=window, scaling=D ** -0.5)
+    ws = dec_mod.decode_workspace(B, Hkv, dec_mod.decode_workspace_size(B, Hq, Tq, D, splits), DEVICE)
+    ws.partials.fill_(float("nan"))  # a record the merge reads but no split wrote poisons the output
+    out = nans((B, Hq, Tq, D), dtype)
+    dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, out=out, workspace=ws, num_splits=splits,
+                                            last_slot=torch.tensor(last, device=DEVICE), **kw)
+    assert torch.equal(ws.counters, torch.zeros_like(ws.counters)), f"{name}: counters not reset: {ws.counters}"
+    k0, v0 = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    return out, (q, k0, v0, q_pos, clean_pos, kw)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_decode_merge_in_any_arrival_order(case, dtype, shuffled_programs):
+    """Programs in a random order (the last split of a group to arrive is any split): the output is the plain op's
+    by the 2x rule, every element written, the workspace's counters back at zero."""
+    out, (q, k0, v0, q_pos, clean_pos, kw) = _merge_case(case, dtype)
+    ref64 = ops.sliding_window_attention_decode(q.double(), k0.double(), v0.double(), q_pos, clean_pos, **kw)
+    ref = ops.sliding_window_attention_decode(q, k0, v0, q_pos, clean_pos, **kw)
+    assert_2x(out, ref, ref64, case[0])
+    (grid, order), = shuffled_programs.launches  # one launch; split programs are the grid's second axis
+    assert grid[1] > 1 and len(order) == grid[0] * grid[1]
+
+
+@pytest.mark.interpreter
+def test_decode_merge_does_not_depend_on_the_last_arriver(request):
+    """The last arriver merges the splits in split order: the interpreter's order (split n - 1 arrives last) and
+    shuffled orders (another split last) give the same bits."""
+    case = MERGE_CASES[0]
+    outs = [_merge_case(case, torch.float32)[0]]
+    record = request.getfixturevalue("shuffled_programs")
+    outs += [_merge_case(case, torch.float32)[0] for _ in range(2)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    last_split = [[y for x, y, _ in order if x == group][-1] for (groups, splits, _), order in record.launches
+                  for group in range(groups)]  # per launch and (batch, KV head): the split that arrived last
+    assert len(last_split) == 2 * 3 * 2 and set(last_split) != {case[-1] - 1}, last_split
+
+
+def test_decode_split_is_one_launch(spy):
+    """The split launch merges its own splits: one launch, and the module has no other kernel to launch."""
+    assert [n for n, o in vars(dec_mod).items() if hasattr(o, "run") and n.endswith("_kernel")] == [
+        "_swa_decode_kernel"]
+    kernel = spy("sliding_window_decode", "_swa_decode_kernel")
+    B, Hq, Hkv, S, D = 1, 4, 2, 128, 32
+    q_pos, k_pos = build_cache([100], S, 1, False)
+    q = torch.randn(B, Hq, 1, D, device=DEVICE)
+    k, v = torch.randn(B, Hkv, S, D, device=DEVICE), torch.randn(B, Hkv, S, D, device=DEVICE)
+    out = dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, num_splits=6)
+    assert kernel.launches == 1
+    ref = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos)
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+
+
+def test_decode_workspace_shared_by_launches_back_to_back():
+    """Layers' launches share one workspace (and its counters): each launch resets what it used, so the next one,
+    of another shape or split count, starts from zero; a repeated launch (a graph replay) gives the same bits."""
+    B, Hq, Hkv, D = 2, 4, 2, 32
+    ws = dec_mod.decode_workspace(B, Hkv, dec_mod.decode_workspace_size(B, Hq, 1, D, 16), DEVICE)
+    q = torch.randn(B, Hq, 1, D, device=DEVICE)
+    calls = []
+    for S, window, lengths, splits in ((48, 48, [100, 20], 3), (256, None, [256, 90], 16), (48, 48, [100, 20], 3)):
+        k, v = torch.randn(B, Hkv, S, D, device=DEVICE), torch.randn(B, Hkv, S, D, device=DEVICE)
+        if calls and S == calls[0][0]:
+            k, v = calls[0][1], calls[0][2]
+        q_pos, k_pos = build_cache(lengths, S, 1, window is not None)
+        out = dec_mod.sliding_window_attention_decode(q, k, v, q_pos, k_pos, window=window, workspace=ws,
+                                                      num_splits=splits)
+        assert torch.equal(ws.counters, torch.zeros_like(ws.counters))
+        ref = ops.sliding_window_attention(q.double(), k.double(), v.double(), q_pos, k_pos, window=window)
+        assert (out.double() - ref).abs().max().item() <= 1e-5
+        calls.append((S, k, v, out))
+    assert torch.equal(calls[0][3], calls[2][3])
 
 
 # ----------------------------------------------------------------------------------------------------------------
