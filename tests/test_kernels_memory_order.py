@@ -4,7 +4,8 @@ A split tile's programs each store their fp32 partial to a workspace, then take 
 the last to arrive adds every partial. On a GPU that is right only if all of a program's threads have stored
 their partial before the one atomic publishes it (a block barrier between the stores and the atomic; the atomic
 itself is acq_rel). The interpreter runs a program as one thread, so no CPU run can see a missing or misplaced
-barrier: this test compiles the split kernels for sm_90 (no GPU needed) and reads the order of operations in the
+barrier: this test compiles the split kernels (the split-K GEMV, the sparse FFN's down projection, split decode
+attention, whose last split to arrive merges) for sm_90 (no GPU needed) and reads the order of operations in the
 Triton IR: between the last store before each atomic and the atomic there must be a barrier.
 """
 import os
@@ -25,7 +26,7 @@ for sub in ("kernels", "reference"):  # this checkout's folders, whatever the ed
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gemma3n_fast.kernels import gemv as G, sparse_ffn as S
+from gemma3n_fast.kernels import gemv as G, sliding_window_decode as A, sparse_ffn as S
 
 def compile_ttir(fn, names, types, constexprs, warps):
     sig = dict(zip(names.split(), types.split()))
@@ -45,7 +46,14 @@ down = compile_ttir(S._sparse_down_kernel,
     "stride_wds stride_om",
     "*i32 *bf16 *i32 *bf16 *bf16 *bf16 *fp32 *i32 " + "i32 " * 6,
     dict(W_KIND=0, W_GROUP=2, SPLITS=4, BLOCK_S=32, BLOCK_H=256), 4)
-for name, ir in (("gemv", gemv), ("sparse_down", down)):
+decode = compile_ttir(A._swa_decode_kernel,
+    "q_ptr k_ptr v_ptr qpos_ptr kpos_ptr last_ptr out_ptr ws_ptr count_ptr stride_qb stride_qh stride_qt stride_kb "
+    "stride_kh stride_kt stride_vb stride_vh stride_vt stride_ob stride_oh stride_ot stride_qpb stride_kpb "
+    "stride_last Hkv Tq S D group_size num_splits window qk_scale_log2 softcap",
+    "*bf16 *bf16 *bf16 *i32 *i32 *i64 *bf16 *fp32 *i32 " + "i32 " * 22 + "fp32 fp32",
+    dict(HAS_WINDOW=True, HAS_SOFTCAP=False, IEEE_DOT=False, SPLIT=True, HAS_BOUND=True, BLOCK_M=16, BLOCK_N=16,
+         BLOCK_D=256, BLOCK_S=16), 8)
+for name, ir in (("gemv", gemv), ("sparse_down", down), ("swa_decode", decode)):
     print("=====", name)
     print(ir)
 '''
@@ -65,7 +73,7 @@ def test_split_partials_are_stored_before_the_atomic_publishes_them():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listings = dict(re.findall(r"===== (\w+)\n(.*?)(?====== |\Z)", proc.stdout, re.S))
-    assert set(listings) == {"gemv", "sparse_down"}
+    assert set(listings) == {"gemv", "sparse_down", "swa_decode"}
     for name, ir in listings.items():
         ops = _ops_in_order(ir)
         assert "tt.atomic_rmw" in ops, f"{name}: no atomic in the split kernel"
