@@ -160,8 +160,8 @@ class LayerOutput(NamedTuple):
 class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
     """The fast model around a loaded ``reference.model.Gemma3nReference`` (kept as ``self.model``).
 
-    Every layer, at prefill and decode alike, is one chain of fused ops (see backend.py for the list): 12 launches
-    per layer with a dense MLP, 13 with a sparse one, at batch-1 decode."""
+    Every layer, at prefill and decode alike, is one chain of fused ops (see backend.py for the list): 11 launches
+    per layer with a dense MLP, 12 with a sparse one, at batch-1 decode."""
 
     def __init__(self, reference: reference_model.Gemma3nReference, kernels: str | None = None):
         super().__init__()
