@@ -4,8 +4,9 @@ the meta device (no GPU, no weights) by bench/launch_recorder.py, and the roofli
 ``account(model)`` builds the fast model at the real E2B / E4B text structure (``bench/configs.py``, i.e.
 ``reference/config.py``'s ``E2B_TEXT`` / ``E4B_TEXT``) on the meta device, with the op table in its "triton" mode
 (the real kernel launchers), and runs one decode step the way ``gemma3n_fast/generate.py``'s ``_step`` runs it,
-through a ``DecodeState`` (one step first as a warm-up, as the graph capture does; the second is counted). What is
-Gemma-specific lives here:
+through a ``DecodeState`` (one step first as a warm-up, as the graph capture does; the second is counted). The
+launchers pick their grids and workspaces as for compiled kernels on an H100 (``compiled_launch_configs``), also in
+a process that runs the Triton interpreter. What is Gemma-specific lives here:
 
 * ``ARG_TRAFFIC``: op-table arguments whose bytes are not "read whole" (KV caches are written one slot per new
   token, the sparse FFN reads its active up rows / down columns only, the embedding gathers read one row per token);
@@ -20,12 +21,21 @@ launch's reads and writes of everything else, as launched today). Floor = bytes 
 the H100's measured copy bandwidth). The step decodes at the last column of a ``context``-slot cache, so the
 full-attention layers read every slot whether or not they bound their scan by the position.
 
+The time model (``time_model``, held out from the kernels: nothing in it is tuned to them): a launch takes
+max(``LAUNCH_FLOOR_S``, its bytes / its share of the bandwidth), where a launch of P programs gets min(P, SMs) / SMs
+of it (one program runs on one SM, and one SM alone cannot pull the whole bandwidth); it is "at the latency floor"
+when the first term wins, "bandwidth-bound" otherwise. The step's estimate is the sum over its launches (a stream
+runs them one after another). A launch's bytes are its op's (launch_recorder: ``Traffic.launch``), so partial reads
+stay partial; a small weight read again in the step (the AltUp router, the tied LM head's table) counts in each
+launch that reads it, so the launches' bytes exceed the step's weights-once total by those re-reads.
+
 ``roofline_bytes(text_config, ...)``: the bytes a decode step must move at least, by rule (every text weight
 once, one per-layer-embedding row per sequence, K/V reads at a context), for the end-to-end benchmark's roofline
 and as the account's check (tests/test_decode_cost.py).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import time
@@ -37,6 +47,10 @@ from bench.launch_recorder import (KINDS, CountAten, Recorder, WeightMap, record
                                    wrap_op)
 
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s, read + write, measured by bench/common.py::device_bandwidth on an H100
+# The time model's cost of a launch that moves (almost) nothing: launch + the kernel's latency, back to back on one
+# stream. 2 us is a plain launch's; the best batch-1 decoders measure ~1.3 us per launch inside a CUDA graph
+# (python -m bench.decode_cost --launch-floor-us 1.3).
+LAUNCH_FLOOR_S = 2e-6
 
 # ---- op-table ops ---------------------------------------------------------------------------------------------
 # Launches of an op-table op whose launcher cannot run on meta tensors (then its plain op runs and this many
@@ -176,11 +190,35 @@ def layer_type(cfg, i: int) -> str:
     return f"{own} {att}, {ffn}"
 
 
+@contextlib.contextmanager
+def compiled_launch_configs():
+    """The launchers choose their grids as for compiled kernels (on an H100) for the duration, even in a process
+    that runs the Triton interpreter (the tests): the launchers read ``INTERPRETING`` on the host to pick small
+    interpreter-friendly grids, and the time model needs the GPU's. Only host-side choices see it: the account
+    builds its model on meta and the recorder replaces Triton's launch, so no kernel runs meanwhile."""
+    from gemma3n_fast.kernels._common import INTERPRETING
+
+    saved = INTERPRETING.value
+    INTERPRETING.value = False
+    try:
+        yield
+    finally:
+        INTERPRETING.value = saved
+
+
 # ---- the accounting -------------------------------------------------------------------------------------------
 def account(model: str = "e2b", *, context: int = 1024, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
-            bandwidth: float = H100_COPY_BANDWIDTH, quantize: str | None = None, group_size: int = 64) -> dict:
-    """Launches and bytes of one decode step of ``model`` ("e2b", "e4b", "smoke"), its weights in ``dtype`` or
-    quantized (``quantize`` "int8" | "int4", ``group_size``); see the module docstring."""
+            bandwidth: float = H100_COPY_BANDWIDTH, quantize: str | None = None, group_size: int = 64,
+            launch_floor: float = LAUNCH_FLOOR_S) -> dict:
+    """Launches, bytes and the time model's estimate of one decode step of ``model`` ("e2b", "e4b", "smoke"), its
+    weights in ``dtype`` or quantized (``quantize`` "int8" | "int4", ``group_size``); see the module docstring.
+    The launchers choose their grids (and size their workspaces) as for compiled kernels, in any process."""
+    with compiled_launch_configs():  # the model's workspaces are sized then too: build it inside
+        return _account(model, context=context, batch=batch, dtype=dtype, bandwidth=bandwidth, quantize=quantize,
+                        group_size=group_size, launch_floor=launch_floor)
+
+
+def _account(model, *, context, batch, dtype, bandwidth, quantize, group_size, launch_floor) -> dict:
     from gemma3n_fast import reference
     from gemma3n_fast.generate import DecodeState, _step
     from gemma3n_fast.reference.generation import GenerationPlan, Sampler
@@ -206,6 +244,7 @@ def account(model: str = "e2b", *, context: int = 1024, batch: int = 1, dtype: t
                            "fast model's per-layer method to bench.byte_model.LAYER_METHODS")
     out = summarize(rec, cfg, model=model, how=how, context=context, batch=batch, dtype=dtype,
                     bandwidth=bandwidth, seconds=time.perf_counter() - t0)
+    out["time"] = time_model(rec, cfg, bandwidth=bandwidth, launch_floor=launch_floor, batch=batch)
     out["quantize"] = None if quantize is None else quantize + (f" G={group_size}" if quantize == "int4" else "")
     return out
 
@@ -300,6 +339,74 @@ def summarize(rec: Recorder, cfg, *, model, how, context, batch, dtype, bandwidt
         host_reads=rec.host_reads, triton_outside_op_table=dict(rec.outside_table), plain_op_fallbacks=fallbacks,
         seconds=seconds,
     )
+
+
+# ---- the time model ------------------------------------------------------------------------------------------
+def launch_time(nbytes: float, programs: int | None, *, bandwidth: float, launch_floor: float,
+                sms: int) -> tuple[float, str]:
+    """-> (seconds, "floor" | "bandwidth") of one launch moving ``nbytes`` with ``programs`` programs (None: an aten
+    kernel, whose grid is not seen, counted as filling every SM)."""
+    share = min(programs, sms) / sms if programs is not None else 1.0
+    streaming = nbytes / (bandwidth * share)
+    return (launch_floor, "floor") if launch_floor >= streaming else (streaming, "bandwidth")
+
+
+def time_model(rec: Recorder, cfg, *, bandwidth: float, launch_floor: float = LAUNCH_FLOOR_S,
+               batch: int = 1) -> dict:
+    """The time model's estimate of the recorded step (module docstring): per launch, per part, per layer type, per
+    kernel and per step, each split into launches at the latency floor and bandwidth-bound ones."""
+    from gemma3n_fast.kernels._common import H100_SMS
+
+    nbytes = [0.0] * len(rec.launches)
+    unattributed = 0.0
+    for tr in rec.traffic:
+        if tr.launch is None:
+            unattributed += tr.read + tr.written
+        else:
+            nbytes[tr.launch] += tr.read + tr.written
+    per_launch = []
+    for l, b in zip(rec.launches, nbytes):
+        s, bound = launch_time(b, l.programs, bandwidth=bandwidth, launch_floor=launch_floor, sms=H100_SMS)
+        per_launch.append(dict(name=l.name, kind=l.kind, layer=l.layer, part=_part(l.layer, l.layers_begun,
+                                                                                    rec.layers_begun),
+                               programs=l.programs, bytes=b, s=s, bound=bound))
+
+    def tally(rows) -> dict:
+        floor = [r for r in rows if r["bound"] == "floor"]
+        bw = [r for r in rows if r["bound"] == "bandwidth"]
+        return dict(launches=len(rows), floor_launches=len(floor), bandwidth_launches=len(bw),
+                    s=sum(r["s"] for r in rows), floor_s=sum(r["s"] for r in floor),
+                    bandwidth_s=sum(r["s"] for r in bw), bytes=sum(r["bytes"] for r in rows))
+
+    step = tally(per_launch)
+    L = cfg.num_hidden_layers
+    per_layer = [tally([r for r in per_launch if r["layer"] == i]) for i in range(L)]
+    types: dict[str, list[int]] = {}
+    for i in range(L):
+        types.setdefault(layer_type(cfg, i), []).append(i)
+    layer_types = []
+    for t, idx in types.items():
+        rows = [per_layer[i] for i in idx]
+        n = len(idx)
+        layer_types.append(dict(type=t, layers=idx, launches_per_layer=sum(r["launches"] for r in rows) / n,
+                                floor_launches_per_layer=sum(r["floor_launches"] for r in rows) / n,
+                                us_per_layer=sum(r["s"] for r in rows) / n * 1e6,
+                                min_us=min(r["s"] for r in rows) * 1e6, max_us=max(r["s"] for r in rows) * 1e6,
+                                s=sum(r["s"] for r in rows)))
+    parts = {p: tally([r for r in per_launch if r["part"] == p])
+             for p in ("prologue", "layers", "between layers", "epilogue")}
+    kernels = defaultdict(list)
+    for r in per_launch:
+        kernels[r["name"]].append(r)
+    by_kernel = dict(sorted(((k, tally(v)) for k, v in kernels.items()), key=lambda kv: -kv[1]["s"]))
+    return dict(launch_floor_s=launch_floor, sms=H100_SMS, bandwidth_Bps=bandwidth,
+                step_s=step["s"], per_token_s=step["s"] / batch, tok_s=batch / step["s"] if step["s"] else 0.0,
+                launches=step["launches"], floor_launches=step["floor_launches"],
+                bandwidth_launches=step["bandwidth_launches"], floor_s=step["floor_s"],
+                bandwidth_s=step["bandwidth_s"], launch_bytes=step["bytes"], unattributed_bytes=unattributed,
+                grid_unknown=sum(1 for r in per_launch if r["programs"] is None),
+                by_part=parts, layer_types=layer_types, per_layer=per_layer, by_kernel=by_kernel,
+                per_launch=per_launch)
 
 
 # ---- the roofline ---------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Launches and bytes of ONE batch-1 decode step of gemma3n_fast, counted on the meta device (no GPU, no weights).
 
     python -m bench.decode_cost [--models e2b,e4b] [--context 1024] [--bandwidth-tbs 3.0] [--dtype bfloat16]
-                                [--quantize none,int8,int4] [--group-size 64] [--json PATH] [--dry-run]
+                                [--quantize none,int8,int4] [--group-size 64] [--launch-floor-us 2.0]
+                                [--json PATH] [--dry-run]
 
 The report: per model, launches by kind per layer type and per step, the largest launch groups, the Triton grids
-smaller than an H100's SMs, bytes per token by weight group and the memory floor. How the step is counted:
+smaller than an H100's SMs, bytes per token by weight group and the memory floor, then the time model's estimate
+(bench/byte_model.py: per launch max(launch floor, bytes / its grid's share of the bandwidth)) per step, per layer
+type and per kernel, split into launches at the latency floor and bandwidth-bound ones. How the step is counted:
 bench/byte_model.py (Gemma's byte rules, the meta build, ``account``) on bench/launch_recorder.py (the recorder).
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.byte_model import H100_COPY_BANDWIDTH, account
+from bench.byte_model import H100_COPY_BANDWIDTH, LAUNCH_FLOOR_S, account
 from bench.launch_recorder import KINDS
 from gemma3n_fast.kernels._common import H100_SMS  # a Triton grid smaller than this leaves SMs idle
 
@@ -76,6 +79,7 @@ def table(results: list[dict]) -> str:
         if unread:
             out += ["", "Weights read in part, MB not read: "
                     + ", ".join(f"{g} {_mb(b)}{why.get(g, '')}" for g, b in unread.items()) + "."]
+        out += [""] + time_table(r, name)
         notes = []
         if r["host_reads"]:
             notes.append(f"HOST READS of device values ({len(r['host_reads'])}): {r['host_reads'][:3]}")
@@ -89,6 +93,40 @@ def table(results: list[dict]) -> str:
             notes.append(f"weights never read: {by['weights_not_read'][:5]}{more}")
         out += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
     return "\n".join(out).rstrip() + "\n"
+
+
+def time_table(r: dict, name: str) -> list[str]:
+    """Markdown lines: the time model's estimate per step, per layer type and its costliest kernels."""
+    t = r["time"]
+    us = lambda s: f"{s * 1e6:,.1f}"  # noqa: E731
+    out = [f"Time model: {t['step_s'] * 1e3:.3f} ms per step, {t['per_token_s'] * 1e3:.3f} ms per token "
+           f"({t['tok_s']:.0f} tok/s); {t['floor_launches']} launches at the latency floor "
+           f"({t['floor_s'] * 1e3:.3f} ms), {t['bandwidth_launches']} bandwidth-bound ({t['bandwidth_s'] * 1e3:.3f} ms). "
+           f"A launch takes max({t['launch_floor_s'] * 1e6:g} us, its bytes / (min(programs, {t['sms']}) / "
+           f"{t['sms']} x {t['bandwidth_Bps'] / 1e12:.1f} TB/s)).", "",
+           "| time model | layers | launches | at the floor | bandwidth-bound | est. us | us at the floor |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for lt in t["layer_types"]:
+        n = len(lt["layers"])
+        rows = [t["per_layer"][i] for i in lt["layers"]]
+        spread = "" if lt["max_us"] - lt["min_us"] < 0.05 else f" ({lt['min_us']:.1f}-{lt['max_us']:.1f})"
+        out.append(f"| {lt['type']} (per layer) | {_ranges(lt['layers'])} | {lt['launches_per_layer']:g} | "
+                   f"{lt['floor_launches_per_layer']:g} | {lt['launches_per_layer'] - lt['floor_launches_per_layer']:g}"
+                   f" | {lt['us_per_layer']:.1f}{spread} | {us(sum(x['floor_s'] for x in rows) / n)} |")
+    for p, d in t["by_part"].items():
+        if p != "layers" and d["launches"]:
+            out.append(f"| {p} | | {d['launches']} | {d['floor_launches']} | {d['bandwidth_launches']} | {us(d['s'])} |"
+                       f" {us(d['floor_s'])} |")
+    out.append(f"| **{name} step** | all | **{t['launches']}** | **{t['floor_launches']}** | "
+               f"**{t['bandwidth_launches']}** | **{us(t['step_s'])}** | **{us(t['floor_s'])}** |")
+    top = list(t["by_kernel"].items())[:10]
+    out += ["", "Costliest kernels (launches, at the floor, est. us): " + ", ".join(
+        f"{_cell(k)} {v['launches']}/{v['floor_launches']}/{us(v['s'])}" for k, v in top) + "."]
+    if t["grid_unknown"]:
+        out.append(f"{t['grid_unknown']} launches (aten ops) have no grid seen: counted as filling every SM.")
+    if t["unattributed_bytes"]:
+        out.append(f"Bytes moved by no recorded launch (not in the estimate): {_mb(t['unattributed_bytes'])} MB.")
+    return out
 
 
 def _ranges(idx: list[int]) -> str:
@@ -105,7 +143,9 @@ def compact(r: dict) -> dict:
     return dict(model=r["model"], launches_per_step=r["launches"]["total"], launches_by_kind=r["launches"]["by_kind"],
                 bytes_per_token=r["bytes"]["total"], weight_bytes=r["bytes"]["weights"], kv_bytes=r["bytes"]["kv"],
                 activation_bytes=r["bytes"]["activations"], bandwidth_Bps=r["bandwidth_Bps"], floor_s=r["floor_s"],
-                floor_tok_s=r["floor_tok_s"], context=r["context"], dtype=r["dtype"])
+                floor_tok_s=r["floor_tok_s"], context=r["context"], dtype=r["dtype"],
+                time_step_s=r["time"]["step_s"], time_tok_s=r["time"]["tok_s"],
+                time_floor_launches=r["time"]["floor_launches"], launch_floor_s=r["time"]["launch_floor_s"])
 
 
 def main(argv=None):
@@ -119,6 +159,9 @@ def main(argv=None):
     p.add_argument("--quantize", default="none",
                    help="comma list from none,int8,int4: the weights as load(quantize=...) stores them")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    p.add_argument("--launch-floor-us", type=float, default=LAUNCH_FLOOR_S * 1e6,
+                   help="the time model's cost of a launch that moves (almost) nothing, us (default 2; the best "
+                        "batch-1 decoders measure ~1.3 us per launch inside a CUDA graph)")
     p.add_argument("--json", default=None, help="write the full accounting here")
     p.add_argument("--dry-run", action="store_true", help="check the arguments, print what would be counted, exit")
     args = p.parse_args(argv)
@@ -132,14 +175,15 @@ def main(argv=None):
     for q in quants:
         if q not in (None, "int8", "int4"):
             p.error(f"--quantize: unknown {q!r}; choose from none,int8,int4")
-    if args.context < 1 or args.batch < 1 or args.bandwidth_tbs <= 0:
-        p.error("--context and --batch must be >= 1, --bandwidth-tbs > 0")
+    if args.context < 1 or args.batch < 1 or args.bandwidth_tbs <= 0 or args.launch_floor_us < 0:
+        p.error("--context and --batch must be >= 1, --bandwidth-tbs > 0, --launch-floor-us >= 0")
     if args.dry_run:
         print(f"dry run: {','.join(models)} at batch {args.batch}, {args.context}-slot cache, {args.dtype}"
               + (f", json {args.json}" if args.json else ""))
         return
     results = [account(m, context=args.context, batch=args.batch, dtype=getattr(torch, args.dtype),
-                       bandwidth=args.bandwidth_tbs * 1e12, quantize=q, group_size=args.group_size)
+                       bandwidth=args.bandwidth_tbs * 1e12, quantize=q, group_size=args.group_size,
+                       launch_floor=args.launch_floor_us * 1e-6)
                for m in models for q in quants]
     print(table(results))
     if args.json:

@@ -13,6 +13,11 @@ Generic machinery, nothing model-specific (bench/byte_model.py applies it to one
 * ``WeightMap``: a weight recognised by its storage, the bytes of a read split over the parameters (or tensor
   attributes of the modules) whose byte ranges it covers, so fused matrices are attributed to their parts;
 * ``wrap_layers``: a per-layer method wrapped on the instance, so each launch belongs to the layer it happens in.
+
+Every byte moved belongs to one launch (``Traffic.launch``): an aten op's to its launch; an op-table call's to the
+call's Triton launches whose tensor arguments overlap the tensor's bytes (split evenly when several take it; when none
+does, e.g. the launcher passed a copy, evenly over the call's Triton launches), so each launch carries the bytes its
+op's rules give it (a sparse FFN's up rows, one cache slot), not its arguments' whole sizes.
 """
 from __future__ import annotations
 
@@ -152,6 +157,12 @@ class Launch:
     layer: int | None
     layers_begun: int  # layer calls begun before it (places a launch outside the layers)
     programs: int | None = None  # Triton grid size
+    spans: tuple = ()  # a Triton launch's tensor arguments as (storage, first byte, end byte): its op's bytes go here
+
+    def takes(self, t: torch.Tensor) -> bool:
+        """Does one of this launch's tensor arguments overlap ``t``'s bytes?"""
+        key, (lo, hi) = storage_key(t), _byte_range(t)
+        return any(k == key and a < hi and lo < b for k, a, b in self.spans)
 
 
 @dataclass
@@ -163,6 +174,7 @@ class Traffic:
     op: str  # the aten op or op-table op that moves it
     read: float
     written: float
+    launch: int | None = None  # index in Recorder.launches of the launch that moves it
 
 
 @dataclass
@@ -201,11 +213,15 @@ class Recorder:
     def on_device(self, t) -> bool:
         return isinstance(t, torch.Tensor) and t.device == self.device
 
-    def launch(self, kind, name, programs=None):
+    def launch(self, kind, name, programs=None, spans=()) -> int | None:
+        """Record a launch; -> its index in ``launches`` (None when not recording)."""
         if self.active and not self.suppress:
-            self.launches.append(Launch(kind, name, self.layer, self.layers_begun, programs))
+            self.launches.append(Launch(kind, name, self.layer, self.layers_begun, programs, spans))
+            return len(self.launches) - 1
+        return None
 
-    def move(self, op: str, t: torch.Tensor, read: float, written: float):
+    def move(self, op: str, t: torch.Tensor, read: float, written: float, launch: int | None = None):
+        """``read`` / ``written`` bytes of ``t`` moved by ``op``, in launch number ``launch``."""
         if not self.active or self.suppress or not (read or written):
             return
         total = read + written
@@ -213,10 +229,10 @@ class Recorder:
         if parts is not None:
             for name, b in parts:
                 self.traffic.append(Traffic(self.layer, self.layers_begun, self.weights.group[name], name, op,
-                                            read * b / total, written * b / total))
+                                            read * b / total, written * b / total, launch))
             return
         group = "KV" if storage_key(t) in self.kv_storages else "activations"
-        self.traffic.append(Traffic(self.layer, self.layers_begun, group, None, op, read, written))
+        self.traffic.append(Traffic(self.layer, self.layers_begun, group, None, op, read, written, launch))
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -270,11 +286,11 @@ class CountAten(TorchDispatchMode):
         if not any(t.numel() for t in flat + outs):
             return out  # empty: nothing launches
         name = base + ("_" if inplace else "")
-        rec.launch(aten_kind(base), name)
-        self._traffic(func, base, name, args, kwargs, outs)
+        index = rec.launch(aten_kind(base), name)
+        self._traffic(func, base, name, args, kwargs, outs, index)
         return out
 
-    def _traffic(self, func, base, name, args, kwargs, outs):
+    def _traffic(self, func, base, name, args, kwargs, outs, index):
         rec = self.rec
         schema = func._schema.arguments
         values = {}
@@ -298,14 +314,14 @@ class CountAten(TorchDispatchMode):
                 if a.name in mutated:
                     written = tensor_bytes(source) if base in _WRITE_SOURCE and source is not None else tensor_bytes(t)
                     read = 0 if (base in _WRITE_ONLY or a.name.startswith("out")) else tensor_bytes(t)
-                    rec.move(name, t, read, written)
+                    rec.move(name, t, read, written, index)
                 elif base in _GATHERS and a.name in ("weight", "self"):
-                    rec.move(name, t, out_bytes, 0)
+                    rec.move(name, t, out_bytes, 0, index)
                 else:
-                    rec.move(name, t, tensor_bytes(t), 0)
+                    rec.move(name, t, tensor_bytes(t), 0, index)
         if not mutated:
             for t in outs:
-                rec.move(name, t, 0, tensor_bytes(t))
+                rec.move(name, t, 0, tensor_bytes(t), index)
 
 
 def _kernel_name(kernel) -> str:
@@ -344,17 +360,19 @@ def record_triton(rec: Recorder):
             programs = math.prod(int(x) for x in (g if isinstance(g, (tuple, list)) else (g,)))
         except Exception:  # noqa: BLE001 - a grid function that needs the compiled metadata
             programs = None
+        spans = tuple((storage_key(t), *_byte_range(t)) for t in (*tensors_in(args), *tensors_in(kwargs))
+                      if rec.on_device(t))
         if rec.op_stack:
             call = rec.op_stack[-1]
             call.launches += 1
-            rec.launch("Triton", f"{call.name}:{name}", programs)
+            rec.launch("Triton", f"{call.name}:{name}", programs, spans)
         else:  # a kernel called outside the op table: counted, its tensor arguments read whole
-            rec.launch("Triton", f"(outside the op table):{name}", programs)
+            index = rec.launch("Triton", f"(outside the op table):{name}", programs, spans)
             if rec.active:
                 rec.outside_table[name] += 1
             for t in tensors_in(args):
                 if rec.on_device(t):
-                    rec.move(name, t, tensor_bytes(t), 0)
+                    rec.move(name, t, tensor_bytes(t), 0, index)
         return None
 
     classes = _launch_classes()
@@ -411,14 +429,23 @@ def wrap_op(rec: Recorder, name: str, launcher, plain, rules: dict[str, ArgRule]
             rec.op_stack.pop()
         if rec.active and not rec.suppress:
             rec.op_calls.append(call)
-            _op_traffic(rec, name, signature, rules, args, kwargs, result)
+            _op_traffic(rec, name, signature, rules, args, kwargs, result, range(n_launches, len(rec.launches)))
         return result
 
     op.__wrapped__ = launcher
     return op
 
 
-def _op_traffic(rec: Recorder, name: str, signature, rules, args, kwargs, result):
+def _op_traffic(rec: Recorder, name: str, signature, rules, args, kwargs, result, launches: range):
+    """The op call's bytes by argument rule, each tensor's given to the call's ``launches`` that take it."""
+    triton = [i for i in launches if rec.launches[i].kind == "Triton"]
+    own = triton or list(launches)  # a call that launched no Triton kernel: its aten launches move its bytes
+
+    def move(t, read, written):
+        takers = [i for i in triton if rec.launches[i].takes(t)] or own or [None]
+        for i in takers:  # several launches take it (e.g. the input of each of a chain's kernels): split evenly
+            rec.move(name, t, read / len(takers), written / len(takers), i)
+
     try:
         bound = signature.bind(*args, **kwargs).arguments if signature is not None else None
     except TypeError:
@@ -430,10 +457,10 @@ def _op_traffic(rec: Recorder, name: str, signature, rules, args, kwargs, result
             continue
         for t in tensors_in(value):
             if rec.on_device(t):
-                rec.move(name, t, *(rules[arg](t, bound, rec.tokens) if arg in rules else (tensor_bytes(t), 0)))
+                move(t, *(rules[arg](t, bound, rec.tokens) if arg in rules else (tensor_bytes(t), 0)))
     for t in tensors_in(result):  # a tensor updated in place and returned is read above and written here
         if rec.on_device(t):
-            rec.move(name, t, 0, tensor_bytes(t))
+            move(t, 0, tensor_bytes(t))
 
 
 def wrap_layers(rec: Recorder, model, methods: tuple[str, ...]) -> list[str]:

@@ -1,7 +1,8 @@
 """The decode-step accounting (``bench/byte_model.py`` on ``bench/launch_recorder.py``, reported by
 ``bench/decode_cost.py``) at the real E2B / E4B structures, on the meta device (no weights, a few seconds): the
 counts are consistent, every weight byte a step needs is accounted for exactly once (the roofline's rule), and the
-launches per step stay under a ceiling that may only go down."""
+launches per step stay under a ceiling that may only go down; the time model's estimate adds up."""
+import functools
 import json
 
 import pytest
@@ -17,9 +18,14 @@ CEILING = {"e2b": E2B_LAUNCH_CEILING, "e4b": E4B_LAUNCH_CEILING}
 BF16 = 2  # bytes per element
 
 
+@functools.lru_cache(maxsize=None)
+def _account(model: str, quantize: str | None = None) -> dict:
+    return byte_model.account(model, context=1024, quantize=quantize, group_size=64)
+
+
 @pytest.fixture(scope="module", params=["e2b", "e4b"])
 def cost(request):
-    return byte_model.account(request.param, context=1024)
+    return _account(request.param)
 
 
 def test_launch_ceiling(cost):
@@ -165,7 +171,7 @@ E2B_INT4_LOADED_TARGET = 2.6e9
 @pytest.fixture(scope="module", params=list(QUANTIZED_TARGETS), ids=lambda p: "-".join(p))
 def quantized_cost(request):
     model, kind = request.param
-    return byte_model.account(model, context=1024, quantize=kind, group_size=64)
+    return _account(model, kind)
 
 
 def test_quantized_step_meets_its_byte_target_with_no_more_launches(quantized_cost):
@@ -185,3 +191,105 @@ def test_quantized_step_meets_its_byte_target_with_no_more_launches(quantized_co
     assert by["weights"] >= 0.8 * roofline["weights"]
     if (c["model"], kind) == ("e2b", "int4"):
         assert by["loaded_weights"] <= E2B_INT4_LOADED_TARGET, f"{by['loaded_weights'] / 1e9:.3f} GB loaded"
+
+
+# ---- the time model (issue 20's yardstick) ------------------------------------------------------------------
+# The E2B bf16 step's estimate, ms, at most (the issue's held-out model gave 1.99 ms for the 396-launch step; this
+# account measured 2.00): fewer launches at the floor only lower it, so lower this ceiling with them.
+E2B_TIME_CEILING_MS = 2.3
+
+
+def _check_time_model(c):
+    t, la = c["time"], c["launches"]
+    rows = t["per_launch"]
+    assert len(rows) == t["launches"] == la["total"]
+    assert t["unattributed_bytes"] == 0, "bytes moved by no recorded launch"
+    # the launches carry the step's bytes; beyond them only re-reads of weights counted once per step
+    assert c["bytes"]["total"] <= t["launch_bytes"] <= c["bytes"]["total"] + c["bytes"]["weights_read_by_launches"] \
+        - c["bytes"]["weights"] + 1
+    # each launch: the max of the floor and its bytes at its grid's share of the bandwidth; the class follows it
+    for r in rows:
+        share = min(r["programs"], t["sms"]) / t["sms"] if r["programs"] is not None else 1.0
+        streaming = r["bytes"] / (t["bandwidth_Bps"] * share)
+        assert r["s"] == max(t["launch_floor_s"], streaming)
+        assert r["bound"] == ("floor" if t["launch_floor_s"] >= streaming else "bandwidth")
+    # the sums
+    assert t["step_s"] == pytest.approx(sum(r["s"] for r in rows), rel=1e-12)
+    assert t["floor_launches"] + t["bandwidth_launches"] == t["launches"]
+    assert t["floor_launches"] == sum(r["bound"] == "floor" for r in rows)
+    assert t["floor_s"] == pytest.approx(t["launch_floor_s"] * t["floor_launches"], rel=1e-12)
+    assert t["floor_s"] + t["bandwidth_s"] == pytest.approx(t["step_s"], rel=1e-12)
+    assert sum(p["s"] for p in t["by_part"].values()) == pytest.approx(t["step_s"], rel=1e-12)
+    assert sum(p["launches"] for p in t["by_part"].values()) == t["launches"]
+    assert sum(k["s"] for k in t["by_kernel"].values()) == pytest.approx(t["step_s"], rel=1e-12)
+    assert sum(lt["us_per_layer"] * len(lt["layers"]) for lt in t["layer_types"]) * 1e-6 == pytest.approx(
+        t["by_part"]["layers"]["s"], rel=1e-12)
+    for lt in t["layer_types"]:
+        assert lt["launches_per_layer"] == sum(la["per_layer"][i]["total"] for i in lt["layers"]) / len(lt["layers"])
+    assert t["tok_s"] == pytest.approx(c["batch"] / t["step_s"]) and t["per_token_s"] == t["step_s"] / c["batch"]
+    # never under either floor: the memory one and the launches'
+    assert t["step_s"] >= max(c["floor_s"] * (1 - 1e-9), t["launches"] * t["launch_floor_s"])
+
+
+def test_time_model_adds_up(cost):
+    _check_time_model(cost)
+
+
+def test_time_model_quantized_adds_up(quantized_cost):
+    _check_time_model(quantized_cost)
+
+
+def test_time_model_estimates():
+    """E2B bf16 lands near the issue's 1.99 ms per token; int4 weights (a quarter of the bytes) take less; E4B more."""
+    e2b, e2b_int4, e4b = _account("e2b"), _account("e2b", "int4"), _account("e4b")
+    ms = e2b["time"]["step_s"] * 1e3
+    # 1.3 ms: under the 1.42 ms memory floor, so fusing launches away never trips it
+    assert 1.3 <= ms <= E2B_TIME_CEILING_MS, f"E2B bf16: {ms:.3f} ms per step"
+    assert e2b_int4["time"]["step_s"] < 0.7 * e2b["time"]["step_s"]
+    assert e4b["time"]["step_s"] > e2b["time"]["step_s"]
+    # the GPU's grids, whether or not this process runs the interpreter: the GEMVs fill the SMs
+    assert max(v["max"] for k, v in e2b["launches"]["triton_programs"].items() if "gemv" in k) >= 132
+
+
+def test_launch_floor_option(tmp_path, capsys):
+    decode_cost.main(["--models", "smoke", "--context", "64", "--launch-floor-us", "1.3", "--json",
+                      str(tmp_path / "cost.json")])
+    out = capsys.readouterr().out
+    assert "Time model:" in out and "| time model |" in out
+    (r,) = json.loads((tmp_path / "cost.json").read_text())["results"]
+    t = r["time"]
+    assert t["launch_floor_s"] == pytest.approx(1.3e-6)
+    assert t["floor_s"] == pytest.approx(1.3e-6 * t["floor_launches"])
+    assert decode_cost.compact(r)["time_step_s"] == t["step_s"]
+
+
+def test_launch_bytes_follow_the_op_rules():
+    """An op-table call's bytes go to the launches that take each tensor: the sparse FFN's gate weight to its dense
+    GEMV, its up rows (5 %) to the up kernel, its down rows to the down kernel."""
+    from torch import nn
+
+    from gemma3n_fast.kernels.sparse_ffn import sparse_ffn
+    from gemma3n_fast.reference import ops
+
+    meta, bf16 = torch.device("meta"), torch.bfloat16
+    H, I = 2048, 8192
+    holder = nn.Module()
+    holder.device = meta
+    for name in ("gate", "up", "down_t"):
+        holder.register_parameter(name, nn.Parameter(torch.empty(I, H, device=meta, dtype=bf16), False))
+    lr = launch_recorder
+    rec = lr.Recorder(meta, lr.WeightMap(holder), set(), tokens=1)
+    rec.active = True
+    op = lr.wrap_op(rec, "sparse_ffn", sparse_ffn, ops.sparse_ffn, byte_model.op_rules("sparse_ffn"))
+    with byte_model.compiled_launch_configs(), lr.record_triton(rec), lr.CountAten(rec):
+        op(torch.empty(1, 1, H, device=meta, dtype=bf16), holder.gate, holder.up, holder.down_t, 1.6448)
+    kernel = {i: l.name.split(":")[1] for i, l in enumerate(rec.launches)}
+    by_launch = {}
+    for t in rec.traffic:
+        if t.weight is not None:
+            by_launch[t.weight] = (kernel[t.launch], by_launch.get(t.weight, (None, 0))[1] + t.read)
+    w = I * H * BF16
+    assert by_launch["gate"] == ("_gemv_kernel", w)
+    assert by_launch["up"][0] == "_sparse_up_kernel" and by_launch["up"][1] == pytest.approx(0.05 * w)
+    assert by_launch["down_t"][0] == "_sparse_down_kernel" and by_launch["down_t"][1] == pytest.approx(0.05 * w)
+    assert all(t.launch is not None for t in rec.traffic)
