@@ -9,8 +9,9 @@ exactly ``linear`` then ``qkv_norm_rope_cache``: the per-head math is that kerne
 Work split: the GEMV's programs (``gemv_tile``: column tiles, split-K slices) compute y; the last program of the
 launch to store a finished tile (``last_tile_done``: an acq_rel atomic on the workspace's ``done`` counter, so
 every other tile's stores are visible to it) then runs ``qkv_head`` for every token and every head, one after
-another: at decode (one token) that is Hq + 2 Hkv = 12 heads of D = 256 values for Gemma 3n, a few microseconds,
-against the launch it saves (one per decoder layer). A finer split (a counter per head, each head's last tile
+another: at decode (one token) that is Hq + 2 Hkv = 12 heads of D = 256 values for Gemma 3n (8 in a KV-shared
+layer), a few microseconds, against the launch it saves (one per decoder layer). At 16 rows it is 16 times that,
+serial in one program: still one launch, but the tail grows with the rows (a batch-16 decode step). A finer split (a counter per head, each head's last tile
 running it) would parallelize the heads of multi-row calls, at the price of per-head counters and tile / head
 bookkeeping; the single tail keeps one counter and one code path.
 More rows than ``gemv.MAX_ROWS`` (prefill): the GEMV by torch (``gemv.linear``), then the standalone
