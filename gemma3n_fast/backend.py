@@ -26,8 +26,8 @@ log = logging.getLogger("gemma3n_fast")
 KERNEL_MODULES = {
     # the decoder layer, in the order one layer calls them
     "altup_predict_fused": "altup_predict_fused",  # previous layer's injection + AltUp predict + input norm
-    "linear": "gemv",  # q|k|v|LAuReL-left, the per-layer projection, the streams' projections
-    "qkv_norm_rope_cache": "qkv_norm_rope_cache",
+    "qkv_projection_norm_rope_cache": "qkv_projection_norm_rope_cache",  # q|k|v|LAuReL-left + norms, RoPE, K/V write
+    "linear": "gemv",  # the per-layer projection, the streams' projections, the dense MLP's down projection
     "sliding_window_attention": "sliding_window_attention",  # prefill
     "sliding_window_attention_decode": "sliding_window_decode",
     "dual_linear": "gemv",  # o_proj and LAuReL-right in one launch

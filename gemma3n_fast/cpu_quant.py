@@ -41,7 +41,7 @@ from gemma3n_fast.reference import ops as ref_ops
 from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
 
 __all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
-           "linear_softcap", "dual_linear", "sparse_ffn"]
+           "linear_softcap", "dual_linear", "qkv_projection_norm_rope_cache", "sparse_ffn"]
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,18 @@ def linear_softcap(x: torch.Tensor, weight, cap: float | None, *, workspace=None
 def dual_linear(x1: torch.Tensor, w1, x2: torch.Tensor, w2, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x1 @ w1^T, x2 @ w2^T)``."""
     return project(x1, w1), project(x2, w2)
+
+
+def qkv_projection_norm_rope_cache(x: torch.Tensor, weight, qkv_width: int, q_norm_weight: torch.Tensor,
+                                   k_norm_weight: torch.Tensor | None, inv_freq: torch.Tensor,
+                                   positions: torch.Tensor, k_cache: torch.Tensor | None = None,
+                                   v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                                   eps: float = 1e-6, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.ops.qkv_projection_norm_rope_cache`` with the projection through ``project``."""
+    projected = project(x, weight)
+    q = ref_ops.qkv_norm_rope_cache(projected[..., :qkv_width], q_norm_weight, k_norm_weight, inv_freq, positions,
+                                    k_cache, v_cache, slots, eps)
+    return q, projected[..., qkv_width:]
 
 
 def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float, *,

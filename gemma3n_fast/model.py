@@ -227,7 +227,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.altup_projection_weight = pack(self.altup_projection_weight)
         self.lm_head_weight = pack(self.lm_head_weight)
         self.per_layer_model_projection_weight = pack(self.per_layer_model_projection_weight)
-        for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "dual_linear", "sparse_ffn"):
+        for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "dual_linear",
+                     "qkv_projection_norm_rope_cache", "sparse_ffn"):
             setattr(self.backend, name, getattr(cpu_quant, name))
             self.backend.sources[name] = "cpu_quant"
         log.info("gemma3n_fast: quantized weights packed for torch's CPU int8 / int4 matmuls (bf16 activations "
@@ -325,15 +326,14 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
             eps=eps, active=active)
         batch, tokens = normed.shape[:2]
 
-        # ---- self-attention: q|k|v and LAuReL's left projection in one GEMV; q/k norms, RoPE, the K/V write
-        qkv_laurel_left = ops.linear(normed, w.qkv_laurel_left, workspace=ws.gemv)
+        # ---- self-attention: q|k|v and LAuReL's left projection, the q/k norms, RoPE and the K/V write: one launch
         new_k = new_v = slots = None
         if w.owns_kv:
             new_k, new_v, slots = kv.new_kv(i, w.layer_type, normed, num_kv_heads, head_dim)
-        q = ops.qkv_norm_rope_cache(
-            qkv=qkv_laurel_left[..., :w.qkv_width], q_norm_weight=w.q_norm, k_norm_weight=w.k_norm,
-            inv_freq=self.inv_freq[w.layer_type], positions=positions, k_cache=new_k, v_cache=new_v, slots=slots,
-            eps=eps)
+        q, laurel_left = ops.qkv_projection_norm_rope_cache(
+            x=normed, weight=w.qkv_laurel_left, qkv_width=w.qkv_width, q_norm_weight=w.q_norm,
+            k_norm_weight=w.k_norm, inv_freq=self.inv_freq[w.layer_type], positions=positions, k_cache=new_k,
+            v_cache=new_v, slots=slots, eps=eps, workspace=ws.gemv)
         if w.owns_kv:
             keys, values = kv.update(i, w.layer_type, new_k, new_v)
             shared_kv[w.layer_type] = (keys, values, kv.key_positions[w.layer_type])
@@ -346,7 +346,7 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
             attn = ops.sliding_window_attention(q, keys, values, q_pos=positions, k_pos=key_positions,
                                                 window=w.window, scaling=1.0, softcap=None)
         attn = attn.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
-        attn_out, laurel_branch = ops.dual_linear(x1=attn, w1=w.o_proj, x2=qkv_laurel_left[..., w.qkv_width:],
+        attn_out, laurel_branch = ops.dual_linear(x1=attn, w1=w.o_proj, x2=laurel_left,
                                                   w2=w.laurel_right, workspace=ws.gemv)
 
         # ---- residual: (active prediction + attention) and (input + LAuReL) averaged; pre-FFN norm

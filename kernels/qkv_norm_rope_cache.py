@@ -14,7 +14,10 @@ Numerics: the norm's sum of squares and the angle ``p * inv_freq`` in fp32 (the 
 cos / sin are tl.cos / tl.sin in fp32 (libdevice's full-range versions on NVIDIA), then every rounding to the
 activation dtype where the reference rounds (norm output, cos, sin, both products, the sum).
 Grid: (B * T, Hq + 2 Hkv) programs, each reads D values once and writes D values once; at decode (B = T = 1)
-that is Hq + 2 Hkv programs (12 for Gemma 3n) instead of the 13 launches of the unfused chain.
+that is Hq + 2 Hkv programs (12 for Gemma 3n) instead of the 13 launches of the unfused chain. A program's body is
+``qkv_head`` (one token, one head), also the tail of the fused q|k|v projection (qkv_projection_norm_rope_cache.py),
+which runs it for every token and head in the GEMV launch's last program; ``qkv_head_args`` checks and lays out
+the arguments of both.
 Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation when ``out`` is given: CUDA-graph safe
 (positions and slots are read on the device).
 """
@@ -29,18 +32,16 @@ from ._rowwise import inv_rms_of_sum
 
 
 @triton.jit
-def _qkv_norm_rope_cache_kernel(
-    qkv_ptr, qw_ptr, kw_ptr, inv_freq_ptr, pos_ptr, slot_ptr, out_ptr, kc_ptr, vc_ptr,
-    T, D, Hq, Hkv, qkv_b_stride, qkv_t_stride, pos_b_stride,
-    out_b_stride, out_h_stride, out_t_stride,
+def qkv_head(
+    qkv_ptr, qw_ptr, kw_ptr, inv_freq_ptr, pos_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr, b, t, head,
+    D, Hq, Hkv, qkv_b_stride, qkv_t_stride, pos_b_stride, q_b_stride, q_h_stride, q_t_stride,
     kc_b_stride, kc_h_stride, kc_s_stride, vc_b_stride, vc_h_stride, vc_s_stride, eps,
     BLOCK_HALF: tl.constexpr,
 ):
-    bt = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    b = bt // T
-    t = bt % T
-    dtype = out_ptr.dtype.element_ty
+    """One head of one token (batch row ``b``, column ``t``): its norm, RoPE (q, k) and its store (q -> q_ptr,
+    k / v -> the caches at ``slots[t]``). The body of ``_qkv_norm_rope_cache_kernel`` (one program per token and
+    head) and of the fused projection's tail (kernels/qkv_projection_norm_rope_cache.py, a loop over both)."""
+    dtype = q_ptr.dtype.element_ty
     half = D // 2
     cols = tl.arange(0, BLOCK_HALF)
     mask = cols < half
@@ -74,7 +75,7 @@ def _qkv_norm_rope_cache_kernel(
         y2 = round_to(round_to(n2 * c, dtype).to(tl.float32) + round_to(n1 * s, dtype).to(tl.float32), dtype)
 
     if head < Hq:
-        dst = out_ptr + b * out_b_stride + head * out_h_stride + t * out_t_stride
+        dst = q_ptr + b * q_b_stride + head * q_h_stride + t * q_t_stride
         write = mask
     else:
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -87,13 +88,26 @@ def _qkv_norm_rope_cache_kernel(
     tl.store(dst + half + cols, y2, mask=write)
 
 
-def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,
-                        inv_freq: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor | None = None,
-                        v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-                        eps: float = 1e-6, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of ``reference.ops.qkv_norm_rope_cache``; same signature plus ``out=`` ([B, Hq, T, D], any
-    strides with a unit last stride, e.g. a transposed [B, T, Hq, D] buffer). Returns q; writes the caches in place."""
-    fn = "qkv_norm_rope_cache"
+@triton.jit
+def _qkv_norm_rope_cache_kernel(
+    qkv_ptr, qw_ptr, kw_ptr, inv_freq_ptr, pos_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
+    T, D, Hq, Hkv, qkv_b_stride, qkv_t_stride, pos_b_stride, q_b_stride, q_h_stride, q_t_stride,
+    kc_b_stride, kc_h_stride, kc_s_stride, vc_b_stride, vc_h_stride, vc_s_stride, eps,
+    BLOCK_HALF: tl.constexpr,
+):
+    bt = tl.program_id(0).to(tl.int64)
+    qkv_head(qkv_ptr, qw_ptr, kw_ptr, inv_freq_ptr, pos_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr, bt // T, bt % T,
+             tl.program_id(1), D, Hq, Hkv, qkv_b_stride, qkv_t_stride, pos_b_stride, q_b_stride, q_h_stride,
+             q_t_stride, kc_b_stride, kc_h_stride, kc_s_stride, vc_b_stride, vc_h_stride, vc_s_stride, eps,
+             BLOCK_HALF)
+
+
+def qkv_head_args(fn: str, qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,
+                  inv_freq: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor | None,
+                  v_cache: torch.Tensor | None, slots: torch.Tensor | None, eps: float, out: torch.Tensor | None):
+    """Checks and lays out one call -> (q, args, grid, BLOCK_HALF): q is ``out`` or a new [B, Hq, T, D]; ``args``
+    the runtime arguments of ``_qkv_norm_rope_cache_kernel`` (grid: one program per token and head). The fused
+    projection's tail takes the same arguments (its qkv: a view of the GEMV output) and the same checks."""
     check_dtype(fn, "qkv", qkv)
     if qkv.dim() != 3 or qkv.numel() == 0:
         raise ValueError(f"{fn}: qkv must be a non-empty [B, T, (Hq + 2 Hkv) * D], got {tuple(qkv.shape)}")
@@ -145,12 +159,22 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
     kc, vc = (k_cache, v_cache) if k_cache is not None else (out, out)  # dummy pointers: never written
     slot_t = slots.contiguous() if slots is not None else positions
     block_half = triton.next_power_of_2(D // 2)
-    _qkv_norm_rope_cache_kernel[(B * T, Hq + 2 * Hkv)](
-        qkv, q_norm_weight.contiguous(), (k_norm_weight if Hkv else q_norm_weight).contiguous(), inv_freq.contiguous(),
-        positions, slot_t, out, kc, vc,
-        T, D, Hq, Hkv, qkv.stride(0), qkv.stride(1), positions.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), float(eps),
-        BLOCK_HALF=block_half, num_warps=1 if block_half <= 64 else 2,
-    )
-    return out
+    args = (qkv, q_norm_weight.contiguous(), (k_norm_weight if Hkv else q_norm_weight).contiguous(),
+            inv_freq.contiguous(), positions, slot_t, out, kc, vc,
+            T, D, Hq, Hkv, qkv.stride(0), qkv.stride(1), positions.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
+            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), float(eps))
+    return out, args, (B * T, Hq + 2 * Hkv), block_half
+
+
+def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,
+                        inv_freq: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor | None = None,
+                        v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                        eps: float = 1e-6, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of ``reference.ops.qkv_norm_rope_cache``; same signature plus ``out=`` ([B, Hq, T, D], any
+    strides with a unit last stride, e.g. a transposed [B, T, Hq, D] buffer). Returns q; writes the caches in place."""
+    fn = "qkv_norm_rope_cache"
+    q, args, grid, block_half = qkv_head_args(fn, qkv, q_norm_weight, k_norm_weight, inv_freq, positions, k_cache,
+                                              v_cache, slots, eps, out)
+    _qkv_norm_rope_cache_kernel[grid](*args, BLOCK_HALF=block_half, num_warps=1 if block_half <= 64 else 2)
+    return q

@@ -322,6 +322,22 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
     return q
 
 
+def qkv_projection_norm_rope_cache(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, qkv_width: int,
+                                   q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,
+                                   inv_freq: torch.Tensor, positions: torch.Tensor,
+                                   k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                                   slots: torch.Tensor | None = None, eps: float = 1e-6, *,
+                                   workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention's input projection and what follows it: ``y = linear(x, weight)`` with weight =
+    [Wq; Wk; Wv; W_laurel_left] [qkv_width + rank, K], then ``qkv_norm_rope_cache(y[..., :qkv_width], ...)``.
+    Returns (q [B, Hq, T, D], LAuReL's left projection ``y[..., qkv_width:]`` [B, T, rank], a view); writes the
+    caches in place. x: [B, T, K]; the other arguments as ``qkv_norm_rope_cache``'s."""
+    projected = linear(x, weight)
+    q = qkv_norm_rope_cache(projected[..., :qkv_width], q_norm_weight, k_norm_weight, inv_freq, positions, k_cache,
+                            v_cache, slots, eps)
+    return q, projected[..., qkv_width:]
+
+
 def post_attention_chain(o: torch.Tensor, a: torch.Tensor, laurel_branch: torch.Tensor, an: torch.Tensor,
                          post_attention_norm_weight: torch.Tensor, post_laurel_norm_weight: torch.Tensor,
                          pre_ffn_norm_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:

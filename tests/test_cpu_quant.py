@@ -82,6 +82,30 @@ def test_epilogue_ops(spec, dtype_id):
                (x64, q64, x2.double(), _as64(q2)), "dual " + tag)
 
 
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("spec", [("int8", 0, 37, 83), ("int4", 64, 37, 80)], ids=lambda s: f"{s[0]}G{s[1]}")
+def test_qkv_projection_norm_rope_cache(spec, dtype_id):
+    """The q|k|v|LAuReL-left projection (2 q heads, 1 k / v head of D = 8, rank 5: N = 37) with its norms, RoPE
+    and cache write: q, LAuReL's left projection and the written cache slots by the 2x rule."""
+    from gemma3n_fast.reference.text import rope_inv_freq
+
+    kind, G, N, K = spec
+    dt = DTYPES[dtype_id]
+    D, S = 8, 4
+    q = _qweight(kind, G, N, K, seed=11)
+    x = randn((1, 3, K), dt, seed=12, device="cpu")
+    qw, kw = randn((D,), dt, seed=13, shift=1.0, device="cpu"), randn((D,), dt, seed=14, shift=1.0, device="cpu")
+    rope = (rope_inv_freq(D, 10_000.0, "cpu"), torch.tensor([[5, 6, -1]]))
+    slots = torch.tensor([2, 3, -1])
+    caches = [[torch.zeros(1, 1, S, D, dtype=d) for _ in range(2)] for d in (dt, dt, torch.float64)]
+    out = cq.qkv_projection_norm_rope_cache(x, cq.prepack(q), 32, qw, kw, *rope, *caches[0], slots)
+    ref = ops.qkv_projection_norm_rope_cache(x, q, 32, qw, kw, *rope, *caches[1], slots)
+    ref64 = ops.qkv_projection_norm_rope_cache(x.double(), _as64(q), 32, qw.double(), kw.double(), *rope,
+                                               *caches[2], slots)
+    for o, r, r64, name in zip((*out, *caches[0]), (*ref, *caches[1]), (*ref64, *caches[2]), ("q", "laurel", "k", "v")):
+        assert_2x(o, r, r64, f"qkv_projection_norm_rope_cache {name} {spec} {dtype_id}")
+
+
 @pytest.mark.parametrize("kind,G", [("int8", 0), ("int4", 32)])
 def test_sparse_ffn(kind, G):
     H, I = 72, 106

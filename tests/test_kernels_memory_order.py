@@ -6,7 +6,9 @@ their partial before the one atomic publishes it (a block barrier between the st
 itself is acq_rel). The interpreter runs a program as one thread, so no CPU run can see a missing or misplaced
 barrier: this test compiles the split kernels (the split-K GEMV, the sparse FFN's down projection, split decode
 attention, whose last split to arrive merges) for sm_90 (no GPU needed) and reads the order of operations in the
-Triton IR: between the last store before each atomic and the atomic there must be a barrier.
+Triton IR: between the last store before each atomic and the atomic there must be a barrier. A GEMV with a tail
+(the fused q|k|v projection) has a second atomic, the launch's ``done`` counter: it publishes the finished tiles
+to the last program, so the same holds for it.
 """
 import os
 import re
@@ -53,7 +55,18 @@ decode = compile_ttir(A._swa_decode_kernel,
     "*bf16 *bf16 *bf16 *i32 *i32 *i64 *bf16 *fp32 *i32 " + "i32 " * 22 + "fp32 fp32",
     dict(HAS_WINDOW=True, HAS_SOFTCAP=False, IEEE_DOT=False, SPLIT=True, HAS_BOUND=True, BLOCK_M=16, BLOCK_N=16,
          BLOCK_D=256, BLOCK_S=16), 8)
-for name, ir in (("gemv", gemv), ("sparse_down", down), ("swa_decode", decode)):
+from gemma3n_fast.kernels import qkv_projection_norm_rope_cache as QKV
+qkv = compile_ttir(QKV._qkv_projection_norm_rope_cache_kernel,
+    "x_ptr w_ptr out_ptr aux_ptr x2_ptr w2_ptr out2_ptr ws_ptr lock_ptr M N K K2 stride_xm stride_wn stride_om "
+    "stride_am stride_x2m stride_w2n stride_o2m cap s_ptr s2_ptr stride_sn stride_s2n done_ptr "
+    "qkv_ptr qw_ptr kw_ptr inv_freq_ptr pos_ptr slot_ptr q_ptr kc_ptr vc_ptr T D Hq Hkv qkv_b_stride qkv_t_stride "
+    "pos_b_stride q_b_stride q_h_stride q_t_stride kc_b_stride kc_h_stride kc_s_stride vc_b_stride vc_h_stride "
+    "vc_s_stride eps",
+    "*bf16 " * 7 + "*fp32 *i32 " + "i32 " * 11 + "fp32 *bf16 *bf16 i32 i32 *i32 "
+    + "*bf16 " * 3 + "*fp32 *i32 *i32 " + "*bf16 " * 3 + "i32 " * 16 + "fp32",
+    dict(EPILOGUE=0, DUAL=False, SPLIT_K=4, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, IEEE_DOT=False, NUM_STAGES=3,
+         QUANT=0, GROUP=2, GROUP2=2, BLOCK_HALF=128), 4)
+for name, ir in (("gemv", gemv), ("sparse_down", down), ("swa_decode", decode), ("qkv_projection", qkv)):
     print("=====", name)
     print(ir)
 '''
@@ -73,14 +86,17 @@ def test_split_partials_are_stored_before_the_atomic_publishes_them():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listings = dict(re.findall(r"===== (\w+)\n(.*?)(?====== |\Z)", proc.stdout, re.S))
-    assert set(listings) == {"gemv", "sparse_down", "swa_decode"}
+    # the fused q|k|v projection (a GEMV with a tail): split-K's tile atomic, then the launch's ``done`` atomic
+    atomics = {"gemv": 1, "sparse_down": 1, "swa_decode": 1, "qkv_projection": 2}
+    assert set(listings) == set(atomics)
     for name, ir in listings.items():
         ops = _ops_in_order(ir)
-        assert "tt.atomic_rmw" in ops, f"{name}: no atomic in the split kernel"
-        first_atomic = ops.index("tt.atomic_rmw")
-        before = ops[:first_atomic]
-        assert "tt.store" in before, f"{name}: no partial stored before the atomic"
-        last_store = len(before) - 1 - before[::-1].index("tt.store")
-        assert "gpu.barrier" in before[last_store:], (
-            f"{name}: the atomic can publish before every thread stored its partial (no barrier between the "
-            f"last store and the atomic): {ops}")
+        at = [i for i, op in enumerate(ops) if op == "tt.atomic_rmw"]
+        assert len(at) == atomics[name], f"{name}: {len(at)} atomics, expected {atomics[name]}: {ops}"
+        for atomic in at:  # each atomic publishes the stores before it
+            before = ops[:atomic]
+            assert "tt.store" in before, f"{name}: nothing stored before the atomic"
+            last_store = len(before) - 1 - before[::-1].index("tt.store")
+            assert "gpu.barrier" in before[last_store:], (
+                f"{name}: the atomic can publish before every thread stored its output (no barrier between the "
+                f"last store and the atomic): {ops}")
