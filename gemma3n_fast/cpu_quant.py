@@ -41,7 +41,7 @@ from gemma3n_fast.reference import ops as ref_ops
 from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
 
 __all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
-           "linear_softcap", "dual_linear", "sparse_ffn"]
+           "linear_softcap", "dual_linear", "o_proj_post_attention", "sparse_ffn"]
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,16 @@ def linear_softcap(x: torch.Tensor, weight, cap: float | None, *, workspace=None
 def dual_linear(x1: torch.Tensor, w1, x2: torch.Tensor, w2, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x1 @ w1^T, x2 @ w2^T)``."""
     return project(x1, w1), project(x2, w2)
+
+
+def o_proj_post_attention(x1: torch.Tensor, w1, x2: torch.Tensor, w2, a: torch.Tensor, an: torch.Tensor,
+                          post_attention_norm_weight: torch.Tensor, post_laurel_norm_weight: torch.Tensor,
+                          pre_ffn_norm_weight: torch.Tensor, eps: float = 1e-6, *,
+                          workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.ops.o_proj_post_attention`` with its two projections through ``project`` (``dual_linear``)."""
+    o, laurel_branch = dual_linear(x1, w1, x2, w2)
+    return ref_ops.post_attention_chain(o, a, laurel_branch, an, post_attention_norm_weight, post_laurel_norm_weight,
+                                        pre_ffn_norm_weight, eps)
 
 
 def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float, *,

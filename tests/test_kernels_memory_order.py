@@ -5,7 +5,9 @@ the last to arrive adds every partial. On a GPU that is right only if all of a p
 their partial before the one atomic publishes it (a block barrier between the stores and the atomic; the atomic
 itself is acq_rel). The interpreter runs a program as one thread, so no CPU run can see a missing or misplaced
 barrier: this test compiles the split kernels for sm_90 (no GPU needed) and reads the order of operations in the
-Triton IR: between the last store before each atomic and the atomic there must be a barrier.
+Triton IR: between the last store before each atomic and the atomic there must be a barrier. The same holds for
+a fused GEMV + row-wise chain launch (``o_proj_post_attention``): its launch-wide counter publishes the finished
+output tiles the last program's chain then reads.
 """
 import os
 import re
@@ -25,7 +27,7 @@ for sub in ("kernels", "reference"):  # this checkout's folders, whatever the ed
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gemma3n_fast.kernels import gemv as G, sparse_ffn as S
+from gemma3n_fast.kernels import gemv as G, o_proj_post_attention as P, sparse_ffn as S
 
 def compile_ttir(fn, names, types, constexprs, warps):
     sig = dict(zip(names.split(), types.split()))
@@ -45,7 +47,15 @@ down = compile_ttir(S._sparse_down_kernel,
     "stride_wds stride_om",
     "*i32 *bf16 *i32 *bf16 *bf16 *bf16 *fp32 *i32 " + "i32 " * 6,
     dict(W_KIND=0, W_GROUP=2, SPLITS=4, BLOCK_S=32, BLOCK_H=256), 4)
-for name, ir in (("gemv", gemv), ("sparse_down", down)):
+# the fused GEMV + chain: the split tiles' partials and the launch-wide counter (split and not)
+fused = {f"o_proj_post_attention_split{split}": compile_ttir(P._o_proj_post_attention_kernel,
+    "x_ptr w_ptr out_ptr aux_ptr x2_ptr w2_ptr out2_ptr ws_ptr lock_ptr M N K K2 stride_xm stride_wn stride_om "
+    "stride_am stride_x2m stride_w2n stride_o2m cap s_ptr s2_ptr stride_sn stride_s2n done_ptr a_ptr an_ptr "
+    "w_att_ptr w_lau_ptr w_ffn_ptr h_ptr hn_ptr a_stride an_stride h_stride hn_stride eps",
+    "*bf16 " * 7 + "*fp32 *i32 " + "i32 " * 11 + "fp32 *bf16 *bf16 i32 i32 *i32 " + "*bf16 " * 7 + "i32 " * 4 + "fp32",
+    dict(EPILOGUE=0, DUAL=True, SPLIT_K=split, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, IEEE_DOT=False, NUM_STAGES=3,
+         QUANT=0, GROUP=2, GROUP2=2, BLOCK=2048), 4) for split in (1, 4)}
+for name, ir in (("gemv", gemv), ("sparse_down", down), *fused.items()):
     print("=====", name)
     print(ir)
 '''
@@ -65,14 +75,17 @@ def test_split_partials_are_stored_before_the_atomic_publishes_them():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listings = dict(re.findall(r"===== (\w+)\n(.*?)(?====== |\Z)", proc.stdout, re.S))
-    assert set(listings) == {"gemv", "sparse_down"}
+    assert set(listings) == {"gemv", "sparse_down", "o_proj_post_attention_split1", "o_proj_post_attention_split4"}
     for name, ir in listings.items():
         ops = _ops_in_order(ir)
-        assert "tt.atomic_rmw" in ops, f"{name}: no atomic in the split kernel"
-        first_atomic = ops.index("tt.atomic_rmw")
-        before = ops[:first_atomic]
-        assert "tt.store" in before, f"{name}: no partial stored before the atomic"
-        last_store = len(before) - 1 - before[::-1].index("tt.store")
-        assert "gpu.barrier" in before[last_store:], (
-            f"{name}: the atomic can publish before every thread stored its partial (no barrier between the "
-            f"last store and the atomic): {ops}")
+        atomics = [i for i, op in enumerate(ops) if op == "tt.atomic_rmw"]
+        # the fused kernel: each split tile's counter (split 4 only), then the launch-wide one
+        assert len(atomics) == {"o_proj_post_attention_split1": 1, "o_proj_post_attention_split4": 2}.get(name, 1), \
+            f"{name}: {len(atomics)} atomics: {ops}"
+        for at in atomics:
+            before = ops[:at]
+            assert "tt.store" in before, f"{name}: nothing stored before atomic {at}"
+            last_store = len(before) - 1 - before[::-1].index("tt.store")
+            assert "gpu.barrier" in before[last_store:], (
+                f"{name}: the atomic can publish before every thread stored what it publishes (no barrier between "
+                f"the last store and atomic {at}): {ops}")
