@@ -3,7 +3,8 @@ the post-attention chain over every row, against its pieces and its plain op.
 
 1. Bit for bit against the unfused kernels composed (``dual_linear`` with the same settings, then the standalone
    ``post_attention_chain`` kernel): the same math in the same order, so h, hn and the o / LAuReL intermediates are
-   torch.equal; programs run in a shuffled order, split-K forced or not, the launch counters back at zero.
+   torch.equal; 16-column tiles (18 programs, or 54 with 3 K slices) run in a shuffled order, twice (two orders,
+   one counter: back at zero after each launch; a chain run before the last tile lands reads the NaN poison).
 2. The 2x rule against ``reference.ops.o_proj_post_attention`` (dual_linear then post_attention_chain) in fp64, for
    fp32 and bf16, float / int8 / int4 weights (int4 with G = 32 and partial last groups: K1 = 72, K2 = 24), H = 136
    (a masked column tile and a masked row block), rows 1, 3 and 16, and 17 rows (prefill: torch, then the chain
@@ -34,13 +35,11 @@ A, ACTIVE = 4, 1  # ``a``: stream ACTIVE of A
 
 
 def _config(split, M):
-    """None = the launcher's settings; True = small tiles and 3 K slices (the last slice to arrive finishes)."""
+    """16-column tiles (18 programs at H = 136: the order they finish in matters), K in 1 slice or, with ``split``,
+    in 3 (the last slice of a tile to arrive finishes it)."""
     from gemma3n_fast.kernels.gemv import GemvConfig
 
-    if not split:
-        return None
-    return GemvConfig(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, num_warps=4) if M == 1 else \
-        GemvConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, num_warps=4)
+    return GemvConfig(BLOCK_M=1 if M == 1 else 16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3 if split else 1, num_warps=4)
 
 
 def _inputs(dtype, lead, quant, seed, H=H, K1=K1, K2=K2, group=32):
@@ -70,7 +69,7 @@ def _poisoned(lead, dtype):
 # (rows as a leading shape, dtype, weights, split-K forced): every combination
 CASES = [(lead, d, q, s) for lead in ((1, 1), (1, 3), (2, 8)) for d in DTYPES for q in (None, "int8", "int4")
          for s in (False, True)]
-IDS = [f"{'x'.join(map(str, lead))}rows-{d}-{q or 'float'}-{'split' if s else 'heuristic'}" for lead, d, q, s in CASES]
+IDS = [f"{'x'.join(map(str, lead))}rows-{d}-{q or 'float'}-{'split' if s else 'tiles'}" for lead, d, q, s in CASES]
 
 
 @pytest.mark.interpreter
@@ -88,13 +87,18 @@ def test_fused_equals_the_unfused_kernels_and_the_2x_rule(lead, dtype_id, quant,
     ws.partials.fill_(float("nan"))
     fused = spy("o_proj_post_attention", "_o_proj_post_attention_kernel")
     gemv, chain = spy("gemv", "_gemv_kernel"), spy("post_attention_chain", "_post_attention_chain_kernel")
-    outs = _poisoned(lead, dtype)
-    h, hn = o_proj_post_attention(**kw, **outs, config=cfg, workspace=ws)
-    assert (fused.launches, gemv.launches, chain.launches) == (1, 0, 0), "one fused launch, nothing else"
-    assert h is outs["out"] and hn is outs["normed_out"]
-    assert int(ws.done.item()) == 0 and int(ws.locks.abs().sum()) == 0, "counters must be back at zero"
-    grid = shuffled_programs.launches[-1][0]
-    assert (grid[1] == 3) == split and len(set(shuffled_programs.launches[-1][1])) == grid[0] * grid[1]
+    for launch in range(2):  # two program orders; the first launch must leave the counters at zero for the second
+        outs = _poisoned(lead, dtype)
+        h, hn = o_proj_post_attention(**kw, **outs, config=cfg, workspace=ws)
+        assert (fused.launches, gemv.launches, chain.launches) == (launch + 1, 0, 0), "one fused launch, nothing else"
+        assert h is outs["out"] and hn is outs["normed_out"]
+        assert int(ws.done.item()) == 0 and int(ws.locks.abs().sum()) == 0, "counters must be back at zero"
+        grid = shuffled_programs.launches[-1][0]
+        assert grid == (2 * math.ceil(H / 16), 3 if split else 1, 1)
+        assert len(set(shuffled_programs.launches[-1][1])) == grid[0] * grid[1]
+        if launch == 0:
+            first = [t.clone() for t in outs.values()]
+    assert all(torch.equal(x, y) for x, y in zip(first, outs.values())), "two launches, two results"
 
     # 1. the unfused kernels composed, the same settings: bit for bit, intermediates included
     o, br = dual_linear(kw["x1"], kw["w1"], kw["x2"], kw["w2"], config=cfg, workspace=ws)
