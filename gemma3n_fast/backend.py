@@ -30,8 +30,7 @@ KERNEL_MODULES = {
     "linear": "gemv",  # the per-layer projection, the streams' projections, the dense MLP's down projection
     "sliding_window_attention": "sliding_window_attention",  # prefill
     "sliding_window_attention_decode": "sliding_window_decode",
-    "dual_linear": "gemv",  # o_proj and LAuReL-right in one launch
-    "post_attention_chain": "post_attention_chain",
+    "o_proj_post_attention": "o_proj_post_attention",  # o_proj and LAuReL-right, then the post-attention chain
     "linear_gelu_mul": "gemv",  # dense MLP: gate|up with the gelu * up epilogue
     "sparse_ffn": "sparse_ffn",  # MLP of the layers with a sparsity target
     "altup_correct_fused": "altup_correct_fused",

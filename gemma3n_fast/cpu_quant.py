@@ -41,7 +41,8 @@ from gemma3n_fast.reference import ops as ref_ops
 from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
 
 __all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
-           "linear_softcap", "dual_linear", "qkv_projection_norm_rope_cache", "sparse_ffn"]
+           "linear_softcap", "dual_linear", "qkv_projection_norm_rope_cache", "o_proj_post_attention",
+           "sparse_ffn"]
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +290,16 @@ def qkv_projection_norm_rope_cache(x: torch.Tensor, weight, qkv_width: int, q_no
     q = ref_ops.qkv_norm_rope_cache(projected[..., :qkv_width], q_norm_weight, k_norm_weight, inv_freq, positions,
                                     k_cache, v_cache, slots, eps)
     return q, projected[..., qkv_width:]
+
+
+def o_proj_post_attention(x1: torch.Tensor, w1, x2: torch.Tensor, w2, a: torch.Tensor, an: torch.Tensor,
+                          post_attention_norm_weight: torch.Tensor, post_laurel_norm_weight: torch.Tensor,
+                          pre_ffn_norm_weight: torch.Tensor, eps: float = 1e-6, *,
+                          workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.ops.o_proj_post_attention`` with its two projections through ``project`` (``dual_linear``)."""
+    o, laurel_branch = dual_linear(x1, w1, x2, w2)
+    return ref_ops.post_attention_chain(o, a, laurel_branch, an, post_attention_norm_weight, post_laurel_norm_weight,
+                                        pre_ffn_norm_weight, eps)
 
 
 def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float, *,

@@ -227,8 +227,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.altup_projection_weight = pack(self.altup_projection_weight)
         self.lm_head_weight = pack(self.lm_head_weight)
         self.per_layer_model_projection_weight = pack(self.per_layer_model_projection_weight)
-        for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "dual_linear",
-                     "qkv_projection_norm_rope_cache", "sparse_ffn"):
+        for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap",
+                     "qkv_projection_norm_rope_cache", "o_proj_post_attention", "sparse_ffn"):
             setattr(self.backend, name, getattr(cpu_quant, name))
             self.backend.sources[name] = "cpu_quant"
         log.info("gemma3n_fast: quantized weights packed for torch's CPU int8 / int4 matmuls (bf16 activations "
@@ -346,14 +346,13 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
             attn = ops.sliding_window_attention(q, keys, values, q_pos=positions, k_pos=key_positions,
                                                 window=w.window, scaling=1.0, softcap=None)
         attn = attn.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
-        attn_out, laurel_branch = ops.dual_linear(x1=attn, w1=w.o_proj, x2=laurel_left,
-                                                  w2=w.laurel_right, workspace=ws.gemv)
 
-        # ---- residual: (active prediction + attention) and (input + LAuReL) averaged; pre-FFN norm
-        h, h_normed = ops.post_attention_chain(
-            o=attn_out, a=predictions[active], laurel_branch=laurel_branch, an=normed,
-            post_attention_norm_weight=w.post_attention_norm, post_laurel_norm_weight=w.post_laurel_norm,
-            pre_ffn_norm_weight=w.pre_ffn_norm, eps=eps)
+        # ---- o_proj and LAuReL's right projection; residual: (active prediction + attention) and (input + LAuReL)
+        # averaged; pre-FFN norm
+        h, h_normed = ops.o_proj_post_attention(
+            x1=attn, w1=w.o_proj, x2=laurel_left, w2=w.laurel_right, a=predictions[active],
+            an=normed, post_attention_norm_weight=w.post_attention_norm, post_laurel_norm_weight=w.post_laurel_norm,
+            pre_ffn_norm_weight=w.pre_ffn_norm, eps=eps, workspace=ws.gemv)
 
         # ---- MLP
         if w.down_t is None:

@@ -743,14 +743,10 @@ def linear_softcap(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, cap:
     return out
 
 
-def dual_linear(x1: torch.Tensor, w1: torch.Tensor | QuantizedWeight, x2: torch.Tensor,
-                w2: torch.Tensor | QuantizedWeight, *,
-                out1: torch.Tensor | None = None, out2: torch.Tensor | None = None,
-                config: GemvConfig | None = None,
-                workspace: GemvWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x1 @ w1^T, x2 @ w2^T)`` in one launch: x1 [..., K1], w1 [N, K1], x2 [..., K2] (x1's leading shape),
-    w2 [N, K2] -> two [..., N] (o_proj on the attention output and LAuReL's right projection)."""
-    fn = "dual_linear"
+def dual_operands(fn: str, x1: torch.Tensor, w1: torch.Tensor | QuantizedWeight, x2: torch.Tensor,
+                  w2: torch.Tensor | QuantizedWeight, out1: torch.Tensor | None, out2: torch.Tensor | None):
+    """Checked (w1, w2, out1, out2, x1 rows, x2 rows, out1 rows, out2 rows) of a dual GEMV (``dual_linear``'s
+    checks, errors named after ``fn``); out1 / out2 allocated when None."""
     x1, x2 = _check_x(fn, "x1", x1), _check_x(fn, "x2", x2)
     K1, K2 = x1.shape[-1], x2.shape[-1]
     if x2.shape[:-1] != x1.shape[:-1]:
@@ -762,21 +758,36 @@ def dual_linear(x1: torch.Tensor, w1: torch.Tensor | QuantizedWeight, x2: torch.
     N = w1.shape[0]
     if w2.shape[0] != N:
         raise ValueError(f"{fn}: w1 and w2 must have the same number of rows N, got {w1.shape[0]} and {w2.shape[0]}")
-    shape = (*x1.shape[:-1], N)
-    out1 = check_out(fn, out1, shape, x1.dtype, x1.device, name="out1", view_as=(-1, N))
-    out2 = check_out(fn, out2, shape, x1.dtype, x1.device, name="out2", view_as=(-1, N))
-    x1_rows, x2_rows, o1, o2 = rows(x1, K1), rows(x2, K2), out1.view(-1, N), out2.view(-1, N)
     if isinstance(w1, QuantizedWeight) != isinstance(w2, QuantizedWeight) or \
             getattr(w1, "kind", None) != getattr(w2, "kind", None):
         raise ValueError(f"{fn}: w1 and w2 must be stored alike (both float, both int8 or both int4), got "
                          f"{getattr(w1, 'kind', 'float')} and {getattr(w2, 'kind', 'float')}")
-    if x1_rows.shape[0] > MAX_ROWS:
-        if isinstance(w1, QuantizedWeight):
-            o1.copy_(_project(x1_rows, w1))
-            o2.copy_(_project(x2_rows, w2))
+    shape = (*x1.shape[:-1], N)
+    out1 = check_out(fn, out1, shape, x1.dtype, x1.device, name="out1", view_as=(-1, N))
+    out2 = check_out(fn, out2, shape, x1.dtype, x1.device, name="out2", view_as=(-1, N))
+    return w1, w2, out1, out2, rows(x1, K1), rows(x2, K2), out1.view(-1, N), out2.view(-1, N)
+
+
+def project_dual(x1_rows, w1, x2_rows, w2, out1_rows, out2_rows) -> None:
+    """Prefill rows (more than MAX_ROWS) of a dual GEMV, by torch: ``out1_rows = x1_rows @ w1^T`` and likewise."""
+    for x_rows, w, o in ((x1_rows, w1, out1_rows), (x2_rows, w2, out2_rows)):
+        if isinstance(w, QuantizedWeight):
+            o.copy_(_project(x_rows, w))
         else:
-            torch.matmul(x1_rows, w1.t(), out=o1)
-            torch.matmul(x2_rows, w2.t(), out=o2)
+            torch.matmul(x_rows, w.t(), out=o)
+
+
+def dual_linear(x1: torch.Tensor, w1: torch.Tensor | QuantizedWeight, x2: torch.Tensor,
+                w2: torch.Tensor | QuantizedWeight, *,
+                out1: torch.Tensor | None = None, out2: torch.Tensor | None = None,
+                config: GemvConfig | None = None,
+                workspace: GemvWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x1 @ w1^T, x2 @ w2^T)`` in one launch: x1 [..., K1], w1 [N, K1], x2 [..., K2] (x1's leading shape),
+    w2 [N, K2] -> two [..., N] (o_proj on the attention output and LAuReL's right projection)."""
+    fn = "dual_linear"
+    w1, w2, out1, out2, x1_rows, x2_rows, o1, o2 = dual_operands(fn, x1, w1, x2, w2, out1, out2)
+    if x1_rows.shape[0] > MAX_ROWS:
+        project_dual(x1_rows, w1, x2_rows, w2, o1, o2)
     else:
         launch_gemv(fn, x1_rows, w1, o1, x2_rows=x2_rows, w2=w2, out2_rows=o2, config=config, workspace=workspace)
     return out1, out2

@@ -34,6 +34,7 @@ __all__ = [
     # fused row-wise chains of the decoder layer
     "qkv_norm_rope_cache",
     "post_attention_chain",
+    "o_proj_post_attention",
     "altup_inject",
     "altup_predict_fused",
     "altup_correct_fused",
@@ -351,6 +352,18 @@ def post_attention_chain(o: torch.Tensor, a: torch.Tensor, laurel_branch: torch.
     lau = rms_norm(laurel_branch, post_laurel_norm_weight, eps, residual=an)
     h = (att + lau) / 2 ** 0.5  # the reference's / math.sqrt(2): the same double
     return h, rms_norm(h, pre_ffn_norm_weight, eps)
+
+
+def o_proj_post_attention(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor, w2: torch.Tensor, a: torch.Tensor,
+                          an: torch.Tensor, post_attention_norm_weight: torch.Tensor,
+                          post_laurel_norm_weight: torch.Tensor, pre_ffn_norm_weight: torch.Tensor,
+                          eps: float = 1e-6, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the attention output to the MLP's input: ``dual_linear(x1, w1, x2, w2)`` (o_proj on the attention
+    output x1, LAuReL's right projection of its left one x2) then ``post_attention_chain`` on the two. Returns
+    (h, hn)."""
+    o, laurel_branch = dual_linear(x1, w1, x2, w2)
+    return post_attention_chain(o, a, laurel_branch, an, post_attention_norm_weight, post_laurel_norm_weight,
+                                pre_ffn_norm_weight, eps)
 
 
 def altup_inject(streams: torch.Tensor, proj_raw: torch.Tensor, per_layer_norm_weight: torch.Tensor,

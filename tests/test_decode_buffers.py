@@ -28,8 +28,8 @@ TEXT = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attenti
 # (batch, prompt lengths): prefill rows B*T = 1, 8, 16, 17 and 3, 6, 15 (increasing: each needs more room)
 RUNS = [(1, (1, 8, 16, 17)), (3, (1, 2, 5))]
 NEW_TOKENS = 3  # two decode steps per call
-GEMV_OPS = ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "dual_linear",
-            "qkv_projection_norm_rope_cache")
+GEMV_OPS = ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "qkv_projection_norm_rope_cache",
+            "o_proj_post_attention")
 
 
 @pytest.fixture(scope="module")

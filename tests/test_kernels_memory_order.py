@@ -7,7 +7,7 @@ itself is acq_rel). The interpreter runs a program as one thread, so no CPU run 
 barrier: this test compiles the split kernels (the split-K GEMV, the sparse FFN's down projection, split decode
 attention, whose last split to arrive merges) for sm_90 (no GPU needed) and reads the order of operations in the
 Triton IR: between the last store before each atomic and the atomic there must be a barrier. A GEMV with a tail
-(the fused q|k|v projection) has a second atomic, the launch's ``done`` counter: it publishes the finished tiles
+(the fused q|k|v projection, the o_proj + post-attention chain) has a second atomic, the launch's ``done`` counter: it publishes the finished tiles
 to the last program, so the same holds for it.
 """
 import os
@@ -28,7 +28,7 @@ for sub in ("kernels", "reference"):  # this checkout's folders, whatever the ed
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gemma3n_fast.kernels import gemv as G, sliding_window_decode as A, sparse_ffn as S
+from gemma3n_fast.kernels import gemv as G, o_proj_post_attention as P, sliding_window_decode as A, sparse_ffn as S
 
 def compile_ttir(fn, names, types, constexprs, warps):
     sig = dict(zip(names.split(), types.split()))
@@ -66,7 +66,16 @@ qkv = compile_ttir(QKV._qkv_projection_norm_rope_cache_kernel,
     + "*bf16 " * 3 + "*fp32 *i32 *i32 " + "*bf16 " * 3 + "i32 " * 16 + "fp32",
     dict(EPILOGUE=0, DUAL=False, SPLIT_K=4, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, IEEE_DOT=False, NUM_STAGES=3,
          QUANT=0, GROUP=2, GROUP2=2, BLOCK_HALF=128), 4)
-for name, ir in (("gemv", gemv), ("sparse_down", down), ("swa_decode", decode), ("qkv_projection", qkv)):
+# the fused GEMV + chain: the split tiles' partials and the launch-wide counter (split and not)
+fused = {f"o_proj_post_attention_split{split}": compile_ttir(P._o_proj_post_attention_kernel,
+    "x_ptr w_ptr out_ptr aux_ptr x2_ptr w2_ptr out2_ptr ws_ptr lock_ptr M N K K2 stride_xm stride_wn stride_om "
+    "stride_am stride_x2m stride_w2n stride_o2m cap s_ptr s2_ptr stride_sn stride_s2n done_ptr a_ptr an_ptr "
+    "w_att_ptr w_lau_ptr w_ffn_ptr h_ptr hn_ptr a_stride an_stride h_stride hn_stride eps",
+    "*bf16 " * 7 + "*fp32 *i32 " + "i32 " * 11 + "fp32 *bf16 *bf16 i32 i32 *i32 " + "*bf16 " * 7 + "i32 " * 4 + "fp32",
+    dict(EPILOGUE=0, DUAL=True, SPLIT_K=split, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, IEEE_DOT=False, NUM_STAGES=3,
+         QUANT=0, GROUP=2, GROUP2=2, BLOCK=2048), 4) for split in (1, 4)}
+for name, ir in (("gemv", gemv), ("sparse_down", down), ("swa_decode", decode), ("qkv_projection", qkv),
+                 *fused.items()):
     print("=====", name)
     print(ir)
 '''
@@ -87,7 +96,9 @@ def test_split_partials_are_stored_before_the_atomic_publishes_them():
     assert proc.returncode == 0, proc.stderr[-3000:]
     listings = dict(re.findall(r"===== (\w+)\n(.*?)(?====== |\Z)", proc.stdout, re.S))
     # the fused q|k|v projection (a GEMV with a tail): split-K's tile atomic, then the launch's ``done`` atomic
-    atomics = {"gemv": 1, "sparse_down": 1, "swa_decode": 1, "qkv_projection": 2}
+    # the fused o_proj + chain: each split tile's counter (split 4 only), then the launch-wide one
+    atomics = {"gemv": 1, "sparse_down": 1, "swa_decode": 1, "qkv_projection": 2,
+               "o_proj_post_attention_split1": 1, "o_proj_post_attention_split4": 2}
     assert set(listings) == set(atomics)
     for name, ir in listings.items():
         ops = _ops_in_order(ir)
