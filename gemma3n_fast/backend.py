@@ -34,8 +34,8 @@ KERNEL_MODULES = {
     "post_attention_chain": "post_attention_chain",
     "linear_gelu_mul": "gemv",  # dense MLP: gate|up with the gelu * up epilogue
     "down_altup_correct": "down_altup_correct",  # dense MLP: down, then post-FFN norm + AltUp correct, one launch
-    "sparse_ffn": "sparse_ffn",  # MLP of the layers with a sparsity target
-    "altup_correct_fused": "altup_correct_fused",  # after the sparse FFN
+    # MLP of the layers with a sparsity target; its down launch also runs the post-FFN norm + AltUp correct
+    "sparse_ffn_altup_correct": "sparse_ffn_altup_correct",
     "linear_gelu_aux": "gemv",  # per-layer-input gate with the gelu * per-layer-input epilogue
     # the step's prologue and epilogue
     "token_embeddings": "token_embeddings",  # decode: text / multimodal-hard embedding + per-layer token part

@@ -41,7 +41,8 @@ from gemma3n_fast.reference import ops as ref_ops
 from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
 
 __all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
-           "linear_softcap", "dual_linear", "sparse_ffn", "down_altup_correct"]
+           "linear_softcap", "dual_linear", "sparse_ffn", "down_altup_correct",
+           "sparse_ffn_altup_correct"]
 
 log = logging.getLogger(__name__)
 
@@ -304,5 +305,19 @@ def down_altup_correct(x: torch.Tensor, down_weight, predictions: torch.Tensor, 
     """``reference.ops.down_altup_correct`` with the down projection through ``project``, then the plain post-FFN
     norm and AltUp correct (``reference.ops.altup_correct_fused``)."""
     return ref_ops.altup_correct_fused(predictions, project(x, down_weight), h, post_ffn_norm_weight,
+                                       router_norm_weight, router_weight, correction_coefs, correct_output_scale,
+                                       eps, active)
+
+
+def sparse_ffn_altup_correct(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float,
+                             predictions: torch.Tensor, h: torch.Tensor, post_ffn_norm_weight: torch.Tensor,
+                             router_norm_weight: torch.Tensor, router_weight: torch.Tensor,
+                             correction_coefs: torch.Tensor, correct_output_scale: torch.Tensor | None = None,
+                             eps: float = 1e-6, active: int = 0, *,
+                             workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``reference.ops.sparse_ffn_altup_correct`` with the FFN as ``sparse_ffn`` here, then the plain post-FFN norm
+    and AltUp correct (``reference.ops.altup_correct_fused``)."""
+    return ref_ops.altup_correct_fused(predictions, sparse_ffn(x, gate_weight, up_weight, down_weight_t,
+                                                               std_multiplier), h, post_ffn_norm_weight,
                                        router_norm_weight, router_weight, correction_coefs, correct_output_scale,
                                        eps, active)

@@ -226,8 +226,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.altup_projection_weight = pack(self.altup_projection_weight)
         self.lm_head_weight = pack(self.lm_head_weight)
         self.per_layer_model_projection_weight = pack(self.per_layer_model_projection_weight)
-        for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "dual_linear", "sparse_ffn",
-                     "down_altup_correct"):
+        for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "dual_linear",
+                     "down_altup_correct", "sparse_ffn_altup_correct"):
             setattr(self.backend, name, getattr(cpu_quant, name))
             self.backend.sources[name] = "cpu_quant"
         log.info("gemma3n_fast: quantized weights packed for torch's CPU int8 / int4 matmuls (bf16 activations "
@@ -364,9 +364,9 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
                 x=ops.linear_gelu_mul(h_normed, w.gate_up, workspace=ws.gemv), down_weight=w.down, **correct,
                 workspace=ws.gemv)
         else:
-            mlp_out = ops.sparse_ffn(h_normed, gate_weight=w.gate, up_weight=w.up, down_weight_t=w.down_t,
-                                     std_multiplier=w.sparsity_std_multiplier, workspace=ws.sparse.get(w.down_t.shape[0]))
-            corrected, gate_input = ops.altup_correct_fused(mlp_out=mlp_out, **correct)
+            corrected, gate_input = ops.sparse_ffn_altup_correct(
+                x=h_normed, gate_weight=w.gate, up_weight=w.up, down_weight_t=w.down_t,
+                std_multiplier=w.sparsity_std_multiplier, **correct, workspace=ws.sparse.get(w.down_t.shape[0]))
 
         # ---- the per-layer input's gate and projection
         if gate_input is None:  # no output scale: the gate reads the active stream

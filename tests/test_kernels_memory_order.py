@@ -5,7 +5,9 @@ the last to arrive adds every partial. On a GPU that is right only if all of a p
 their partial before the one atomic publishes it (a block barrier between the stores and the atomic; the atomic
 itself is acq_rel). The interpreter runs a program as one thread, so no CPU run can see a missing or misplaced
 barrier: this test compiles the split kernels for sm_90 (no GPU needed) and reads the order of operations in the
-Triton IR: between the last store before each atomic and the atomic there must be a barrier.
+Triton IR: between the last store before each atomic and the atomic there must be a barrier. The fused kernels
+(a GEMV or the sparse down whose last program runs a row-wise tail) have a second atomic, the launch-wide count of
+finished tiles, which publishes the output tiles the same way.
 """
 import os
 import re
@@ -26,6 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from gemma3n_fast.kernels import gemv as G, sparse_ffn as S
+from gemma3n_fast.kernels import down_altup_correct as DC, sparse_ffn_altup_correct as SC
 
 def compile_ttir(fn, names, types, constexprs, warps):
     sig = dict(zip(names.split(), types.split()))
@@ -45,7 +48,25 @@ down = compile_ttir(S._sparse_down_kernel,
     "stride_wds stride_om",
     "*i32 *bf16 *i32 *bf16 *bf16 *bf16 *fp32 *i32 " + "i32 " * 6,
     dict(W_KIND=0, W_GROUP=2, SPLITS=4, BLOCK_S=32, BLOCK_H=256), 4)
-for name, ir in (("gemv", gemv), ("sparse_down", down)):
+# the fused tails: the split-K publish, then the launch-wide count of finished tiles (last_tile_done)
+CORRECT = ("p_ptr m_ptr h_ptr ffn_w_ptr norm_w_ptr router_w_ptr coef_ptr scale_ptr corrected_ptr scaled_ptr H_c "
+           "p_stream_stride p_token_stride m_stride h_stride out_stream_stride out_token_stride scaled_stride "
+           "router_row_stride coef_row_stride coef_col_stride input_scale eps active",
+           "*bf16 " * 10 + "i32 " * 11 + "fp32 fp32 i32", dict(A=4, HAS_SCALE=True, BLOCK=2048))
+down_correct = compile_ttir(DC._down_altup_correct_kernel,
+    "x_ptr w_ptr out_ptr aux_ptr x2_ptr w2_ptr out2_ptr ws_ptr lock_ptr M N K K2 stride_xm stride_wn stride_om "
+    "stride_am stride_x2m stride_w2n stride_o2m cap s_ptr s2_ptr stride_sn stride_s2n done_ptr "
+    + CORRECT[0].replace("H_c", "H"),
+    "*bf16 " * 7 + "*fp32 *i32 " + "i32 " * 11 + "fp32 *bf16 *bf16 i32 i32 *i32 " + CORRECT[1],
+    dict(EPILOGUE=0, DUAL=False, SPLIT_K=4, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, IEEE_DOT=False, NUM_STAGES=3,
+         QUANT=0, GROUP=2, GROUP2=2, **CORRECT[2]), 8)
+sparse_correct = compile_ttir(SC._sparse_down_altup_correct_kernel,
+    "idx_ptr act_ptr count_ptr wdt_ptr wdt_scales_ptr out_ptr ws_ptr lock_ptr H stride_im stride_am stride_wd "
+    "stride_wds stride_om done_ptr " + CORRECT[0].replace("H_c", "H_correct"),
+    "*i32 *bf16 *i32 *bf16 *bf16 *bf16 *fp32 *i32 " + "i32 " * 6 + "*i32 " + CORRECT[1],
+    dict(W_KIND=0, W_GROUP=2, SPLITS=4, BLOCK_S=32, BLOCK_H=64, **CORRECT[2]), 4)
+for name, ir in (("gemv", gemv), ("sparse_down", down), ("down_altup_correct", down_correct),
+                 ("sparse_ffn_altup_correct", sparse_correct)):
     print("=====", name)
     print(ir)
 '''
@@ -65,14 +86,16 @@ def test_split_partials_are_stored_before_the_atomic_publishes_them():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listings = dict(re.findall(r"===== (\w+)\n(.*?)(?====== |\Z)", proc.stdout, re.S))
-    assert set(listings) == {"gemv", "sparse_down"}
+    assert set(listings) == {"gemv", "sparse_down", "down_altup_correct", "sparse_ffn_altup_correct"}
     for name, ir in listings.items():
         ops = _ops_in_order(ir)
-        assert "tt.atomic_rmw" in ops, f"{name}: no atomic in the split kernel"
-        first_atomic = ops.index("tt.atomic_rmw")
-        before = ops[:first_atomic]
-        assert "tt.store" in before, f"{name}: no partial stored before the atomic"
-        last_store = len(before) - 1 - before[::-1].index("tt.store")
-        assert "gpu.barrier" in before[last_store:], (
-            f"{name}: the atomic can publish before every thread stored its partial (no barrier between the "
-            f"last store and the atomic): {ops}")
+        atomics = [i for i, op in enumerate(ops) if op == "tt.atomic_rmw"]
+        # a split kernel: one atomic (the tile's); a fused one: two more (the tile's, the launch's last finisher)
+        assert len(atomics) == (2 if "correct" in name else 1), f"{name}: atomics {ops}"
+        for i in atomics:
+            before = ops[:i]
+            assert "tt.store" in before, f"{name}: nothing stored before atomic {i}"
+            last_store = len(before) - 1 - before[::-1].index("tt.store")
+            assert "gpu.barrier" in before[last_store:], (
+                f"{name}: atomic {i} can publish before every thread stored its part (no barrier between the "
+                f"last store and the atomic): {ops}")
