@@ -56,7 +56,7 @@ LAUNCH_FLOOR_S = 2e-6
 # Launches of an op-table op whose launcher cannot run on meta tensors (then its plain op runs and this many
 # Triton launches are assumed; the output lists such ops under "plain_op_fallbacks"). Normally unused: the
 # launchers run on meta and their launches are counted as they happen.
-PLAIN_OP_LAUNCHES = {"sparse_ffn": 3, "sliding_window_attention_decode": 1}
+PLAIN_OP_LAUNCHES = {"sparse_ffn": 3, "sparse_ffn_altup_correct": 3, "sliding_window_attention_decode": 1}
 
 SPARSE_ACTIVE_FRACTION = 0.05  # channels active after the Gaussian top-k at sparsity 0.95 (sparse_ffn_bytes' default)
 
@@ -101,6 +101,7 @@ def _not_read(t: torch.Tensor, bound: dict, tokens: int):
 ARG_TRAFFIC = {
     "*": {"k_cache": _one_slot_per_token, "v_cache": _one_slot_per_token},
     "sparse_ffn": {"up_weight": _active_rows, "down_weight_t": _active_rows},
+    "sparse_ffn_altup_correct": {"up_weight": _active_rows, "down_weight_t": _active_rows},
     "token_embeddings": {"embed_weight": _gathered_rows, "per_layer_weight": _gathered_rows,
                          "hard_embeddings": _not_read},
 }

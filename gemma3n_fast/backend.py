@@ -32,8 +32,9 @@ KERNEL_MODULES = {
     "sliding_window_attention_decode": "sliding_window_decode",
     "o_proj_post_attention": "o_proj_post_attention",  # o_proj and LAuReL-right, then the post-attention chain
     "linear_gelu_mul": "gemv",  # dense MLP: gate|up with the gelu * up epilogue
-    "sparse_ffn": "sparse_ffn",  # MLP of the layers with a sparsity target
-    "altup_correct_fused": "altup_correct_fused",
+    "down_altup_correct": "down_altup_correct",  # dense MLP: down, then post-FFN norm + AltUp correct, one launch
+    # MLP of the layers with a sparsity target; its down launch also runs the post-FFN norm + AltUp correct
+    "sparse_ffn_altup_correct": "sparse_ffn_altup_correct",
     "linear_gelu_aux": "gemv",  # per-layer-input gate with the gelu * per-layer-input epilogue
     # the step's prologue and epilogue
     "token_embeddings": "token_embeddings",  # decode: text / multimodal-hard embedding + per-layer token part

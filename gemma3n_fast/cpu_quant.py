@@ -42,7 +42,7 @@ from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
 
 __all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
            "linear_softcap", "dual_linear", "qkv_projection_norm_rope_cache", "o_proj_post_attention",
-           "sparse_ffn"]
+           "sparse_ffn", "down_altup_correct", "sparse_ffn_altup_correct"]
 
 log = logging.getLogger(__name__)
 
@@ -317,3 +317,29 @@ def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multi
     active = (rows != 0).any(0).nonzero().squeeze(1)  # a host sync: fine on the CPU
     out = rows[:, active].float() @ down.take_rows(active)
     return out.to(act.dtype).reshape(*act.shape[:-1], down.shape[1])
+
+
+def down_altup_correct(x: torch.Tensor, down_weight, predictions: torch.Tensor, h: torch.Tensor,
+                       post_ffn_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                       router_weight: torch.Tensor, correction_coefs: torch.Tensor,
+                       correct_output_scale: torch.Tensor | None = None, eps: float = 1e-6, active: int = 0, *,
+                       workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``reference.ops.down_altup_correct`` with the down projection through ``project``, then the plain post-FFN
+    norm and AltUp correct (``reference.ops.altup_correct_fused``)."""
+    return ref_ops.altup_correct_fused(predictions, project(x, down_weight), h, post_ffn_norm_weight,
+                                       router_norm_weight, router_weight, correction_coefs, correct_output_scale,
+                                       eps, active)
+
+
+def sparse_ffn_altup_correct(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float,
+                             predictions: torch.Tensor, h: torch.Tensor, post_ffn_norm_weight: torch.Tensor,
+                             router_norm_weight: torch.Tensor, router_weight: torch.Tensor,
+                             correction_coefs: torch.Tensor, correct_output_scale: torch.Tensor | None = None,
+                             eps: float = 1e-6, active: int = 0, *,
+                             workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``reference.ops.sparse_ffn_altup_correct`` with the FFN as ``sparse_ffn`` here, then the plain post-FFN norm
+    and AltUp correct (``reference.ops.altup_correct_fused``)."""
+    return ref_ops.altup_correct_fused(predictions, sparse_ffn(x, gate_weight, up_weight, down_weight_t,
+                                                               std_multiplier), h, post_ffn_norm_weight,
+                                       router_norm_weight, router_weight, correction_coefs, correct_output_scale,
+                                       eps, active)

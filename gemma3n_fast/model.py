@@ -228,7 +228,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.lm_head_weight = pack(self.lm_head_weight)
         self.per_layer_model_projection_weight = pack(self.per_layer_model_projection_weight)
         for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap",
-                     "qkv_projection_norm_rope_cache", "o_proj_post_attention", "sparse_ffn"):
+                     "qkv_projection_norm_rope_cache", "o_proj_post_attention", "down_altup_correct",
+                     "sparse_ffn_altup_correct"):
             setattr(self.backend, name, getattr(cpu_quant, name))
             self.backend.sources[name] = "cpu_quant"
         log.info("gemma3n_fast: quantized weights packed for torch's CPU int8 / int4 matmuls (bf16 activations "
@@ -354,19 +355,20 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
             an=normed, post_attention_norm_weight=w.post_attention_norm, post_laurel_norm_weight=w.post_laurel_norm,
             pre_ffn_norm_weight=w.pre_ffn_norm, eps=eps, workspace=ws.gemv)
 
-        # ---- MLP
+        # ---- MLP; its down projection's launch also runs the post-FFN norm and AltUp correct
+        correct = dict(predictions=predictions, h=h, post_ffn_norm_weight=w.post_ffn_norm,
+                       router_norm_weight=w.router_norm, router_weight=w.router, correction_coefs=w.correction_coefs,
+                       correct_output_scale=w.correct_output_scale, eps=eps, active=active)
         if w.down_t is None:
-            mlp_out = ops.linear(ops.linear_gelu_mul(h_normed, w.gate_up, workspace=ws.gemv), w.down,
-                                 workspace=ws.gemv)
+            corrected, gate_input = ops.down_altup_correct(
+                x=ops.linear_gelu_mul(h_normed, w.gate_up, workspace=ws.gemv), down_weight=w.down, **correct,
+                workspace=ws.gemv)
         else:
-            mlp_out = ops.sparse_ffn(h_normed, gate_weight=w.gate, up_weight=w.up, down_weight_t=w.down_t,
-                                     std_multiplier=w.sparsity_std_multiplier, workspace=ws.sparse.get(w.down_t.shape[0]))
+            corrected, gate_input = ops.sparse_ffn_altup_correct(
+                x=h_normed, gate_weight=w.gate, up_weight=w.up, down_weight_t=w.down_t,
+                std_multiplier=w.sparsity_std_multiplier, **correct, workspace=ws.sparse.get(w.down_t.shape[0]))
 
-        # ---- post-FFN norm, AltUp correct; the per-layer input's gate and projection
-        corrected, gate_input = ops.altup_correct_fused(
-            predictions=predictions, mlp_out=mlp_out, h=h, post_ffn_norm_weight=w.post_ffn_norm,
-            router_norm_weight=w.router_norm, router_weight=w.router, correction_coefs=w.correction_coefs,
-            correct_output_scale=w.correct_output_scale, eps=eps, active=active)
+        # ---- the per-layer input's gate and projection
         if gate_input is None:  # no output scale: the gate reads the active stream
             gate_input = corrected[active]
         gated = ops.linear_gelu_aux(gate_input, w.per_layer_input_gate, per_layer_input, workspace=ws.gemv)

@@ -15,10 +15,11 @@ Launches (3, static grids, no host sync):
     takes ranks [p*R, (p+1)*R), R = ceil(count / P): it writes their channel ids to the row's active list
     (the list is ordered by channel; program 0 writes the count), then reads those channels' up rows,
     ``act = round(round(gelu(g')) * round(x . Wu[c]))`` stored at the same list slot.
- 3. ``_sparse_down_kernel``, grid (S, H / BLOCK_H, M): program (s, j, m) adds act * WdT[c, j-th block] over the
-    s-th of S equal slices of the row's list; fp32 partials go to a workspace and the last program of each
-    (m, j) to arrive (an atomic counter) adds them in slice order and rounds once (deterministic), then
-    resets its counter. Programs past the count do nothing but still arrive.
+ 3. ``_sparse_down_kernel``, grid (M * H / BLOCK_H, S): program (m * H / BLOCK_H + j, s) adds act * WdT[c, j-th
+    block] over the s-th of S equal slices of the row's list; fp32 partials go to a workspace and the last program
+    of each (m, j) to arrive (an atomic counter) adds them in slice order and rounds once (deterministic), then
+    resets its counter. Programs past the count do nothing but still arrive. The output tiles are the grid's first
+    axis, as a GEMV's, so a fused launch (``sparse_ffn_altup_correct``) counts its finishers the same way.
 Rows M <= ``SPARSE_MAX_ROWS`` (8) take this path; more rows take the dense path (gate and up GEMVs, the
 ``gaussian_topk`` kernel, a matmul with the transposed down weight). Measured on random-normal gate rows at
 0.95 sparsity (I = 8192; 16384 agrees within 1 percentage point): active per row 5.0 %; rows T = 1, 4, 8, 16, 128 ->
@@ -55,7 +56,8 @@ import triton.language as tl
 from ..reference.quant import KINDS, QuantizedWeight
 from ._common import H100_SMS, check_dtype, check_out, gelu_tanh, round_scalar, round_to, rows
 from .gaussian_topk import gaussian_cutoff, gaussian_topk_gelu_mul, sparse_gate
-from .gemv import MAX_ROWS, GemvWorkspace, default_gemv_workspace, gemv_workspace, launch_gemv, linear
+from .gemv import (MAX_ROWS, GemvTail, GemvWorkspace, default_gemv_workspace, gemv_workspace, launch_gemv,
+                   linear)
 
 SPARSE_MAX_ROWS = 8  # more rows: the dense path (see the module docstring for the numbers)
 MAX_INTERMEDIATE = 32768  # a gate row is held in registers by every up program
@@ -141,14 +143,19 @@ def _sparse_up_kernel(
 
 
 @triton.jit
-def _sparse_down_kernel(
+def sparse_down_tile(
     idx_ptr, act_ptr, count_ptr, wdt_ptr, wdt_scales_ptr, out_ptr, ws_ptr, lock_ptr,
     H, stride_im, stride_am, stride_wd, stride_wds, stride_om,
     W_KIND: tl.constexpr, W_GROUP: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    hb = tl.program_id(1)
-    m = tl.program_id(2)
+    """This program's share of the sparse down launch (grid: M * H / BLOCK_H output tiles x SPLITS slices) -> whether
+    it stored a finished output tile (every program without a split; with one, the last slice of the tile to
+    arrive), so a fused kernel can count the launch's finishers (``gemv.last_tile_done``: one per tile)."""
+    tile = tl.program_id(0)  # (row, H block), rows outermost
+    s = tl.program_id(1)  # slice of the row's active list
+    n_hd = tl.cdiv(H, BLOCK_H)
+    m = tile // n_hd
+    hb = tile % n_hd
     count = tl.load(count_ptr + m)
     per = tl.cdiv(count, SPLITS)
     lo = s * per
@@ -170,15 +177,28 @@ def _sparse_down_kernel(
     out_ptrs = out_ptr + m.to(tl.int64) * stride_om + h
     if SPLITS == 1:
         tl.store(out_ptrs, round_to(part, out_ptr.dtype.element_ty), mask=h_mask)
+        finished = tile >= 0  # every program stores its tile (a runtime True: a fused tail's atomic mask)
     else:
-        tile = m * tl.num_programs(1) + hb
         offs = tl.arange(0, BLOCK_H)
         tile_ws = ws_ptr + tile.to(tl.int64) * (SPLITS * BLOCK_H)
         tl.store(tile_ws + s * BLOCK_H + offs, part)
         tl.debug_barrier()  # every thread's partial is written before the single atomic below publishes them
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:  # the last slice to finish adds all slices in a fixed order
+        finished = arrived == SPLITS - 1
+        if finished:  # the last slice to finish adds all slices in a fixed order
             _finish_tile(tile_ws, lock_ptr, tile, out_ptrs, h_mask, SPLITS, BLOCK_H)
+    return finished
+
+
+@triton.jit
+def _sparse_down_kernel(
+    idx_ptr, act_ptr, count_ptr, wdt_ptr, wdt_scales_ptr, out_ptr, ws_ptr, lock_ptr,
+    H, stride_im, stride_am, stride_wd, stride_wds, stride_om,
+    W_KIND: tl.constexpr, W_GROUP: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    sparse_down_tile(idx_ptr, act_ptr, count_ptr, wdt_ptr, wdt_scales_ptr, out_ptr, ws_ptr, lock_ptr,
+                     H, stride_im, stride_am, stride_wd, stride_wds, stride_om, W_KIND, W_GROUP, SPLITS, BLOCK_S,
+                     BLOCK_H)
 
 
 @triton.jit
@@ -366,6 +386,81 @@ def _dense_project(x_rows: torch.Tensor, w, workspace: GemvWorkspace | None) -> 
     return linear(x_rows, w, workspace=workspace)
 
 
+def check_ffn(fn: str, x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier) -> tuple[int, int]:
+    """A ``sparse_ffn`` call's inputs checked (errors name ``fn``) -> (I, H)."""
+    check_dtype(fn, "x", x)
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"{fn}: x must be a non-empty [..., H], got {tuple(x.shape)}")
+    if not isinstance(gate_weight, (torch.Tensor, QuantizedWeight)):
+        raise TypeError(f"{fn}: gate_weight must be a torch.Tensor or a QuantizedWeight, got "
+                        f"{type(gate_weight).__name__}")
+    for name, w in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight_t", down_weight_t)):
+        _check_weight(fn, name, w, gate_weight.shape[0], x)
+    if not isinstance(std_multiplier, (int, float)):
+        raise TypeError(f"{fn}: std_multiplier must be a Python float (a tensor would force a host sync), got "
+                        f"{type(std_multiplier).__name__}")
+    return gate_weight.shape[0], x.shape[-1]
+
+
+def takes_sparse_path(M: int, I: int) -> bool:
+    """Whether ``M`` rows of an FFN of width ``I`` take the sparse launches (else the dense path)."""
+    return M <= SPARSE_MAX_ROWS and I <= MAX_INTERMEDIATE  # beyond: the union of active sets nears every channel
+
+
+def dense_ffn(x_rows: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float,
+              out_rows: torch.Tensor, workspace: SparseFFNWorkspace | None) -> None:
+    """The dense path into ``out_rows``: gate and up GEMVs, the ``gaussian_topk`` kernel, a matmul with the
+    transposed down weight (fp32 for a quantized one, rounded once)."""
+    gemv_ws = workspace.gemv if workspace is not None else None
+    gate, up = _dense_project(x_rows, gate_weight, gemv_ws), _dense_project(x_rows, up_weight, gemv_ws)
+    act = gaussian_topk_gelu_mul(gate, up, float(std_multiplier))
+    if isinstance(down_weight_t, QuantizedWeight):  # fp32 products and sums, rounded once
+        out_rows.copy_(torch.matmul(act.float(), down_weight_t.dequantize()))
+    else:
+        torch.matmul(act, down_weight_t, out=out_rows)
+
+
+def launch_sparse_ffn(fn: str, x_rows: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float,
+                      out_rows: torch.Tensor, workspace: SparseFFNWorkspace | None, config: SparseFFNConfig | None,
+                      tail: GemvTail | None = None) -> None:
+    """The sparse path's 3 launches on checked [M, H] rows (``takes_sparse_path``) into ``out_rows``. ``tail``: launch
+    ``tail.kernel`` instead of ``_sparse_down_kernel``, with its arguments, then the launch counter (the workspace's
+    ``gemv.done``), then ``tail.args`` and the constexprs ``tail.meta``: its last finisher (``sparse_down_tile``, then
+    ``gemv.last_tile_done``) runs a row-wise chain over the whole output."""
+    M, H = x_rows.shape
+    I = gate_weight.shape[0]
+    cfg = config or sparse_ffn_config(M, I, H, x_rows.dtype)
+    ws = workspace if workspace is not None else _default_workspace(x_rows.device, I, H, x_rows.dtype, config, fn)
+    n_hd = triton.cdiv(H, cfg.BLOCK_HD)
+    if (ws.gate.shape[1] != I or ws.max_rows < M or ws.gate.dtype != x_rows.dtype or ws.gate.device != x_rows.device
+            or ws.locks.numel() < M * n_hd or ws.partials.numel() < M * n_hd * cfg.down_splits * cfg.BLOCK_HD):
+        raise ValueError(f"{fn}: workspace does not fit {M} rows of I={I}, H={H}, {x_rows.dtype} on "
+                         f"{x_rows.device} with {cfg}; build it with sparse_ffn_workspace(max_rows, I, H, dtype, "
+                         "device)")
+    down_kernel, tail_args, tail_meta = _sparse_down_kernel, (), {}
+    if tail is not None:
+        if ws.gemv.done is None:
+            raise ValueError(f"{fn}: a fused launch needs the gemv workspace's launch counter; build it with "
+                             "gemv_workspace(device, max_rows)")
+        down_kernel, tail_args, tail_meta = tail.kernel, (ws.gemv.done, *tail.args), tail.meta
+    # z rounded to the activation dtype exactly as the reference does (a CPU scalar op, no device sync).
+    z = round_scalar(float(std_multiplier), x_rows.dtype)
+    gate = ws.gate[:M]
+    launch_gemv(fn, x_rows, gate_weight, gate, workspace=ws.gemv)  # 1: dense gate GEMV (M <= 8 <= MAX_ROWS)
+    (wu, wu_scales, stride_wu, stride_wus), wu_kind = _weight_args(up_weight)
+    (wd, wd_scales, stride_wd, stride_wds), wd_kind = _weight_args(down_weight_t)
+    _sparse_up_kernel[(cfg.up_programs, M)](  # 2: cutoff, active list, sparse up x gelu
+        x_rows, gate, wu, wu_scales, ws.index, ws.act, ws.count,
+        I, H, x_rows.stride(0), gate.stride(0), stride_wu, stride_wus, ws.index.stride(0), ws.act.stride(0), z,
+        **wu_kind, BLOCK_I=triton.next_power_of_2(I), BLOCK_C=cfg.BLOCK_C, BLOCK_H=cfg.BLOCK_HU, num_warps=cfg.up_warps,
+    )
+    down_kernel[(M * n_hd, cfg.down_splits)](  # 3: sparse down, deterministic split reduction (and the tail)
+        ws.index, ws.act, ws.count, wd, wd_scales, out_rows, ws.partials, ws.locks,
+        H, ws.index.stride(0), ws.act.stride(0), stride_wd, stride_wds, out_rows.stride(0), *tail_args, **wd_kind,
+        **tail_meta, SPLITS=cfg.down_splits, BLOCK_S=cfg.BLOCK_S, BLOCK_H=cfg.BLOCK_HD, num_warps=cfg.down_warps,
+    )
+
+
 def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor | QuantizedWeight,
                up_weight: torch.Tensor | QuantizedWeight, down_weight_t: torch.Tensor | QuantizedWeight,
                std_multiplier: float, *, out: torch.Tensor | None = None,
@@ -376,55 +471,14 @@ def sparse_ffn(x: torch.Tensor, gate_weight: torch.Tensor | QuantizedWeight,
     the gate one is handed to the gate GEMV as it is). ``workspace``: see ``sparse_ffn_workspace`` (default: a
     cached one, created on first use); ``config`` overrides ``sparse_ffn_config``."""
     fn = "sparse_ffn"
-    check_dtype(fn, "x", x)
-    if x.dim() < 1 or x.numel() == 0:
-        raise ValueError(f"{fn}: x must be a non-empty [..., H], got {tuple(x.shape)}")
-    H = x.shape[-1]
-    if not isinstance(gate_weight, (torch.Tensor, QuantizedWeight)):
-        raise TypeError(f"{fn}: gate_weight must be a torch.Tensor or a QuantizedWeight, got "
-                        f"{type(gate_weight).__name__}")
-    for name, w in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight_t", down_weight_t)):
-        _check_weight(fn, name, w, gate_weight.shape[0], x)
-    if not isinstance(std_multiplier, (int, float)):
-        raise TypeError(f"{fn}: std_multiplier must be a Python float (a tensor would force a host sync), got "
-                        f"{type(std_multiplier).__name__}")
-    I = gate_weight.shape[0]
+    I, H = check_ffn(fn, x, gate_weight, up_weight, down_weight_t, std_multiplier)
     out = check_out(fn, out, x.shape, x.dtype, x.device, view_as=(-1, H))
     x_rows, out_rows = rows(x, H), out.view(-1, H)
-    M = x_rows.shape[0]
-    if M > SPARSE_MAX_ROWS or I > MAX_INTERMEDIATE:  # dense: the union of active sets nears every channel
-        gemv_ws = workspace.gemv if workspace is not None else None
-        gate, up = _dense_project(x_rows, gate_weight, gemv_ws), _dense_project(x_rows, up_weight, gemv_ws)
-        act = gaussian_topk_gelu_mul(gate, up, float(std_multiplier))
-        if isinstance(down_weight_t, QuantizedWeight):  # fp32 products and sums, rounded once
-            out_rows.copy_(torch.matmul(act.float(), down_weight_t.dequantize()))
-        else:
-            torch.matmul(act, down_weight_t, out=out_rows)
-        return out
-
-    cfg = config or sparse_ffn_config(M, I, H, x.dtype)
-    ws = workspace if workspace is not None else _default_workspace(x.device, I, H, x.dtype, config, fn)
-    n_hd = triton.cdiv(H, cfg.BLOCK_HD)
-    if (ws.gate.shape[1] != I or ws.max_rows < M or ws.gate.dtype != x.dtype or ws.gate.device != x.device
-            or ws.locks.numel() < M * n_hd or ws.partials.numel() < M * n_hd * cfg.down_splits * cfg.BLOCK_HD):
-        raise ValueError(f"{fn}: workspace does not fit {M} rows of I={I}, H={H}, {x.dtype} on {x.device} with "
-                         f"{cfg}; build it with sparse_ffn_workspace(max_rows, I, H, dtype, device)")
-    # z rounded to the activation dtype exactly as the reference does (a CPU scalar op, no device sync).
-    z = round_scalar(float(std_multiplier), x.dtype)
-    gate = ws.gate[:M]
-    launch_gemv(fn, x_rows, gate_weight, gate, workspace=ws.gemv)  # 1: dense gate GEMV (M <= 8 <= MAX_ROWS)
-    (wu, wu_scales, stride_wu, stride_wus), wu_kind = _weight_args(up_weight)
-    (wd, wd_scales, stride_wd, stride_wds), wd_kind = _weight_args(down_weight_t)
-    _sparse_up_kernel[(cfg.up_programs, M)](  # 2: cutoff, active list, sparse up x gelu
-        x_rows, gate, wu, wu_scales, ws.index, ws.act, ws.count,
-        I, H, x_rows.stride(0), gate.stride(0), stride_wu, stride_wus, ws.index.stride(0), ws.act.stride(0), z,
-        **wu_kind, BLOCK_I=triton.next_power_of_2(I), BLOCK_C=cfg.BLOCK_C, BLOCK_H=cfg.BLOCK_HU, num_warps=cfg.up_warps,
-    )
-    _sparse_down_kernel[(cfg.down_splits, n_hd, M)](  # 3: sparse down, deterministic split reduction
-        ws.index, ws.act, ws.count, wd, wd_scales, out_rows, ws.partials, ws.locks,
-        H, ws.index.stride(0), ws.act.stride(0), stride_wd, stride_wds, out_rows.stride(0), **wd_kind,
-        SPLITS=cfg.down_splits, BLOCK_S=cfg.BLOCK_S, BLOCK_H=cfg.BLOCK_HD, num_warps=cfg.down_warps,
-    )
+    if takes_sparse_path(x_rows.shape[0], I):
+        launch_sparse_ffn(fn, x_rows, gate_weight, up_weight, down_weight_t, std_multiplier, out_rows, workspace,
+                          config)
+    else:
+        dense_ffn(x_rows, gate_weight, up_weight, down_weight_t, std_multiplier, out_rows, workspace)
     return out
 
 

@@ -42,6 +42,9 @@ __all__ = [
     "altup_collapse_norm",
     "per_layer_inputs_combine",
     "token_embeddings",
+    # a producing launch and the chain that consumes its output, in one launch
+    "down_altup_correct",
+    "sparse_ffn_altup_correct",
 ]
 
 
@@ -406,6 +409,30 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
     out = rms_norm(mlp_out, post_ffn_norm_weight, eps, residual=h)
     return altup_correct(predictions, out, router_norm_weight, router_weight, correction_coefs,
                          correct_output_scale, eps, active)
+
+
+def down_altup_correct(x: torch.Tensor, down_weight: torch.Tensor, predictions: torch.Tensor, h: torch.Tensor,
+                       post_ffn_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                       router_weight: torch.Tensor, correction_coefs: torch.Tensor,
+                       correct_output_scale: torch.Tensor | None = None, eps: float = 1e-6, active: int = 0, *,
+                       workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A dense MLP's down projection, then the post-FFN norm and AltUp correct:
+    ``altup_correct_fused(P, linear(x, down_weight), h, ...)``. x [..., I] (gelu(gate) * up), down_weight [H, I]."""
+    return altup_correct_fused(predictions, linear(x, down_weight), h, post_ffn_norm_weight, router_norm_weight,
+                               router_weight, correction_coefs, correct_output_scale, eps, active)
+
+
+def sparse_ffn_altup_correct(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+                             down_weight_t: torch.Tensor, std_multiplier: float, predictions: torch.Tensor,
+                             h: torch.Tensor, post_ffn_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                             router_weight: torch.Tensor, correction_coefs: torch.Tensor,
+                             correct_output_scale: torch.Tensor | None = None, eps: float = 1e-6, active: int = 0, *,
+                             workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A sparse layer's MLP, then the post-FFN norm and AltUp correct:
+    ``altup_correct_fused(P, sparse_ffn(x, ...), h, ...)``. x [..., H] (the pre-FFN-normed rows)."""
+    return altup_correct_fused(predictions, sparse_ffn(x, gate_weight, up_weight, down_weight_t, std_multiplier), h,
+                               post_ffn_norm_weight, router_norm_weight, router_weight, correction_coefs,
+                               correct_output_scale, eps, active)
 
 
 def _match_magnitude(y: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:

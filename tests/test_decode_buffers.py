@@ -29,7 +29,7 @@ TEXT = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attenti
 RUNS = [(1, (1, 8, 16, 17)), (3, (1, 2, 5))]
 NEW_TOKENS = 3  # two decode steps per call
 GEMV_OPS = ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "qkv_projection_norm_rope_cache",
-            "o_proj_post_attention")
+            "o_proj_post_attention", "down_altup_correct")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ class _Watch:
 
         monkeypatch.setattr(gen_mod, "DecodeState", State)
         monkeypatch.setattr(gen_mod, "_step", step)
-        for name in (*GEMV_OPS, "sparse_ffn", "sliding_window_attention_decode"):
+        for name in (*GEMV_OPS, "sparse_ffn_altup_correct", "sliding_window_attention_decode"):
             monkeypatch.setattr(fast.backend, name, self._wrap(name, getattr(fast.backend, name)))
 
     def _wrap(self, name, fn):
@@ -81,7 +81,7 @@ class _Watch:
             elif name in GEMV_OPS:
                 if workspace is not ws.gemv:
                     self.bad.append(f"{name}: not the state's GEMV workspace")
-            elif name == "sparse_ffn":
+            elif name == "sparse_ffn_altup_correct":
                 gate_weight = kwargs["gate_weight"] if "gate_weight" in kwargs else args[1]  # [I, H]
                 if workspace is not ws.sparse.get(gate_weight.shape[0]) or workspace.gemv is not ws.gemv:
                     self.bad.append(f"{name}: not the state's sparse-FFN workspace")
@@ -106,7 +106,7 @@ def test_decode_state_buffers_never_move(fast, monkeypatch):
             assert _addresses(st) == then, f"batch {batch}, prompt {T}: decode-state buffers moved"
         assert not watch.bad, sorted(set(watch.bad))
     assert watch.steps == sum(len(lengths) for _, lengths in RUNS) * (NEW_TOKENS - 1)
-    assert set(watch.calls) == {*GEMV_OPS, "sparse_ffn", "sliding_window_attention_decode"}
+    assert set(watch.calls) == {*GEMV_OPS, "sparse_ffn_altup_correct", "sliding_window_attention_decode"}
     # the state owns one of everything: GEMV scratch shared by both sparse-FFN sizes, attention partials, KV cache
     ws = st.workspaces
     assert sorted(ws.sparse) == [144, 160] and all(s.gemv is ws.gemv for s in ws.sparse.values())

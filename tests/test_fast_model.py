@@ -443,12 +443,12 @@ def test_a_kernel_that_cannot_load_is_an_error_naming_it(monkeypatch):
     real = importlib.import_module
 
     def broken(name, *a, **k):
-        if name == "gemma3n_fast.kernels.altup_correct_fused":
+        if name == "gemma3n_fast.kernels.down_altup_correct":
             raise ImportError("simulated")
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", broken)
-    with pytest.raises(KernelUnavailableError, match="altup_correct_fused.*simulated"):
+    with pytest.raises(KernelUnavailableError, match="down_altup_correct.*simulated"):
         Backend("interpret", torch.device("cpu"))
 
 

@@ -11,7 +11,8 @@ other configurations under the interpreter, and only compiled kernels have Trito
   for sm_90 as the JIT would; none may fail or use more than the H100's 227 KB of shared memory;
 * test-only variants: the same, for launches no real step makes (the attention kernels' softcap, the
   top-k count output, and the standalone kernels the model does not call: rms_norm, altup_predict,
-  altup_correct), through their launchers at Gemma 3n's shapes;
+  altup_correct, the sparse FFN's down), through their launchers (the sparse down: its own launch) at Gemma 3n's
+  shapes;
 * together they cover every ``*_kernel`` in kernels/.
 Registers and spills are reported (the table in BENCHMARKS.md: ``python -m bench.launch_specs --markdown``)."""
 import json
@@ -61,6 +62,14 @@ def test_only_launches():
     rms_norm(e(1, H), e(H), 1e-6, e(1, H))
     altup_predict(e(A, 1, 1, H), e(H), e(A, H), e(A * A, A))
     altup_correct(e(A, 1, 1, H), e(1, 1, H), e(H), e(A, H), e(A, A), e(H))
+    # the sparse FFN's own down kernel, as sparse_ffn launches it at one row (the model's runs the correct tail)
+    from gemma3n_fast.kernels.sparse_ffn import _sparse_down_kernel, sparse_ffn_config
+    I, c = 8192, sparse_ffn_config(1, 8192, H, torch.bfloat16)
+    i32 = lambda *shape: e(*shape, dtype=torch.int32)
+    _sparse_down_kernel[(H // c.BLOCK_HD, c.down_splits)](
+        i32(8, I), e(8, I), i32(8), e(I, H), e(I, H), e(1, H), e(1 << 16, dtype=torch.float32), i32(256),
+        H, I, I, H, 0, H, W_KIND=0, W_GROUP=2, SPLITS=c.down_splits, BLOCK_S=c.BLOCK_S, BLOCK_H=c.BLOCK_HD,
+        num_warps=c.down_warps)
 '''
 
 _SCRIPT = _BIND_CHECKOUT + _TEST_ONLY_LAUNCHES + r'''
@@ -136,7 +145,8 @@ def test_test_only_variants_compile_for_sm90(compiled):
     assert not compiled["problems"], "\n".join(compiled["problems"])
     rows = compiled["test_only"]["variants"]
     assert {r["kernel"] for r in rows} == {"_swa_prefill_kernel", "_swa_decode_kernel", "_gaussian_topk_gelu_mul_kernel",
-                                           "_rms_norm_kernel", "_altup_predict_kernel", "_altup_correct_kernel"}
+                                           "_rms_norm_kernel", "_altup_predict_kernel", "_altup_correct_kernel",
+                                           "_sparse_down_kernel"}
     for row in rows:
         assert row["error"] is None and row["shared"] <= launch_specs.H100_SHARED_LIMIT, row
     # each is still test-only
