@@ -25,7 +25,7 @@ log = logging.getLogger("gemma3n_fast")
 # op name -> module under gemma3n_fast.kernels holding a launcher of the same name
 KERNEL_MODULES = {
     # the decoder layer, in the order one layer calls them
-    "altup_predict_fused": "altup_predict_fused",  # previous layer's injection + AltUp predict + input norm
+    "altup_predict_fused": "altup_predict_fused",  # layer 0: AltUp predict + input norm (later layers: below)
     "linear": "gemv",  # q|k|v|LAuReL-left, the per-layer projection, the streams' projections
     "qkv_norm_rope_cache": "qkv_norm_rope_cache",
     "sliding_window_attention": "sliding_window_attention",  # prefill
@@ -36,11 +36,12 @@ KERNEL_MODULES = {
     "sparse_ffn": "sparse_ffn",  # MLP of the layers with a sparsity target
     "altup_correct_fused": "altup_correct_fused",
     "linear_gelu_aux": "gemv",  # per-layer-input gate with the gelu * per-layer-input epilogue
+    "per_layer_projection_predict": "per_layer_projection_predict",  # + injection, next layer's predict + input norm
     # the step's prologue and epilogue
     "token_embeddings": "token_embeddings",  # decode: text / multimodal-hard embedding + per-layer token part
     "per_layer_inputs_combine": "per_layer_inputs_combine",
     "altup_make_streams": "altup_make_streams",
-    "altup_inject": "altup_inject",
+    "per_layer_projection_inject": "per_layer_projection_inject",  # the last layer's projection + injection
     "altup_collapse_norm": "altup_collapse_norm",
     "linear_softcap": "gemv",  # the LM head
     # the audio tower's attention core

@@ -41,7 +41,8 @@ from gemma3n_fast.reference import ops as ref_ops
 from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
 
 __all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
-           "linear_softcap", "dual_linear", "sparse_ffn"]
+           "linear_softcap", "dual_linear", "sparse_ffn", "per_layer_projection_predict",
+           "per_layer_projection_inject"]
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,24 @@ def linear_softcap(x: torch.Tensor, weight, cap: float | None, *, workspace=None
 def dual_linear(x1: torch.Tensor, w1, x2: torch.Tensor, w2, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x1 @ w1^T, x2 @ w2^T)``."""
     return project(x1, w1), project(x2, w2)
+
+
+def per_layer_projection_predict(gated: torch.Tensor, projection_weight, streams: torch.Tensor,
+                                 per_layer_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                                 router_weight: torch.Tensor, prediction_coefs: torch.Tensor,
+                                 input_norm_weight: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
+                                 workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.ops.per_layer_projection_predict`` with the projection through ``project``."""
+    return ref_ops.altup_predict_fused(streams, project(gated, projection_weight), per_layer_norm_weight,
+                                       router_norm_weight, router_weight, prediction_coefs, input_norm_weight, eps,
+                                       active)
+
+
+def per_layer_projection_inject(gated: torch.Tensor, projection_weight, streams: torch.Tensor,
+                                per_layer_norm_weight: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
+                                workspace=None) -> torch.Tensor:
+    """``reference.ops.per_layer_projection_inject`` with the projection through ``project``."""
+    return ref_ops.altup_inject(streams, project(gated, projection_weight), per_layer_norm_weight, eps, active)
 
 
 def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float, *,
