@@ -26,7 +26,7 @@ log = logging.getLogger("gemma3n_fast")
 KERNEL_MODULES = {
     # the decoder layer, in the order one layer calls them
     "altup_predict_fused": "altup_predict_fused",  # layer 0: AltUp predict + input norm (later layers: below)
-    "linear": "gemv",  # q|k|v|LAuReL-left, the per-layer projection, the streams' projections
+    "linear": "gemv",  # q|k|v|LAuReL-left, the streams' projections
     "qkv_norm_rope_cache": "qkv_norm_rope_cache",
     "sliding_window_attention": "sliding_window_attention",  # prefill
     "sliding_window_attention_decode": "sliding_window_decode",
