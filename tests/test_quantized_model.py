@@ -178,7 +178,8 @@ def test_cpu_packed_matmuls_equal_the_quantized_reference(folder, kind, dtype, m
 
     ref = reference.load(folder, quantize=kind, dtype=dtype)
     fast = gemma3n_fast.load(folder, device="cpu", dtype=dtype, kernels="reference", quantize=kind)
-    assert {fast.backend.sources[op] for op in ("linear", "dual_linear", "sparse_ffn")} == {"cpu_quant"}
+    assert {fast.backend.sources[op] for op in ("linear", "dual_linear", "sparse_ffn", "per_layer_projection_predict",
+                                                "per_layer_projection_inject")} == {"cpu_quant"}
     calls = []
     packed = cpu_quant._packed_matmul
     monkeypatch.setattr(cpu_quant, "_packed_matmul", lambda *a: calls.append(a[2]) or packed(*a))
