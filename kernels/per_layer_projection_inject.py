@@ -11,7 +11,9 @@ Work split: rows M <= 16 (``gemv.MAX_ROWS``: decode) take ONE launch: every prog
 workspace) runs ``altup_inject``'s own row function (``inject_row``) over every row. More rows (prefill) take the
 two launches: ``linear`` (torch's GEMM), then ``altup_inject``'s kernel.
 Numerics: the same row function on the same stored proj_raw as the two launches: the fused launch is bit-equal to
-``linear`` then ``altup_inject``. Weights: float or ``QuantizedWeight`` (int8, int4), as ``linear`` takes them.
+``linear`` then ``altup_inject`` run with the same GEMV settings. The launch takes at least the standalone kernel's
+warps (``GemvTail.num_warps``: the tail holds [A, H] rows in registers), so on a GPU the GEMV's final fp32
+reduction may be grouped unlike a ``linear`` launch with fewer warps (another summation order). Weights: float or ``QuantizedWeight`` (int8, int4), as ``linear`` takes them.
 Graph safety: proj_raw [M, H] is allocated per call like any output (``out`` may be given, or be ``streams``
 itself: each row is read before it is written); the counter lives in ``workspace`` (``gemv_workspace``; the default
 one when None) and every launch leaves it at zero. No host sync. Requires triton >= 3.6, torch >= 2.11.
@@ -72,5 +74,5 @@ def per_layer_projection_inject(gated: torch.Tensor, projection_weight: torch.Te
         _altup_inject_kernel[(gated_rows.shape[0],)](*args, **meta, num_warps=warps)
     else:
         launch_gemv(fn, gated_rows, projection_weight, proj_rows, config=config, workspace=workspace,
-                    tail=GemvTail(_per_layer_projection_inject_kernel, args, meta))
+                    tail=GemvTail(_per_layer_projection_inject_kernel, args, meta, num_warps=warps))
     return out

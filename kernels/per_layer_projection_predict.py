@@ -14,7 +14,10 @@ Work split: rows M <= 16 (``gemv.MAX_ROWS``: decode) take ONE launch: every prog
 ``altup_predict_fused``'s own row function (``predict_fused_row``) over every row, one after another. More rows
 (prefill) take the two launches: ``linear`` (torch's GEMM), then ``altup_predict_fused``'s kernel.
 Numerics: the same row function on the same stored proj_raw as the two launches, in the same order: the fused
-launch is bit-equal to ``linear`` then ``altup_predict_fused``. Weights: float or ``QuantizedWeight`` (int8, int4),
+launch is bit-equal to ``linear`` then ``altup_predict_fused`` run with the same GEMV settings. The launch takes at
+least the standalone kernel's warps (``GemvTail.num_warps``: the tail holds [A, H] rows in registers, which at the
+2 warps of a one-row GEMV with a short K would spill), so on a GPU the GEMV's final fp32 reduction may be grouped
+unlike a ``linear`` launch with fewer warps (another summation order, within the same rounding). Weights: float or ``QuantizedWeight`` (int8, int4),
 as ``linear`` takes them.
 Graph safety: proj_raw [M, H] is allocated per call like any output (``out`` / ``normed_out`` may be given); the
 counter lives in ``workspace`` (``gemv_workspace``; the default one when None) and every launch leaves it at zero.
@@ -81,5 +84,5 @@ def per_layer_projection_predict(gated: torch.Tensor, projection_weight: torch.T
         _altup_predict_fused_kernel[(gated_rows.shape[0],)](*args, **meta, num_warps=warps)
     else:
         launch_gemv(fn, gated_rows, projection_weight, proj_rows, config=config, workspace=workspace,
-                    tail=GemvTail(_per_layer_projection_predict_kernel, args, meta))
+                    tail=GemvTail(_per_layer_projection_predict_kernel, args, meta, num_warps=warps))
     return out, an
