@@ -25,9 +25,9 @@ log = logging.getLogger("gemma3n_fast")
 # op name -> module under gemma3n_fast.kernels holding a launcher of the same name
 KERNEL_MODULES = {
     # the decoder layer, in the order one layer calls them
-    "altup_predict_fused": "altup_predict_fused",  # previous layer's injection + AltUp predict + input norm
+    "altup_predict_fused": "altup_predict_fused",  # layer 0: AltUp predict + input norm (later layers: below)
     "qkv_projection_norm_rope_cache": "qkv_projection_norm_rope_cache",  # q|k|v|LAuReL-left + norms, RoPE, K/V write
-    "linear": "gemv",  # the per-layer projection, the streams' projections, the dense MLP's down projection
+    "linear": "gemv",  # the streams' projections
     "sliding_window_attention": "sliding_window_attention",  # prefill
     "sliding_window_attention_decode": "sliding_window_decode",
     "o_proj_post_attention": "o_proj_post_attention",  # o_proj and LAuReL-right, then the post-attention chain
@@ -36,11 +36,12 @@ KERNEL_MODULES = {
     # MLP of the layers with a sparsity target; its down launch also runs the post-FFN norm + AltUp correct
     "sparse_ffn_altup_correct": "sparse_ffn_altup_correct",
     "linear_gelu_aux": "gemv",  # per-layer-input gate with the gelu * per-layer-input epilogue
+    "per_layer_projection_predict": "per_layer_projection_predict",  # + injection, next layer's predict + input norm
     # the step's prologue and epilogue
     "token_embeddings": "token_embeddings",  # decode: text / multimodal-hard embedding + per-layer token part
     "per_layer_inputs_combine": "per_layer_inputs_combine",
     "altup_make_streams": "altup_make_streams",
-    "altup_inject": "altup_inject",
+    "per_layer_projection_inject": "per_layer_projection_inject",  # the last layer's projection + injection
     "altup_collapse_norm": "altup_collapse_norm",
     "linear_softcap": "gemv",  # the LM head
     # the audio tower's attention core

@@ -42,7 +42,8 @@ from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
 
 __all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
            "linear_softcap", "dual_linear", "qkv_projection_norm_rope_cache", "o_proj_post_attention",
-           "sparse_ffn", "down_altup_correct", "sparse_ffn_altup_correct"]
+           "sparse_ffn", "down_altup_correct", "sparse_ffn_altup_correct", "per_layer_projection_predict",
+           "per_layer_projection_inject"]
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,24 @@ def o_proj_post_attention(x1: torch.Tensor, w1, x2: torch.Tensor, w2, a: torch.T
     o, laurel_branch = dual_linear(x1, w1, x2, w2)
     return ref_ops.post_attention_chain(o, a, laurel_branch, an, post_attention_norm_weight, post_laurel_norm_weight,
                                         pre_ffn_norm_weight, eps)
+
+
+def per_layer_projection_predict(gated: torch.Tensor, projection_weight, streams: torch.Tensor,
+                                 per_layer_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                                 router_weight: torch.Tensor, prediction_coefs: torch.Tensor,
+                                 input_norm_weight: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
+                                 workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.ops.per_layer_projection_predict`` with the projection through ``project``."""
+    return ref_ops.altup_predict_fused(streams, project(gated, projection_weight), per_layer_norm_weight,
+                                       router_norm_weight, router_weight, prediction_coefs, input_norm_weight, eps,
+                                       active)
+
+
+def per_layer_projection_inject(gated: torch.Tensor, projection_weight, streams: torch.Tensor,
+                                per_layer_norm_weight: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
+                                workspace=None) -> torch.Tensor:
+    """``reference.ops.per_layer_projection_inject`` with the projection through ``project``."""
+    return ref_ops.altup_inject(streams, project(gated, projection_weight), per_layer_norm_weight, eps, active)
 
 
 def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float, *,

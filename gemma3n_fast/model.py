@@ -71,6 +71,15 @@ class Workspaces:
 NO_WORKSPACES = Workspaces()
 
 
+class PredictWeights(NamedTuple):
+    """A layer's AltUp predict and input-norm weights: what the hand-off into the layer reads (``_decoder`` passes
+    layer i+1's to the launch of layer i's per-layer projection, so no layer reads another layer's weights)."""
+    router_norm_weight: torch.Tensor  # [H]
+    router_weight: torch.Tensor  # [A, H]
+    prediction_coefs: torch.Tensor  # [A * A, A]
+    input_norm_weight: torch.Tensor  # [H]
+
+
 @dataclass(frozen=True)
 class DecoderLayerWeights:
     """One decoder layer's weights as the fused ops take them, built once at load (``layer_weights``). Every tensor
@@ -109,6 +118,8 @@ class DecoderLayerWeights:
     per_layer_input_gate: torch.Tensor  # [P, H]
     per_layer_projection: torch.Tensor  # [H, P]
     per_layer_projection_norm: torch.Tensor  # [H]: normalises the projection when it is injected
+    # the hand-off into this layer (router_norm, router, prediction_coefs, input_norm above, grouped)
+    predict: PredictWeights
 
     @classmethod
     def of(cls, layer, layer_type: str) -> DecoderLayerWeights:
@@ -140,28 +151,41 @@ class DecoderLayerWeights:
             correct_output_scale=au.correct_output_scale if au.use_scale else None,
             per_layer_input_gate=layer.per_layer_input_gate.weight,
             per_layer_projection=layer.per_layer_projection.weight,
-            per_layer_projection_norm=layer.post_per_layer_input_norm.weight)
+            per_layer_projection_norm=layer.post_per_layer_input_norm.weight,
+            predict=PredictWeights(router_norm_weight=au.router_norm.weight, router_weight=au.modality_router.weight,
+                                   prediction_coefs=au.prediction_coefs.weight,
+                                   input_norm_weight=layer.input_layernorm.weight))
+
+
+class LayerInput(NamedTuple):
+    """What a decoder layer starts from: the previous layer's per-layer-input injection, AltUp predict and the input
+    norm are done (by the op that ends the previous layer, ``per_layer_projection_predict``; for layer 0 by
+    ``altup_predict_fused`` on the new streams)."""
+    predictions: torch.Tensor  # [A, B, T, H], AltUp's predicted streams
+    normed: torch.Tensor  # [B, T, H], rms_norm(predictions[active]; input_norm)
+
+    def last_token(self) -> LayerInput:
+        return LayerInput(self.predictions[:, :, -1:], self.normed[:, -1:])
 
 
 class LayerOutput(NamedTuple):
-    """What a decoder layer hands the next one (or the collapse). The layer's last step, the per-layer-input
-    injection ``streams[k] += rms_norm(per_layer_projection; per_layer_projection_norm)`` for k != active, is left
-    to the next op, which fuses it (``altup_predict_fused``, or ``altup_inject`` before the collapse)."""
+    """What a decoder layer hands on. Its last step, the per-layer projection ``gated @ per_layer_projection^T`` and
+    its injection ``streams[k] += rms_norm(projection; per_layer_projection_norm)`` for k != active, is left to the
+    decoder loop, which runs it in one launch with the next layer's start (``per_layer_projection_predict``), or
+    with the injection alone after the last layer (``per_layer_projection_inject``)."""
     streams: torch.Tensor  # [A, B, T, H], AltUp-corrected
-    per_layer_projection: torch.Tensor | None  # [B, T, H] before its norm; None: nothing to inject (embeddings)
-    per_layer_projection_norm: torch.Tensor | None  # [H]
-
-    def last_token(self) -> LayerOutput:
-        proj = self.per_layer_projection
-        return LayerOutput(self.streams[:, :, -1:], None if proj is None else proj[:, -1:],
-                           self.per_layer_projection_norm)
+    gated: torch.Tensor  # [B, T, P], the per-layer input, gated: the per-layer projection's input
+    per_layer_projection: torch.Tensor  # [H, P], this layer's weight
+    per_layer_projection_norm: torch.Tensor  # [H], this layer's weight
 
 
 class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
     """The fast model around a loaded ``reference.model.Gemma3nReference`` (kept as ``self.model``).
 
     Every layer, at prefill and decode alike, is one chain of fused ops (see backend.py for the list): 11 launches
-    per layer with a dense MLP, 12 with a sparse one, at batch-1 decode."""
+    per layer with a dense MLP, 11 with a sparse one, at batch-1 decode, counting the launch that ends a layer and
+    starts the next (the per-layer projection with the next layer's AltUp predict); one more before the first
+    layer (its AltUp predict)."""
 
     def __init__(self, reference: reference_model.Gemma3nReference, kernels: str | None = None):
         super().__init__()
@@ -229,7 +253,7 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.per_layer_model_projection_weight = pack(self.per_layer_model_projection_weight)
         for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap",
                      "qkv_projection_norm_rope_cache", "o_proj_post_attention", "down_altup_correct",
-                     "sparse_ffn_altup_correct"):
+                     "sparse_ffn_altup_correct", "per_layer_projection_predict", "per_layer_projection_inject"):
             setattr(self.backend, name, getattr(cpu_quant, name))
             self.backend.sources[name] = "cpu_quant"
         log.info("gemma3n_fast: quantized weights packed for torch's CPU int8 / int4 matmuls (bf16 activations "
@@ -308,23 +332,21 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         return x, self._per_layer_inputs(x, token_part.unflatten(-1, (c.num_hidden_layers, -1)), ws)
 
     # ---- the decoder ---------------------------------------------------------------------------------------
-    def _layer(self, i: int, hidden: LayerOutput, per_layer_input, positions, kv, shared_kv: dict,
+    def _layer(self, i: int, layer_input: LayerInput, per_layer_input, positions, kv, shared_kv: dict,
                ws: Workspaces) -> LayerOutput:
-        """Decoder layer ``i``: the reference's ``DecoderLayer.forward`` as a chain of fused ops.
+        """Decoder layer ``i``: the reference's ``DecoderLayer.forward`` as a chain of fused ops, from its predicted
+        input to its gated per-layer input (``_decoder`` runs the hand-offs: the start, predict and input norm, and
+        the end, the per-layer projection and its injection, each fused with the neighbouring layer's).
 
-        hidden: the previous layer's output (its injection is fused into this layer's first op); per_layer_input
-        [B, T, P]; positions [B, T]; kv: the forward's K/V view (cache.py); shared_kv[layer type]: (keys, values,
-        key positions) of the last owner layer of that type, what a KV-shared layer attends over."""
+        layer_input: AltUp's predictions and the normed active one; per_layer_input [B, T, P]; positions [B, T];
+        kv: the forward's K/V view (cache.py); shared_kv[layer type]: (keys, values, key positions) of the last
+        owner layer of that type, what a KV-shared layer attends over."""
         w, c, ops = self.layer_weights[i], self.text_config, self.backend
         eps, active = c.rms_norm_eps, c.altup_active_idx
         num_heads, num_kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
-        # ---- previous layer's per-layer-input injection, AltUp predict, input norm
-        predictions, normed = ops.altup_predict_fused(
-            streams=hidden.streams, proj_raw=hidden.per_layer_projection,
-            per_layer_norm_weight=hidden.per_layer_projection_norm, router_norm_weight=w.router_norm,
-            router_weight=w.router, prediction_coefs=w.prediction_coefs, input_norm_weight=w.input_norm,
-            eps=eps, active=active)
+        # ---- the input: the previous layer's injection, AltUp predict and the input norm are done
+        predictions, normed = layer_input
         batch, tokens = normed.shape[:2]
 
         # ---- self-attention: q|k|v and LAuReL's left projection, the q/k norms, RoPE and the K/V write: one launch
@@ -368,40 +390,55 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
                 x=h_normed, gate_weight=w.gate, up_weight=w.up, down_weight_t=w.down_t,
                 std_multiplier=w.sparsity_std_multiplier, **correct, workspace=ws.sparse.get(w.down_t.shape[0]))
 
-        # ---- the per-layer input's gate and projection
+        # ---- the per-layer input's gate (its projection: the hand-off, `_decoder`)
         if gate_input is None:  # no output scale: the gate reads the active stream
             gate_input = corrected[active]
         gated = ops.linear_gelu_aux(gate_input, w.per_layer_input_gate, per_layer_input, workspace=ws.gemv)
-        return LayerOutput(streams=corrected,
-                           per_layer_projection=ops.linear(gated, w.per_layer_projection, workspace=ws.gemv),
+        return LayerOutput(streams=corrected, gated=gated, per_layer_projection=w.per_layer_projection,
                            per_layer_projection_norm=w.per_layer_projection_norm)
 
     def _decoder(self, x, per_layer, positions, kv, *, last_only=False, owners_only=False,
-                 ws: Workspaces = NO_WORKSPACES) -> LayerOutput | None:
-        """Run the layers -> the last layer's output. owners_only: stop after the KV-owning layers (a non-final
-        prefill chunk: only their K/V matter). last_only: KV-shared layers run on the last column only (they write
-        no K/V, so the last token's output is exact)."""
+                 ws: Workspaces = NO_WORKSPACES) -> torch.Tensor | None:
+        """Run the layers -> the last layer's streams [A, B, T', H], its per-layer input injected. owners_only: stop
+        after the KV-owning layers (a non-final prefill chunk: only their K/V matter; None is returned).
+        last_only: KV-shared layers run on the last column only (they write no K/V, so the last token's output is
+        exact; T' = 1 then).
+
+        The loop owns the hand-off between layers: layer i's per-layer projection and its injection run in one
+        launch with layer i+1's AltUp predict and input norm (``per_layer_projection_predict``, fed layer i's
+        projection weights and layer i+1's ``PredictWeights``); the last layer's with the injection alone
+        (``per_layer_projection_inject``); layer 0's input is predicted from the new streams (``altup_predict_fused``,
+        nothing to inject)."""
         c, ops = self.text_config, self.backend
+        eps, active = c.rms_norm_eps, c.altup_active_idx
         projected = ops.linear(x, self.altup_projection_weight, workspace=ws.gemv)
         projected = projected.unflatten(-1, (c.altup_num_inputs - 1, c.hidden_size)).movedim(-2, 0)
-        hidden = LayerOutput(ops.altup_make_streams(x, projected), None, None)
+        streams = ops.altup_make_streams(x, projected)
+        layer_input = LayerInput(*ops.altup_predict_fused(
+            streams=streams, proj_raw=None, per_layer_norm_weight=None, **self.layer_weights[0].predict._asdict(),
+            eps=eps, active=active))
+        last_layer = c.first_kv_shared_layer - 1 if owners_only else c.num_hidden_layers - 1
         shared_kv: dict[str, tuple] = {}
-        for i in range(c.num_hidden_layers):
-            if i == c.first_kv_shared_layer:
-                if owners_only:
-                    return None
-                if last_only and x.shape[1] > 1:
-                    hidden, per_layer, positions = hidden.last_token(), per_layer[:, -1:], positions[:, -1:]
-            hidden = self._layer(i, hidden, per_layer[:, :, i], positions, kv, shared_kv, ws)
-        return hidden
+        for i in range(last_layer + 1):
+            if i == c.first_kv_shared_layer and last_only and x.shape[1] > 1:
+                layer_input, per_layer, positions = layer_input.last_token(), per_layer[:, -1:], positions[:, -1:]
+            out = self._layer(i, layer_input, per_layer[:, :, i], positions, kv, shared_kv, ws)
+            if i < last_layer:  # layer i's projection and injection, layer i+1's predict and input norm
+                layer_input = LayerInput(*ops.per_layer_projection_predict(
+                    gated=out.gated, projection_weight=out.per_layer_projection, streams=out.streams,
+                    per_layer_norm_weight=out.per_layer_projection_norm, **self.layer_weights[i + 1].predict._asdict(),
+                    eps=eps, active=active, workspace=ws.gemv))
+        if owners_only:  # the last owner's projection feeds only the next layer, which does not run
+            return None
+        return ops.per_layer_projection_inject(
+            gated=out.gated, projection_weight=out.per_layer_projection, streams=out.streams,
+            per_layer_norm_weight=out.per_layer_projection_norm, eps=eps, active=active, workspace=ws.gemv)
 
-    def _logits(self, hidden: LayerOutput, last_only=False, ws: Workspaces = NO_WORKSPACES):
-        """The last layer's injection, AltUp collapse, final norm, tied LM head with softcap -> logits."""
+    def _logits(self, streams: torch.Tensor, last_only=False, ws: Workspaces = NO_WORKSPACES):
+        """The last layer's streams (injected) -> AltUp collapse, final norm, tied LM head with softcap -> logits."""
         c, lm, ops = self.text_config, self.model.language_model, self.backend
         if last_only:
-            hidden = hidden.last_token()
-        streams = ops.altup_inject(hidden.streams, hidden.per_layer_projection, hidden.per_layer_projection_norm,
-                                   eps=c.rms_norm_eps, active=c.altup_active_idx)
+            streams = streams[:, :, -1:]
         others = streams[1:].flatten(1, 2)  # [A-1, B*T, H]
         unembedded = torch.bmm(others, self.altup_unembed_weight.transpose(1, 2)).view(streams[1:].shape)
         normed = ops.altup_collapse_norm(streams[0], unembedded, lm.norm.weight, c.rms_norm_eps)
@@ -431,10 +468,10 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         T = input_ids.shape[1]
         for col0 in range(0, T, chunk):
             cols, last = slice(col0, col0 + chunk), col0 + chunk >= T
-            hidden = self._decoder(x[:, cols], per_layer[:, cols], positions[:, cols],
-                                   cache.prefill_chunk(positions[:, cols], col0), last_only=last,
-                                   owners_only=not last, ws=workspaces)
-        return self._logits(hidden, last_only=True, ws=workspaces)[:, -1]
+            streams = self._decoder(x[:, cols], per_layer[:, cols], positions[:, cols],
+                                    cache.prefill_chunk(positions[:, cols], col0), last_only=last,
+                                    owners_only=not last, ws=workspaces)
+        return self._logits(streams, last_only=True, ws=workspaces)[:, -1]
 
     def decode_step(self, tokens, positions, col, cache: StaticKVCache,
                     workspaces: Workspaces = NO_WORKSPACES) -> torch.Tensor:
@@ -442,8 +479,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         Static shapes, no host sync: capturable. ``workspaces``: the kernels' scratch; a captured step needs the
         decode state's (``make_workspaces``), which live as long as the graph."""
         x, per_layer = self._embed_decode(tokens, workspaces)
-        hidden = self._decoder(x, per_layer, positions, cache.decode_slot(positions, col), ws=workspaces)
-        return self._logits(hidden, ws=workspaces)[:, -1]
+        streams = self._decoder(x, per_layer, positions, cache.decode_slot(positions, col), ws=workspaces)
+        return self._logits(streams, ws=workspaces)[:, -1]
 
     def _check_ids(self, input_ids, attention_mask=None):
         """forward()'s ids and mask: shapes, ids inside the vocabulary, mask values 0/1 (any padding side)."""

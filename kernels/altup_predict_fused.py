@@ -14,7 +14,9 @@ Shapes: streams [A, ..., H] (tokens through a stream stride and a token stride, 
 per_layer_norm_weight, router_norm_weight, input_norm_weight [H]; router_weight [A, H]; prediction_coefs [A*A, A].
 One pass: a token's A streams, proj_raw and the weights are read once into registers (H <= 8192; Gemma 3n: 2048),
 pred and an written once. Replaces the previous layer's injection norm and its add/cat, AltUp predict and the
-input norm (3-4 launches).
+input norm (3-4 launches). Work split: one program per token, each running ``predict_fused_row``; the same row
+function is the tail of the per-layer projection's GEMV (``per_layer_projection_predict``), whose last program runs
+it over every decode row, so decode needs no launch of this kernel past layer 0.
 Requires triton >= 3.6, torch >= 2.11. No host sync, no allocation when ``out`` / ``normed_out`` are given:
 CUDA-graph safe.
 """
@@ -30,13 +32,15 @@ from ._rowwise import (check_router, check_rows, check_streams, check_weights, i
 
 
 @triton.jit
-def _altup_predict_fused_kernel(
-    s_ptr, proj_ptr, ppl_w_ptr, norm_w_ptr, router_w_ptr, coef_ptr, in_w_ptr, out_ptr, an_ptr,
+def predict_fused_row(
+    token, s_ptr, proj_ptr, ppl_w_ptr, norm_w_ptr, router_w_ptr, coef_ptr, in_w_ptr, out_ptr, an_ptr,
     H, s_stream_stride, s_token_stride, proj_stride, out_stream_stride, out_token_stride, an_stride,
     router_row_stride, coef_row_stride, coef_col_stride, input_scale, eps, active,
     A: tl.constexpr, HAS_INJECT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
+    """The whole chain for token row ``token`` (int64): its A streams, injected (HAS_INJECT) from its proj_raw row,
+    predicted into ``out_ptr``, the active prediction normed into ``an_ptr``. One program a row here; the last
+    program of the per-layer projection's GEMV runs it over every row (kernels/per_layer_projection_predict.py)."""
     dtype = out_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -59,14 +63,26 @@ def _altup_predict_fused_kernel(
     tl.store(an_ptr + token * an_stride + cols, an, mask=mask)
 
 
-def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
-                        per_layer_norm_weight: torch.Tensor | None, router_norm_weight: torch.Tensor,
-                        router_weight: torch.Tensor, prediction_coefs: torch.Tensor, input_norm_weight: torch.Tensor,
-                        eps: float = 1e-6, active: int = 0, *, out: torch.Tensor | None = None,
-                        normed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of ``reference.ops.altup_predict_fused``; plus ``out=`` (pred, [A, ..., H]) and
-    ``normed_out=`` (an, [..., H]). ``out`` must not overlap ``streams`` unless it is ``streams`` itself."""
-    fn = "altup_predict_fused"
+@triton.jit
+def _altup_predict_fused_kernel(
+    s_ptr, proj_ptr, ppl_w_ptr, norm_w_ptr, router_w_ptr, coef_ptr, in_w_ptr, out_ptr, an_ptr,
+    H, s_stream_stride, s_token_stride, proj_stride, out_stream_stride, out_token_stride, an_stride,
+    router_row_stride, coef_row_stride, coef_col_stride, input_scale, eps, active,
+    A: tl.constexpr, HAS_INJECT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    predict_fused_row(tl.program_id(0).to(tl.int64), s_ptr, proj_ptr, ppl_w_ptr, norm_w_ptr, router_w_ptr, coef_ptr,
+                      in_w_ptr, out_ptr, an_ptr, H, s_stream_stride, s_token_stride, proj_stride, out_stream_stride,
+                      out_token_stride, an_stride, router_row_stride, coef_row_stride, coef_col_stride, input_scale,
+                      eps, active, A, HAS_INJECT, BLOCK)
+
+
+def predict_fused_launch(fn: str, streams: torch.Tensor, proj_raw: torch.Tensor | None,
+                         per_layer_norm_weight: torch.Tensor | None, router_norm_weight: torch.Tensor,
+                         router_weight: torch.Tensor, prediction_coefs: torch.Tensor, input_norm_weight: torch.Tensor,
+                         eps: float, active: int, out: torch.Tensor | None, normed_out: torch.Tensor | None):
+    """The checked launch of ``predict_fused_row`` over every token: -> (out, normed, args, meta, num_warps), where
+    ``args`` are the row function's arguments after ``token`` and ``meta`` its constexprs (the standalone kernel's
+    and the fused tail's, so both launch the same row function on the same checks)."""
     A, H = check_streams(fn, streams, active)
     dtype, dev = streams.dtype, streams.device
     check_router(fn, dtype, dev, H, A, router_norm_weight, router_weight)
@@ -89,12 +105,24 @@ def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
     p2 = rows(proj_raw, H) if proj_raw is not None else an2  # dummy pointer when there is no injection
     ppl_w = per_layer_norm_weight.contiguous() if proj_raw is not None else input_norm_weight
     router_w = last_dim_contiguous(router_weight)
-    _altup_predict_fused_kernel[(s3.shape[1],)](
-        s3, p2, ppl_w, router_norm_weight.contiguous(), router_w, prediction_coefs, input_norm_weight.contiguous(),
-        out3, an2,
-        H, s3.stride(0), s3.stride(1), p2.stride(0), out3.stride(0), out3.stride(1), an2.stride(0),
-        router_w.stride(0), prediction_coefs.stride(0), prediction_coefs.stride(1),
-        round_scalar(1.0 / H, dtype), float(eps), int(active),
-        A=A, HAS_INJECT=proj_raw is not None, BLOCK=block, num_warps=warps,
-    )
+    args = (s3, p2, ppl_w, router_norm_weight.contiguous(), router_w, prediction_coefs, input_norm_weight.contiguous(),
+            out3, an2,
+            H, s3.stride(0), s3.stride(1), p2.stride(0), out3.stride(0), out3.stride(1), an2.stride(0),
+            router_w.stride(0), prediction_coefs.stride(0), prediction_coefs.stride(1),
+            round_scalar(1.0 / H, dtype), float(eps), int(active))
+    return out, an, args, dict(A=A, HAS_INJECT=proj_raw is not None, BLOCK=block), warps
+
+
+def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
+                        per_layer_norm_weight: torch.Tensor | None, router_norm_weight: torch.Tensor,
+                        router_weight: torch.Tensor, prediction_coefs: torch.Tensor, input_norm_weight: torch.Tensor,
+                        eps: float = 1e-6, active: int = 0, *, out: torch.Tensor | None = None,
+                        normed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.ops.altup_predict_fused``; plus ``out=`` (pred, [A, ..., H]) and
+    ``normed_out=`` (an, [..., H]). ``out`` must not overlap ``streams`` unless it is ``streams`` itself."""
+    out, an, args, meta, warps = predict_fused_launch(
+        "altup_predict_fused", streams, proj_raw, per_layer_norm_weight, router_norm_weight, router_weight,
+        prediction_coefs, input_norm_weight, eps, active, out, normed_out)
+    tokens = args[0].shape[1]
+    _altup_predict_fused_kernel[(tokens,)](*args, **meta, num_warps=warps)
     return out, an

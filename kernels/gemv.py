@@ -555,10 +555,13 @@ class GemvTail:
     ``kernel``: a @triton.jit kernel whose parameters are ``_gemv_kernel``'s, then ``done_ptr`` (the workspace's
     launch counter), then ``args`` (the chain's tensors and scalars, in order), with ``gemv_tile``'s constexprs and
     ``meta`` (the chain's constexprs) by keyword. Its body: ``finished = gemv_tile(...)``, then
-    ``if last_tile_done(done_ptr, finished):`` the chain over every row of the GEMV's output."""
+    ``if last_tile_done(done_ptr, finished):`` the chain over every row of the GEMV's output. ``num_warps``: the
+    launch's warps at least (a tail holding H-wide rows in registers needs the warps its standalone kernel takes;
+    the GEMV's own settings may pick fewer, e.g. 2 for a one-row GEMV with a short K, and the tail would spill)."""
     kernel: object
     args: tuple = ()
     meta: dict = field(default_factory=dict)
+    num_warps: int = 1
 
 
 def launch_gemv(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=None, cap=0.0, x2_rows=None, w2=None,
@@ -608,13 +611,14 @@ def launch_gemv(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=Non
     else:
         w_data, w2_data, scales, scales2 = w.data, w2.data, w.scales, w2.scales
         group, group2 = (w.group_size, w2.group_size) if quant == "int4" else (2, 2)
-    kernel, tail_args, tail_meta = _gemv_kernel, (), {}
+    kernel, tail_args, tail_meta, num_warps = _gemv_kernel, (), {}, cfg.num_warps
     if tail is not None:
         done = (workspace if workspace is not None else default_gemv_workspace(x_rows.device, fn)).done
         if done is None:
             raise ValueError(f"{fn}: a fused launch needs the workspace's launch counter; build the workspace with "
                              "gemv_workspace(device, max_rows)")
         kernel, tail_args, tail_meta = tail.kernel, (done, *tail.args), tail.meta
+        num_warps = max(num_warps, tail.num_warps)
     kernel[(tiles, cfg.SPLIT_K)](
         x_rows, w_data, out_rows, aux_rows, x2_rows, w2_data, out2_rows, ws, locks,
         M, N, K, x2_rows.shape[1], x_rows.stride(0), w_data.stride(0), out_rows.stride(0), aux_rows.stride(0),
@@ -625,7 +629,7 @@ def launch_gemv(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=Non
         # fp32 operands: IEEE products, never TF32. On CPU (the interpreter, whose bf16 tl.dot is wrong) 16-bit
         # operands are converted to fp32 first: the same exact products the GPU's tensor cores form.
         BLOCK_K=cfg.BLOCK_K, IEEE_DOT=x_rows.dtype == torch.float32 or x_rows.device.type == "cpu",
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        NUM_STAGES=cfg.num_stages, num_warps=num_warps, num_stages=cfg.num_stages,
     )
 
 

@@ -37,6 +37,8 @@ __all__ = [
     "o_proj_post_attention",
     "altup_inject",
     "altup_predict_fused",
+    "per_layer_projection_predict",
+    "per_layer_projection_inject",
     "altup_correct_fused",
     "altup_make_streams",
     "altup_collapse_norm",
@@ -394,6 +396,31 @@ def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
         streams = altup_inject(streams, proj_raw, per_layer_norm_weight, eps, active)
     pred = altup_predict(streams, router_norm_weight, router_weight, prediction_coefs, eps, active)
     return pred, rms_norm(pred[active], input_norm_weight, eps)
+
+
+def per_layer_projection_predict(gated: torch.Tensor, projection_weight: torch.Tensor, streams: torch.Tensor,
+                                 per_layer_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                                 router_weight: torch.Tensor, prediction_coefs: torch.Tensor,
+                                 input_norm_weight: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
+                                 workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hand-off from decoder layer i to layer i+1: layer i's per-layer projection, its injection, then layer
+    i+1's AltUp predict and input norm: ``altup_predict_fused(streams, linear(gated, projection_weight), ...)``.
+
+    gated: [..., P] (layer i's gated per-layer input); projection_weight: [H, P] (layer i's per_layer_projection);
+    streams: [A, ..., H] (layer i's corrected streams); per_layer_norm_weight: layer i's post_per_layer_input_norm;
+    the router, coefficients and input norm: layer i+1's. Returns altup_predict_fused's (predictions, normed).
+    """
+    return altup_predict_fused(streams, linear(gated, projection_weight), per_layer_norm_weight, router_norm_weight,
+                               router_weight, prediction_coefs, input_norm_weight, eps, active)
+
+
+def per_layer_projection_inject(gated: torch.Tensor, projection_weight: torch.Tensor, streams: torch.Tensor,
+                                per_layer_norm_weight: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
+                                workspace=None) -> torch.Tensor:
+    """The last decoder layer's per-layer projection and its injection (before the AltUp collapse):
+    ``altup_inject(streams, linear(gated, projection_weight), per_layer_norm_weight)``; arguments as
+    ``per_layer_projection_predict``. Returns the injected streams [A, ..., H]."""
+    return altup_inject(streams, linear(gated, projection_weight), per_layer_norm_weight, eps, active)
 
 
 def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: torch.Tensor,

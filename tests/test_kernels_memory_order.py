@@ -8,8 +8,8 @@ barrier: this test compiles the split kernels (the split-K GEMV, the sparse FFN'
 attention, whose last split to arrive merges) for sm_90 (no GPU needed) and reads the order of operations in the
 Triton IR: between the last store before each atomic and the atomic there must be a barrier. The fused kernels (a
 GEMV or the sparse down whose last program runs a row-wise tail: the q|k|v projection, o_proj + post-attention, the
-MLP's down + AltUp correct) have a second atomic, the launch-wide count of finished tiles, which publishes the
-output tiles the same way.
+MLP's down + AltUp correct, the per-layer projection + the next layer's predict) have a second atomic, the
+launch-wide count of finished tiles, which publishes the output tiles the same way.
 """
 import os
 import re
@@ -31,6 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from gemma3n_fast.kernels import gemv as G, o_proj_post_attention as P, sliding_window_decode as A, sparse_ffn as S
 from gemma3n_fast.kernels import down_altup_correct as DC, sparse_ffn_altup_correct as SC
+from gemma3n_fast.kernels import per_layer_projection_predict as PP
 
 def compile_ttir(fn, names, types, constexprs, warps):
     sig = dict(zip(names.split(), types.split()))
@@ -93,8 +94,19 @@ sparse_correct = compile_ttir(SC._sparse_down_altup_correct_kernel,
     "stride_wds stride_om done_ptr " + CORRECT[0].replace("H_c", "H_correct"),
     "*i32 *bf16 *i32 *bf16 *bf16 *bf16 *fp32 *i32 " + "i32 " * 6 + "*i32 " + CORRECT[1],
     dict(W_KIND=0, W_GROUP=2, SPLITS=4, BLOCK_S=32, BLOCK_H=64, **CORRECT[2]), 4)
+_GEMV_ARGS = ("x_ptr w_ptr out_ptr aux_ptr x2_ptr w2_ptr out2_ptr ws_ptr lock_ptr M N K K2 stride_xm stride_wn "
+              "stride_om stride_am stride_x2m stride_w2n stride_o2m cap s_ptr s2_ptr stride_sn stride_s2n done_ptr ")
+tail = compile_ttir(PP._per_layer_projection_predict_kernel,
+    _GEMV_ARGS + "streams_ptr proj_ptr ppl_w_ptr router_norm_w_ptr router_w_ptr coef_ptr in_w_ptr pred_ptr an_ptr H "
+    "streams_stream_stride streams_token_stride proj_stride pred_stream_stride pred_token_stride an_stride "
+    "router_row_stride coef_row_stride coef_col_stride input_scale eps active",
+    "*bf16 " * 7 + "*fp32 *i32 " + "i32 " * 11 + "fp32 *bf16 *bf16 i32 i32 *i32 " + "*bf16 " * 9 + "i32 " * 10
+    + "fp32 fp32 i32",
+    dict(EPILOGUE=0, DUAL=False, SPLIT_K=4, BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, IEEE_DOT=False, NUM_STAGES=3,
+         QUANT=0, GROUP=2, GROUP2=2, A=4, HAS_INJECT=True, BLOCK=2048), 4)
 for name, ir in (("gemv", gemv), ("sparse_down", down), ("swa_decode", decode), ("qkv_projection", qkv),
-                 *fused.items(), ("down_altup_correct", down_correct), ("sparse_ffn_altup_correct", sparse_correct)):
+                 *fused.items(), ("down_altup_correct", down_correct), ("sparse_ffn_altup_correct", sparse_correct),
+                 ("per_layer_projection_predict", tail)):
     print("=====", name)
     print(ir)
 '''
@@ -115,11 +127,11 @@ def test_split_partials_are_stored_before_the_atomic_publishes_them():
     assert proc.returncode == 0, proc.stderr[-3000:]
     listings = dict(re.findall(r"===== (\w+)\n(.*?)(?====== |\Z)", proc.stdout, re.S))
     # the fused q|k|v projection (a GEMV with a tail): split-K's tile atomic, then the launch's ``done`` atomic
-    # the fused MLP down + correct (split): the same two;
+    # the fused MLP down + correct and the per-layer projection + predict (split): the same two;
     # the fused o_proj + chain: each split tile's counter (split 4 only), then the launch-wide one
     atomics = {"gemv": 1, "sparse_down": 1, "swa_decode": 1, "qkv_projection": 2,
                "o_proj_post_attention_split1": 1, "o_proj_post_attention_split4": 2,
-               "down_altup_correct": 2, "sparse_ffn_altup_correct": 2}
+               "down_altup_correct": 2, "sparse_ffn_altup_correct": 2, "per_layer_projection_predict": 2}
     assert set(listings) == set(atomics)
     for name, ir in listings.items():
         ops = _ops_in_order(ir)
