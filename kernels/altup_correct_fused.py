@@ -135,5 +135,11 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
     itself) and ``scaled_out=`` ([..., H])."""
     c = correct_launch("altup_correct_fused", predictions, mlp_out, h, post_ffn_norm_weight, router_norm_weight,
                        router_weight, correction_coefs, correct_output_scale, eps, active, out, scaled_out)
+    return launch_correct(c)
+
+
+def launch_correct(c: CorrectLaunch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a checked ``correct_launch`` as its own launch, one program per token (the standalone op, and a fused
+    op's path beyond the GEMV's rows) -> (out, scaled)."""
     _altup_correct_fused_kernel[(c.tokens,)](*c.args, **c.meta, num_warps=c.num_warps)
     return c.out, c.scaled

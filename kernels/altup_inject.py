@@ -71,5 +71,10 @@ def altup_inject(streams: torch.Tensor, proj_raw: torch.Tensor, per_layer_norm_w
                  eps: float = 1e-6, active: int = 0, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``reference.ops.altup_inject``; plus ``out=`` ([A, ..., H]; may be ``streams`` itself)."""
     out, args, meta, warps = inject_launch("altup_inject", streams, proj_raw, per_layer_norm_weight, eps, active, out)
-    _altup_inject_kernel[(args[0].shape[1],)](*args, **meta, num_warps=warps)
+    launch_inject(args, meta, warps)
     return out
+
+
+def launch_inject(args: tuple, meta: dict, warps: int) -> None:
+    """Run a checked ``inject_launch``'s arguments as their own launch, one program per token."""
+    _altup_inject_kernel[(args[0].shape[1],)](*args, **meta, num_warps=warps)

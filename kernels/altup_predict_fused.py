@@ -123,6 +123,10 @@ def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
     out, an, args, meta, warps = predict_fused_launch(
         "altup_predict_fused", streams, proj_raw, per_layer_norm_weight, router_norm_weight, router_weight,
         prediction_coefs, input_norm_weight, eps, active, out, normed_out)
-    tokens = args[0].shape[1]
-    _altup_predict_fused_kernel[(tokens,)](*args, **meta, num_warps=warps)
+    launch_predict_fused(args, meta, warps)
     return out, an
+
+
+def launch_predict_fused(args: tuple, meta: dict, warps: int) -> None:
+    """Run a checked ``predict_fused_launch``'s arguments as their own launch, one program per token."""
+    _altup_predict_fused_kernel[(args[0].shape[1],)](*args, **meta, num_warps=warps)

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from gemma3n_fast.reference.quant import QuantizedWeight
 
-from .altup_correct_fused import _altup_correct_fused_kernel, altup_correct_row, correct_launch
-from .gemv import (MAX_ROWS, GemvConfig, GemvTail, GemvWorkspace, _check_weight, _check_x, gemv_tile, last_tile_done,
+from .altup_correct_fused import altup_correct_row, correct_launch, launch_correct
+from .gemv import (MAX_ROWS, GemvConfig, GemvTail, GemvWorkspace, check_weight, check_x, gemv_tile, last_tile_done,
                    launch_gemv, linear)
 from ._common import rows
 
@@ -68,9 +68,9 @@ def down_altup_correct(x: torch.Tensor, down_weight: torch.Tensor | QuantizedWei
     a QuantizedWeight), the rest as ``altup_correct_fused`` -> (corrected [A, ..., H], scaled [..., H] or None).
     ``out`` / ``scaled_out``: as ``altup_correct_fused``'s; ``config`` / ``workspace``: as ``gemv.linear``'s."""
     fn = "down_altup_correct"
-    x = _check_x(fn, "x", x)
+    x = check_x(fn, "x", x)
     K = x.shape[-1]
-    down_weight = _check_weight(fn, "down_weight", down_weight, x, K)
+    down_weight = check_weight(fn, "down_weight", down_weight, x, K)
     H = down_weight.shape[0]
     if isinstance(predictions, torch.Tensor) and tuple(predictions.shape[1:]) != (*x.shape[:-1], H):
         raise ValueError(f"{fn}: x {tuple(x.shape)} and down_weight [{H}, {K}] give [..., {H}] outputs, but the "
@@ -81,7 +81,7 @@ def down_altup_correct(x: torch.Tensor, down_weight: torch.Tensor | QuantizedWei
     x_rows, mlp_rows = rows(x, K), mlp_out.view(-1, H)
     if x_rows.shape[0] > MAX_ROWS:  # prefill: the two launchers composed
         linear(x_rows, down_weight, out=mlp_rows, config=config, workspace=workspace)
-        _altup_correct_fused_kernel[(c.tokens,)](*c.args, **c.meta, num_warps=c.num_warps)
+        launch_correct(c)
     else:
         launch_gemv(fn, x_rows, down_weight, mlp_rows, config=config, workspace=workspace,
                     tail=GemvTail(_down_altup_correct_kernel, c.args, c.meta))

@@ -525,7 +525,7 @@ def _check_quantized(fn: str, name: str, w: QuantizedWeight, x: torch.Tensor, K:
     return w
 
 
-def _check_weight(fn: str, name: str, w: torch.Tensor | QuantizedWeight, x: torch.Tensor,
+def check_weight(fn: str, name: str, w: torch.Tensor | QuantizedWeight, x: torch.Tensor,
                   K: int) -> torch.Tensor | QuantizedWeight:
     """A float weight in x's dtype, or a QuantizedWeight (any activation dtype: it has no float dtype)."""
     if isinstance(w, QuantizedWeight):
@@ -541,7 +541,7 @@ def _check_weight(fn: str, name: str, w: torch.Tensor | QuantizedWeight, x: torc
     return last_dim_contiguous(w)
 
 
-def _check_x(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
+def check_x(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
     check_dtype(fn, name, x)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"{fn}: {name} must be a non-empty [..., K], got {tuple(x.shape)}")
@@ -569,7 +569,7 @@ def launch_gemv(fn, x_rows, w, out_rows, *, epilogue=EPILOGUE_NONE, aux_rows=Non
     """One ``_gemv_kernel`` launch on checked [M, K] row views (M <= MAX_ROWS): ``out_rows = x_rows @ w^T`` with
     ``epilogue`` (and the second pair x2_rows / w2 / out2_rows when given); the building block of every entry point
     here and of sparse_ffn's dense gate. ``w`` / ``w2``: float weights in x's dtype, or QuantizedWeights of one
-    kind (checked: ``_check_weight``), read packed and dequantized in registers. ``tail``: launch ``tail.kernel``
+    kind (checked: ``check_weight``), read packed and dequantized in registers. ``tail``: launch ``tail.kernel``
     instead, which also runs a row-wise chain over the whole output in its last program (``GemvTail``); it counts
     in ``workspace.done`` (the default workspace's when None)."""
     M, K = x_rows.shape
@@ -655,11 +655,11 @@ def _project(x_rows: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> to
     return out
 
 
-def _operands(fn: str, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, out: torch.Tensor | None):
+def operands(fn: str, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, out: torch.Tensor | None):
     """Checked (weight, out, x as [M, K] rows, out as [M, N] rows) of a one-input GEMV launcher."""
-    x = _check_x(fn, "x", x)
+    x = check_x(fn, "x", x)
     K = x.shape[-1]
-    weight = _check_weight(fn, "weight", weight, x, K)
+    weight = check_weight(fn, "weight", weight, x, K)
     N = weight.shape[0]
     out = check_out(fn, out, (*x.shape[:-1], N), x.dtype, x.device, view_as=(-1, N))
     return weight, out, rows(x, K), out.view(-1, N)
@@ -671,7 +671,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, *, out: torc
     ``config`` overrides ``gemv_config`` (tuning and tests); ``workspace``: the split-K scratch (``gemv_workspace``;
     default: the per-device one), the same for every launcher here."""
     fn = "linear"
-    weight, out, x_rows, out_rows = _operands(fn, x, weight, out)
+    weight, out, x_rows, out_rows = operands(fn, x, weight, out)
     if x_rows.shape[0] > MAX_ROWS:
         if isinstance(weight, QuantizedWeight):
             out_rows.copy_(_project(x_rows, weight))
@@ -687,9 +687,9 @@ def linear_gelu_mul(x: torch.Tensor, gate_up_weight: torch.Tensor | QuantizedWei
                     workspace: GemvWorkspace | None = None) -> torch.Tensor:
     """``gelu_tanh(x Wg^T) * (x Wu^T)`` with ``gate_up_weight = [Wg; Wu]`` [2I, K]: x [..., K] -> [..., I]."""
     fn = "linear_gelu_mul"
-    x = _check_x(fn, "x", x)
+    x = check_x(fn, "x", x)
     K = x.shape[-1]
-    gate_up_weight = _check_weight(fn, "gate_up_weight", gate_up_weight, x, K)
+    gate_up_weight = check_weight(fn, "gate_up_weight", gate_up_weight, x, K)
     if gate_up_weight.shape[0] % 2:
         raise ValueError(f"{fn}: gate_up_weight must stack gate and up rows ([2I, K]), got an odd "
                          f"{gate_up_weight.shape[0]} rows")
@@ -710,9 +710,9 @@ def linear_gelu_aux(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, aux
                     workspace: GemvWorkspace | None = None) -> torch.Tensor:
     """``gelu_tanh(x @ weight^T) * aux``: x [..., K], weight [N, K], aux [..., N] (x's leading shape) -> [..., N]."""
     fn = "linear_gelu_aux"
-    x = _check_x(fn, "x", x)
+    x = check_x(fn, "x", x)
     K = x.shape[-1]
-    weight = _check_weight(fn, "weight", weight, x, K)
+    weight = check_weight(fn, "weight", weight, x, K)
     N = weight.shape[0]
     check_dtype(fn, "aux", aux)
     if tuple(aux.shape) != (*x.shape[:-1], N):
@@ -738,7 +738,7 @@ def linear_softcap(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, cap:
         return linear(x, weight, out=out, config=config, workspace=workspace)
     if not isinstance(cap, (int, float)) or not cap > 0:
         raise ValueError(f"{fn}: cap must be a positive Python number or None, got {cap!r}")
-    weight, out, x_rows, out_rows = _operands(fn, x, weight, out)
+    weight, out, x_rows, out_rows = operands(fn, x, weight, out)
     if x_rows.shape[0] > MAX_ROWS:
         out_rows.copy_(torch.tanh(_project(x_rows, weight) / cap) * cap)
     else:
@@ -751,14 +751,14 @@ def dual_operands(fn: str, x1: torch.Tensor, w1: torch.Tensor | QuantizedWeight,
                   w2: torch.Tensor | QuantizedWeight, out1: torch.Tensor | None, out2: torch.Tensor | None):
     """Checked (w1, w2, out1, out2, x1 rows, x2 rows, out1 rows, out2 rows) of a dual GEMV (``dual_linear``'s
     checks, errors named after ``fn``); out1 / out2 allocated when None."""
-    x1, x2 = _check_x(fn, "x1", x1), _check_x(fn, "x2", x2)
+    x1, x2 = check_x(fn, "x1", x1), check_x(fn, "x2", x2)
     K1, K2 = x1.shape[-1], x2.shape[-1]
     if x2.shape[:-1] != x1.shape[:-1]:
         raise ValueError(f"{fn}: x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must share their leading shape")
     if x2.dtype != x1.dtype or x2.device != x1.device:
         raise ValueError(f"{fn}: x2 must be {x1.dtype} on {x1.device}, got {x2.dtype} on {x2.device}")
-    w1 = _check_weight(fn, "w1", w1, x1, K1)
-    w2 = _check_weight(fn, "w2", w2, x2, K2)
+    w1 = check_weight(fn, "w1", w1, x1, K1)
+    w2 = check_weight(fn, "w2", w2, x2, K2)
     N = w1.shape[0]
     if w2.shape[0] != N:
         raise ValueError(f"{fn}: w1 and w2 must have the same number of rows N, got {w1.shape[0]} and {w2.shape[0]}")

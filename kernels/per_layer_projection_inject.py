@@ -26,8 +26,8 @@ import triton.language as tl
 
 from gemma3n_fast.reference.quant import QuantizedWeight
 
-from .altup_inject import _altup_inject_kernel, inject_launch, inject_row
-from .gemv import MAX_ROWS, GemvConfig, GemvTail, GemvWorkspace, _operands, gemv_tile, last_tile_done, launch_gemv, \
+from .altup_inject import inject_launch, inject_row, launch_inject
+from .gemv import MAX_ROWS, GemvConfig, GemvTail, GemvWorkspace, operands, gemv_tile, last_tile_done, launch_gemv, \
     linear
 
 
@@ -67,11 +67,11 @@ def per_layer_projection_inject(gated: torch.Tensor, projection_weight: torch.Te
     (float or quantized), streams [A, ..., H] (gated's leading shape) -> the injected streams [A, ..., H]; plus
     ``out=`` as ``altup_inject`` (may be ``streams``), ``config=`` / ``workspace=`` as ``linear``."""
     fn = "per_layer_projection_inject"
-    projection_weight, proj_raw, gated_rows, proj_rows = _operands(fn, gated, projection_weight, None)
+    projection_weight, proj_raw, gated_rows, proj_rows = operands(fn, gated, projection_weight, None)
     out, args, meta, warps = inject_launch(fn, streams, proj_raw, per_layer_norm_weight, eps, active, out)
     if gated_rows.shape[0] > MAX_ROWS:  # prefill: torch's GEMM, then one row-wise program per token
         linear(gated, projection_weight, out=proj_raw, config=config, workspace=workspace)
-        _altup_inject_kernel[(gated_rows.shape[0],)](*args, **meta, num_warps=warps)
+        launch_inject(args, meta, warps)
     else:
         launch_gemv(fn, gated_rows, projection_weight, proj_rows, config=config, workspace=workspace,
                     tail=GemvTail(_per_layer_projection_inject_kernel, args, meta, num_warps=warps))

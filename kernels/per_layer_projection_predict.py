@@ -31,8 +31,8 @@ import triton.language as tl
 
 from gemma3n_fast.reference.quant import QuantizedWeight
 
-from .altup_predict_fused import _altup_predict_fused_kernel, predict_fused_launch, predict_fused_row
-from .gemv import MAX_ROWS, GemvConfig, GemvTail, GemvWorkspace, _operands, gemv_tile, last_tile_done, launch_gemv, \
+from .altup_predict_fused import launch_predict_fused, predict_fused_launch, predict_fused_row
+from .gemv import MAX_ROWS, GemvConfig, GemvTail, GemvWorkspace, operands, gemv_tile, last_tile_done, launch_gemv, \
     linear
 
 
@@ -75,13 +75,13 @@ def per_layer_projection_predict(gated: torch.Tensor, projection_weight: torch.T
     (float or quantized), streams [A, ..., H] (gated's leading shape) -> (pred [A, ..., H], an [..., H]); plus
     ``out=`` / ``normed_out=`` as ``altup_predict_fused``, ``config=`` / ``workspace=`` as ``linear``."""
     fn = "per_layer_projection_predict"
-    projection_weight, proj_raw, gated_rows, proj_rows = _operands(fn, gated, projection_weight, None)
+    projection_weight, proj_raw, gated_rows, proj_rows = operands(fn, gated, projection_weight, None)
     out, an, args, meta, warps = predict_fused_launch(
         fn, streams, proj_raw, per_layer_norm_weight, router_norm_weight, router_weight, prediction_coefs,
         input_norm_weight, eps, active, out, normed_out)
     if gated_rows.shape[0] > MAX_ROWS:  # prefill: torch's GEMM, then one row-wise program per token
         linear(gated, projection_weight, out=proj_raw, config=config, workspace=workspace)
-        _altup_predict_fused_kernel[(gated_rows.shape[0],)](*args, **meta, num_warps=warps)
+        launch_predict_fused(args, meta, warps)
     else:
         launch_gemv(fn, gated_rows, projection_weight, proj_rows, config=config, workspace=workspace,
                     tail=GemvTail(_per_layer_projection_predict_kernel, args, meta, num_warps=warps))

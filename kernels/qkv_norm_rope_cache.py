@@ -176,5 +176,10 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
     fn = "qkv_norm_rope_cache"
     q, args, grid, block_half = qkv_head_args(fn, qkv, q_norm_weight, k_norm_weight, inv_freq, positions, k_cache,
                                               v_cache, slots, eps, out)
-    _qkv_norm_rope_cache_kernel[grid](*args, BLOCK_HALF=block_half, num_warps=1 if block_half <= 64 else 2)
+    launch_qkv_heads(args, grid, block_half)
     return q
+
+
+def launch_qkv_heads(args: tuple, grid: tuple, block_half: int) -> None:
+    """Run ``qkv_head_args``' arguments as their own launch, one program per token and head."""
+    _qkv_norm_rope_cache_kernel[grid](*args, BLOCK_HALF=block_half, num_warps=1 if block_half <= 64 else 2)

@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from ._common import check_dtype
-from .gemv import (MAX_ROWS, GemvConfig, GemvTail, GemvWorkspace, _operands, gemv_tile, last_tile_done,
+from .gemv import (MAX_ROWS, GemvConfig, GemvTail, GemvWorkspace, operands, gemv_tile, last_tile_done,
                    launch_gemv, linear)
-from .qkv_norm_rope_cache import _qkv_norm_rope_cache_kernel, qkv_head, qkv_head_args
+from .qkv_norm_rope_cache import launch_qkv_heads, qkv_head, qkv_head_args
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def qkv_projection_norm_rope_cache(x: torch.Tensor, weight, qkv_width: int, q_no
     check_dtype(fn, "x", x)
     if x.dim() != 3:
         raise ValueError(f"{fn}: x must be [B, T, K], got {tuple(x.shape)}")
-    weight, projected, x_rows, projected_rows = _operands(fn, x, weight, None)
+    weight, projected, x_rows, projected_rows = operands(fn, x, weight, None)
     N = projected.shape[-1]
     if not isinstance(qkv_width, int) or not 0 < qkv_width <= N:
         raise ValueError(f"{fn}: qkv_width must be an int in (0, {N}] (the weight's rows), got {qkv_width!r}")
@@ -85,7 +85,7 @@ def qkv_projection_norm_rope_cache(x: torch.Tensor, weight, qkv_width: int, q_no
                                               v_cache, slots, eps, None)
     if x_rows.shape[0] > MAX_ROWS:  # prefill: torch's GEMM, then one program per token and head
         linear(x, weight, out=projected, config=config, workspace=workspace)
-        _qkv_norm_rope_cache_kernel[grid](*args, BLOCK_HALF=block_half, num_warps=1 if block_half <= 64 else 2)
+        launch_qkv_heads(args, grid, block_half)
     else:
         tail = GemvTail(_qkv_projection_norm_rope_cache_kernel, args, {"BLOCK_HALF": block_half})
         launch_gemv(fn, x_rows, weight, projected_rows, config=config, workspace=workspace, tail=tail)

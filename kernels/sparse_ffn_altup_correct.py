@@ -26,7 +26,7 @@ import triton.language as tl
 from gemma3n_fast.reference.quant import QuantizedWeight
 
 from ._common import check_out, rows
-from .altup_correct_fused import _altup_correct_fused_kernel, altup_correct_row, correct_launch
+from .altup_correct_fused import altup_correct_row, correct_launch, launch_correct
 from .gemv import GemvTail, last_tile_done
 from .sparse_ffn import (SparseFFNConfig, SparseFFNWorkspace, check_ffn, dense_ffn, launch_sparse_ffn,
                          sparse_down_tile, takes_sparse_path)
@@ -82,5 +82,5 @@ def sparse_ffn_altup_correct(x: torch.Tensor, gate_weight: torch.Tensor | Quanti
                           config, tail=GemvTail(_sparse_down_altup_correct_kernel, c.args, c.meta))
     else:  # the dense path, then the chain: one program per row
         dense_ffn(x_rows, gate_weight, up_weight, down_weight_t, std_multiplier, mlp_rows, workspace)
-        _altup_correct_fused_kernel[(c.tokens,)](*c.args, **c.meta, num_warps=c.num_warps)
+        launch_correct(c)
     return c.out, c.scaled

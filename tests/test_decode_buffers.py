@@ -29,7 +29,8 @@ TEXT = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attenti
 RUNS = [(1, (1, 8, 16, 17)), (3, (1, 2, 5))]
 NEW_TOKENS = 3  # two decode steps per call
 GEMV_OPS = ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap", "qkv_projection_norm_rope_cache",
-            "o_proj_post_attention", "down_altup_correct")
+            "o_proj_post_attention", "down_altup_correct", "per_layer_projection_predict",
+            "per_layer_projection_inject")  # every op whose launch uses the GEMV workspace (its counters included)
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def test_fused_equals_the_two_kernels_and_the_plain_op(weight, dtype_id, M, cfg,
     ws = gemv_workspace(args[0].device)
     ws.partials.fill_(float("nan"))
     spies = {k: spy(m, k) for m, k in (("down_altup_correct", "_down_altup_correct_kernel"),
-                                       ("down_altup_correct", "_altup_correct_fused_kernel"),
+                                       ("altup_correct_fused", "_altup_correct_fused_kernel"),
                                        ("gemv", "_gemv_kernel"))}
     corrected, scaled = _fused(args, active, cfg, ws)
     fused_launches = {k: s.launches for k, s in spies.items()}

@@ -34,9 +34,11 @@ H = 136
 ROWS = {1: (1, 1), 3: (1, 3), 16: (2, 8), 20: (4, 5)}  # rows -> (B, T)
 OPS = ("predict", "inject")
 KINDS = ("float", "int8", "int4")
+# op -> (fused module, fused kernel, the standalone chain's module, its kernel)
 MODULES = {"predict": ("per_layer_projection_predict", "_per_layer_projection_predict_kernel",
-                       "_altup_predict_fused_kernel"),
-           "inject": ("per_layer_projection_inject", "_per_layer_projection_inject_kernel", "_altup_inject_kernel")}
+                       "altup_predict_fused", "_altup_predict_fused_kernel"),
+           "inject": ("per_layer_projection_inject", "_per_layer_projection_inject_kernel",
+                      "altup_inject", "_altup_inject_kernel")}
 
 
 def _case(dtype, rows, kind, seed):
@@ -98,8 +100,8 @@ def test_the_fused_launch_is_the_two_launches(op, kind, rows, split, shuffled_pr
     cfg = _split_config(rows) if split else None
     ws = gemv_workspace("cpu")
     ws.partials.fill_(float("nan"))
-    fused_mod, fused_kernel, chain_kernel = MODULES[op]
-    fused_spy, chain_spy = spy(fused_mod, fused_kernel), spy(fused_mod, chain_kernel)  # the chain as it calls it
+    fused_mod, fused_kernel, chain_mod, chain_kernel = MODULES[op]
+    fused_spy, chain_spy = spy(fused_mod, fused_kernel), spy(chain_mod, chain_kernel)
     got = _fused(op, gated, weight, streams, ppl_w, predict_w, active, config=cfg, workspace=ws)
     assert fused_spy.launches == 1 and chain_spy.launches == 0, "M <= 16 rows: one fused launch"
     grid = shuffled_programs.launches[-1][0]
@@ -125,8 +127,8 @@ RULE_GRID = [(op, dtype_id, kind, rows) for op in OPS for dtype_id in ("fp32", "
 def test_two_x_rule_against_the_plain_op(op, dtype_id, kind, rows, spy):
     dtype = DTYPES[dtype_id]
     gated, weight, w64, streams, ppl_w, predict_w, active = _case(dtype, rows, kind, 7 * rows + len(dtype_id))
-    fused_mod, fused_kernel, chain_kernel = MODULES[op]
-    fused_spy, chain_spy = spy(fused_mod, fused_kernel), spy(fused_mod, chain_kernel)  # the chain as it calls it
+    fused_mod, fused_kernel, chain_mod, chain_kernel = MODULES[op]
+    fused_spy, chain_spy = spy(fused_mod, fused_kernel), spy(chain_mod, chain_kernel)
     got = _fused(op, gated, weight, streams, ppl_w, predict_w, active)
     # > 16 rows: torch's GEMM, then the standalone chain kernel
     assert (fused_spy.launches, chain_spy.launches) == ((0, 1) if rows > 16 else (1, 0))

@@ -159,7 +159,7 @@ def test_one_launch_up_to_16_rows(case_id, spy):
     from gemma3n_fast.kernels.qkv_projection_norm_rope_cache import qkv_projection_norm_rope_cache
 
     fused = spy("qkv_projection_norm_rope_cache", "_qkv_projection_norm_rope_cache_kernel")
-    standalone = spy("qkv_projection_norm_rope_cache", "_qkv_norm_rope_cache_kernel")
+    standalone = spy("qkv_norm_rope_cache", "_qkv_norm_rope_cache_kernel")
     gemv = spy("gemv", "_gemv_kernel")
     x, w, args, (B, Hkv) = _inputs(case_id, torch.float32, "float", seed=3)
     k_cache, v_cache = _caches(B, Hkv, torch.float32)

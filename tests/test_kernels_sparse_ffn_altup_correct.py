@@ -116,7 +116,7 @@ def test_fused_equals_the_composed_kernels_and_the_plain_op(kind, dtype_id, M, s
     cfg = _config(splits) if splits else None
     ws = _workspace(dtype, cfg)
     spies = {k: spy(m, k) for m, k in (("sparse_ffn_altup_correct", "_sparse_down_altup_correct_kernel"),
-                                       ("sparse_ffn_altup_correct", "_altup_correct_fused_kernel"),
+                                       ("altup_correct_fused", "_altup_correct_fused_kernel"),
                                        ("sparse_ffn", "_sparse_down_kernel"), ("sparse_ffn", "_sparse_up_kernel"),
                                        ("gemv", "_gemv_kernel"))}
     corrected, scaled = _fused(args, z, active, cfg, ws)
