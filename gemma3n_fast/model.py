@@ -253,7 +253,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.per_layer_model_projection_weight = pack(self.per_layer_model_projection_weight)
         for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap",
                      "qkv_projection_norm_rope_cache", "o_proj_post_attention", "down_altup_correct",
-                     "sparse_ffn_altup_correct", "per_layer_projection_predict", "per_layer_projection_inject"):
+                     "sparse_ffn_altup_correct", "per_layer_projection_predict", "per_layer_projection_inject",
+                     "sliding_window_attention_decode"):
             setattr(self.backend, name, getattr(cpu_quant, name))
             self.backend.sources[name] = "cpu_quant"
         log.info("gemma3n_fast: quantized weights packed for torch's CPU int8 / int4 matmuls (bf16 activations "
