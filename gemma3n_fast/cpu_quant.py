@@ -291,21 +291,50 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
         return ref_ops.sliding_window_attention_decode(q, k, v, q_pos, k_pos, window=window, scaling=scaling,
                                                        softcap=softcap)
     n = S if last_slot is None else min(int(last_slot.max()) + 1, S)  # a host read: fine on the CPU
-    k, v, k_pos = k[:, :, :n], v[:, :, :n], k_pos[:, :n]
+    k, v = k[:, :, :n], v[:, :, :n]
     g = Hq // Hkv
     scores = torch.matmul(q.reshape(B, Hkv, g * T, D), k.transpose(-1, -2))  # rows (head in group, t)
     if scaling != 1.0:
         scores = scores * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    # + 0 / + -inf is the masked_fill of the reference; one mask per step and layer type (_memo)
+    bias = _memo("attention mask", (q_pos, k_pos), (n, window), lambda: _attention_bias(q_pos, k_pos[:, :n], window))
+    scores = scores.float().view(B, Hkv, g, T, n) + bias
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+    out = torch.matmul(probs.to(q.dtype).view(B, Hkv, g * T, n), v)
+    return out.view(B, Hq, T, D)
+
+
+def _attention_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, 1, T, n] fp32: 0 where the reference's mask lets query t see key s, -inf elsewhere."""
     qp, kp = q_pos[:, :, None].long(), k_pos[:, None, :].long()
     visible = (kp >= 0) & (kp <= qp)
     if window is not None:
         visible &= (qp - kp) < window
-    scores = scores.float().view(B, Hkv, g, T, n).masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
-    out = torch.matmul(probs.to(q.dtype).view(B, Hkv, g * T, n), v)
-    return out.view(B, Hq, T, D)
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(visible, zero, zero - float("inf"))[:, None, None]
+
+
+_memo_store: dict = {}
+
+
+def _memo(name: str, tensors: tuple, extra: tuple, make):
+    """``make()``, reused while ``tensors`` are the same objects (a reference is held, so none is freed and its
+    address reused) at the same in-place version (``_version``: every in-place write bumps it). Within a decode step
+    the positions and the cache's position tables are unchanged across the layers: their RoPE and attention mask
+    are computed once per step, not once per layer. Tensors without a version counter (inference mode): no reuse."""
+    try:
+        versions = tuple(t._version for t in tensors)
+    except RuntimeError:
+        return make()
+    key = (name, extra)
+    hit = _memo_store.get(key)
+    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[2]
+    value = make()
+    _memo_store[key] = (tuple(tensors), versions, value)
+    return value
 
 
 def dual_linear(x1: torch.Tensor, w1, x2: torch.Tensor, w2, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +349,7 @@ def qkv_projection_norm_rope_cache(x: torch.Tensor, weight, qkv_width: int, q_no
                                    eps: float = 1e-6, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.ops.qkv_projection_norm_rope_cache`` with the projection through ``project``."""
     projected = project(x, weight)
-    q = ref_ops.qkv_norm_rope_cache(projected[..., :qkv_width], q_norm_weight, k_norm_weight, inv_freq, positions,
+    q = qkv_norm_rope_cache(projected[..., :qkv_width], q_norm_weight, k_norm_weight, inv_freq, positions,
                                     k_cache, v_cache, slots, eps)
     return q, projected[..., qkv_width:]
 
@@ -466,3 +495,29 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
     if correct_output_scale is not None:
         scaled = (corrected[active].to(correct_output_scale.dtype) * correct_output_scale).to(activated.dtype)
     return corrected, scaled
+
+
+def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,
+                        inv_freq: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor | None = None,
+                        v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """``reference.ops.qkv_norm_rope_cache`` for one column (a decode step): the same norms and RoPE, cos / sin once
+    per step (``_memo``: the positions are the same for every layer), the K/V write a plain ``index_copy_`` when the
+    slot is a real one (the reference's masked write writes exactly that then). More columns: the reference."""
+    B, T, W = qkv.shape
+    if T != 1 or (k_cache is not None and int(slots.min()) < 0):  # a host read: fine on the CPU
+        return ref_ops.qkv_norm_rope_cache(qkv, q_norm_weight, k_norm_weight, inv_freq, positions, k_cache, v_cache,
+                                           slots, eps)
+    D = q_norm_weight.shape[0]
+    Hkv = 0 if k_cache is None else k_cache.shape[1]
+    Hq = W // D - 2 * Hkv
+    cos, sin = _memo("rope", (positions, inv_freq), (qkv.dtype,),
+                     lambda: ref_ops.rope_cos_sin(positions, inv_freq, qkv.dtype))
+    heads = qkv.unflatten(-1, (W // D, D))
+    q = ref_ops.apply_rope(ref_ops.rms_norm(heads[:, :, :Hq], q_norm_weight, eps), cos, sin).transpose(1, 2)
+    if k_cache is not None:
+        k = ref_ops.apply_rope(ref_ops.rms_norm(heads[:, :, Hq:Hq + Hkv], k_norm_weight, eps), cos, sin)
+        v = ref_ops.rms_norm(heads[:, :, Hq + Hkv:], None, eps)
+        k_cache.index_copy_(2, slots, k.transpose(1, 2))
+        v_cache.index_copy_(2, slots, v.transpose(1, 2))
+    return q

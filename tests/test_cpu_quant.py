@@ -106,6 +106,38 @@ def test_qkv_projection_norm_rope_cache(spec, dtype_id):
         assert_2x(o, r, r64, f"qkv_projection_norm_rope_cache {name} {spec} {dtype_id}")
 
 
+@pytest.mark.parametrize("dtype_id", DTYPES)
+def test_one_column_qkv_norm_rope_cache_and_its_per_step_memo(dtype_id):
+    """A decode column (T = 1, 2 rows): q and the written K/V slots equal the plain op's by the 2x rule, for an owner
+    layer and a KV-shared one (q only), over three steps whose positions and slots change in place (the RoPE memo
+    must follow them); a negative slot (nothing written) takes the plain op."""
+    from gemma3n_fast.reference.text import rope_inv_freq
+
+    dt = DTYPES[dtype_id]
+    D, S, Hq, Hkv = 8, 6, 2, 1
+    inv_freq = rope_inv_freq(D, 10_000.0, "cpu")
+    qw, kw = randn((D,), dt, seed=61, shift=1.0, device="cpu"), randn((D,), dt, seed=62, shift=1.0, device="cpu")
+    positions, slots = torch.tensor([[3], [7]], dtype=torch.int32), torch.tensor([2])
+    caches = [[torch.zeros(2, Hkv, S, D, dtype=d) for _ in range(2)] for d in (dt, dt, torch.float64)]
+    for step in range(3):
+        qkv = randn((2, 1, (Hq + 2 * Hkv) * D), dt, seed=63 + step, device="cpu")
+        for owner in (True, False):
+            x, kv = (qkv, [c + [slots] for c in caches]) if owner else (qkv[..., :Hq * D], [[None, None, None]] * 3)
+            out = cq.qkv_norm_rope_cache(x, qw, kw, inv_freq, positions, *kv[0])
+            ref = ops.qkv_norm_rope_cache(x, qw, kw, inv_freq, positions, *kv[1])
+            ref64 = ops.qkv_norm_rope_cache(x.double(), qw.double(), kw.double(), inv_freq, positions, *kv[2])
+            assert_2x(out, ref, ref64, f"q step {step} owner={owner} {dtype_id}")
+        for o, r, r64, name in zip(caches[0], caches[1], caches[2], "kv"):
+            assert_2x(o, r, r64, f"{name} cache step {step} {dtype_id}")
+        positions += 1
+        slots += 1
+    skip = torch.tensor([-1])
+    before = caches[0][0].clone()
+    out = cq.qkv_norm_rope_cache(qkv, qw, kw, inv_freq, positions, *caches[0], skip)
+    assert torch.equal(out, ops.qkv_norm_rope_cache(qkv, qw, kw, inv_freq, positions, *caches[1], skip))
+    assert torch.equal(caches[0][0], caches[1][0]) and not torch.equal(before, torch.zeros_like(before))
+
+
 @pytest.mark.parametrize("kind,G", [("int8", 0), ("int4", 32)])
 def test_sparse_ffn(kind, G):
     H, I = 72, 106
@@ -156,6 +188,11 @@ def test_attention_decode_reads_the_live_slots(case, dtype_id):
     ref = ops.sliding_window_attention_decode(q, k0, v0, q_pos, k_pos, **kw)
     ref64 = ops.sliding_window_attention_decode(q.double(), k0.double(), v0.double(), q_pos, k_pos, **kw)
     assert_2x(out, ref, ref64, f"attention decode {case} {dtype_id}", rounds_like=False)
+    k_pos[:, :1] = -1  # in place, as a decode step writes the cache's position table: the mask memo must follow
+    out = cq.sliding_window_attention_decode(q, k, v, q_pos, k_pos, last_slot=torch.tensor([last]), **kw)
+    ref = ops.sliding_window_attention_decode(q, k0, v0, q_pos, k_pos, **kw)
+    ref64 = ops.sliding_window_attention_decode(q.double(), k0.double(), v0.double(), q_pos, k_pos, **kw)
+    assert_2x(out, ref, ref64, f"attention decode, slot 0 emptied, {case} {dtype_id}", rounds_like=False)
 
 
 @pytest.mark.parametrize("dtype_id", DTYPES)
