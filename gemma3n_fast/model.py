@@ -233,7 +233,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
     def _pack_for_cpu(self) -> None:
         """A quantized model on the CPU's reference ops: its matrices also laid out for torch's packed int8 / int4
         CPU matmuls (``cpu_quant``: exact for bf16 activations, several times faster than dequantizing per call),
-        and the GEMV ops of the op table taken from ``cpu_quant`` (the same values as the plain ops). The packed
+        and the GEMV ops of the op table taken from ``cpu_quant`` (the same values as the plain ops), with decode
+        attention and the AltUp / q|k|v chains in cheaper eager forms (same terms and roundings). The packed
         copies come on top of the quantized weights (which the embedding gathers and ``dequantized_state_dict``
         read)."""
         from dataclasses import fields, replace
