@@ -2,6 +2,7 @@
 threads, side by side in one run.
 
     python -m bench.cpu_decode [--new-tokens 16] [--prompt 32] [--threads 1,2] [--layers 30] [--json PATH]
+                               [--variants ours-int8,ours-int4,...]
 
 The model: E2B's text decoder (30 layers, H 2048, I 8192, the sparse first 10 layers) with the vocabulary cut to
 8,192 (the LM head and the tables would otherwise dominate a CPU's time and memory), random weights drawn like
@@ -25,6 +26,12 @@ VARIANTS = (  # (system, dtype, quantize)
     ("hf", torch.bfloat16, None), ("gemma3n_fast", torch.bfloat16, None),
     ("gemma3n_fast", torch.bfloat16, "int8"), ("gemma3n_fast", torch.bfloat16, "int4"),
 )
+
+
+def variant_name(system: str, dtype: torch.dtype, quantize: str | None) -> str:
+    """``--variants`` names: hf-fp32, hf-bf16, ours-fp32, ours-bf16, ours-int8, ours-int4."""
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    return ("hf" if system == "hf" else "ours") + "-" + (quantize or dt)
 
 
 def text_config(layers: int) -> dict:
@@ -70,7 +77,17 @@ def main(argv=None):
     p.add_argument("--threads", default="1,2")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--json", default=None)
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset to run, e.g. ours-int8,ours-int4,hf-bf16 (default: all): "
+                        + ", ".join(variant_name(*v) for v in VARIANTS))
     args = p.parse_args(argv)
+    variants = VARIANTS
+    if args.variants:
+        names = args.variants.split(",")
+        unknown = sorted(set(names) - {variant_name(*v) for v in VARIANTS})
+        if unknown:
+            p.error(f"--variants: unknown {unknown}; choose from {[variant_name(*v) for v in VARIANTS]}")
+        variants = tuple(v for v in VARIANTS if variant_name(*v) in names)
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
     from gemma3n_fast.reference.tiny import randomize_
@@ -81,7 +98,7 @@ def main(argv=None):
     ids = torch.randint(10, 8192, (1, args.prompt))
     rows = []
     t0 = time.perf_counter()
-    for system, dtype, quant in VARIANTS:
+    for system, dtype, quant in variants:
         hf = Gemma3nForCausalLM(Gemma3nTextConfig(**text)).eval().requires_grad_(False)
         randomize_(hf, 0, embed_std=0.02, norm_std=0.05)
         model = build(system, hf, text, dtype, quant)
@@ -98,7 +115,7 @@ def main(argv=None):
         gc.collect()
     print("\n| system | activations | weights | " + " | ".join(f"{n} thread{'s' * (n > 1)}" for n in threads)
           + " |\n|---|---|---|" + "---:|" * len(threads))
-    for system, dtype, quant in VARIANTS:
+    for system, dtype, quant in variants:
         d = str(dtype).removeprefix("torch.")
         cells = [f"{r['decode_tok_s']:.2f}" for r in rows if (r["system"], r["dtype"], r["quantize"]) == (system, d, quant)]
         weights = quant + (" (G 64)" if quant == "int4" else "") if quant else d

@@ -43,7 +43,7 @@ from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
 __all__ = ["CpuPackedWeight", "prepack", "project", "linear", "linear_gelu_mul", "linear_gelu_aux",
            "linear_softcap", "dual_linear", "qkv_projection_norm_rope_cache", "o_proj_post_attention",
            "sparse_ffn", "down_altup_correct", "sparse_ffn_altup_correct", "per_layer_projection_predict",
-           "per_layer_projection_inject"]
+           "per_layer_projection_inject", "sliding_window_attention_decode"]
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,67 @@ def linear_softcap(x: torch.Tensor, weight, cap: float | None, *, workspace=None
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
+def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                                    k_pos: torch.Tensor, *, window: int | None = None, scaling: float = 1.0,
+                                    softcap: float | None = None, last_slot: torch.Tensor | None = None,
+                                    workspace=None) -> torch.Tensor:
+    """``reference.ops.sliding_window_attention_decode`` on the CPU with fewer bytes moved, the same terms:
+      * only slots up to ``last_slot`` are read (the slots above are empty, k_pos = -1: masked, weight exactly 0);
+      * GQA by a view: the Hq / Hkv query heads of a KV head are rows of one matmul with that head's keys, instead
+        of K and V repeated per query head.
+    The same products, fp32 softmax and roundings; the sums over keys may run in another order."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if q.device.type != "cpu" or Hq % Hkv:
+        return ref_ops.sliding_window_attention_decode(q, k, v, q_pos, k_pos, window=window, scaling=scaling,
+                                                       softcap=softcap)
+    n = S if last_slot is None else min(int(last_slot.max()) + 1, S)  # a host read: fine on the CPU
+    k, v = k[:, :, :n], v[:, :, :n]
+    g = Hq // Hkv
+    scores = torch.matmul(q.reshape(B, Hkv, g * T, D), k.transpose(-1, -2))  # rows (head in group, t)
+    if scaling != 1.0:
+        scores = scores * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    # + 0 / + -inf is the masked_fill of the reference; one mask per step and layer type (_memo)
+    bias = _memo("attention mask", (q_pos, k_pos), (n, window), lambda: _attention_bias(q_pos, k_pos[:, :n], window))
+    scores = scores.float().view(B, Hkv, g, T, n) + bias
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+    out = torch.matmul(probs.to(q.dtype).view(B, Hkv, g * T, n), v)
+    return out.view(B, Hq, T, D)
+
+
+def _attention_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, 1, T, n] fp32: 0 where the reference's mask lets query t see key s, -inf elsewhere."""
+    qp, kp = q_pos[:, :, None].long(), k_pos[:, None, :].long()
+    visible = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        visible &= (qp - kp) < window
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(visible, zero, zero - float("inf"))[:, None, None]
+
+
+_memo_store: dict = {}
+
+
+def _memo(name: str, tensors: tuple, extra: tuple, make):
+    """``make()``, reused while ``tensors`` are the same objects (a reference is held, so none is freed and its
+    address reused) at the same in-place version (``_version``: every in-place write bumps it). Within a decode step
+    the positions and the cache's position tables are unchanged across the layers: their RoPE and attention mask
+    are computed once per step, not once per layer. Tensors without a version counter (inference mode): no reuse."""
+    try:
+        versions = tuple(t._version for t in tensors)
+    except RuntimeError:
+        return make()
+    key = (name, extra)
+    hit = _memo_store.get(key)
+    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[2]
+    value = make()
+    _memo_store[key] = (tuple(tensors), versions, value)
+    return value
+
+
 def dual_linear(x1: torch.Tensor, w1, x2: torch.Tensor, w2, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x1 @ w1^T, x2 @ w2^T)``."""
     return project(x1, w1), project(x2, w2)
@@ -288,7 +349,7 @@ def qkv_projection_norm_rope_cache(x: torch.Tensor, weight, qkv_width: int, q_no
                                    eps: float = 1e-6, *, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.ops.qkv_projection_norm_rope_cache`` with the projection through ``project``."""
     projected = project(x, weight)
-    q = ref_ops.qkv_norm_rope_cache(projected[..., :qkv_width], q_norm_weight, k_norm_weight, inv_freq, positions,
+    q = qkv_norm_rope_cache(projected[..., :qkv_width], q_norm_weight, k_norm_weight, inv_freq, positions,
                                     k_cache, v_cache, slots, eps)
     return q, projected[..., qkv_width:]
 
@@ -309,16 +370,15 @@ def per_layer_projection_predict(gated: torch.Tensor, projection_weight, streams
                                  input_norm_weight: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
                                  workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.ops.per_layer_projection_predict`` with the projection through ``project``."""
-    return ref_ops.altup_predict_fused(streams, project(gated, projection_weight), per_layer_norm_weight,
-                                       router_norm_weight, router_weight, prediction_coefs, input_norm_weight, eps,
-                                       active)
+    return altup_predict_fused(streams, project(gated, projection_weight), per_layer_norm_weight, router_norm_weight,
+                               router_weight, prediction_coefs, input_norm_weight, eps, active)
 
 
 def per_layer_projection_inject(gated: torch.Tensor, projection_weight, streams: torch.Tensor,
                                 per_layer_norm_weight: torch.Tensor, eps: float = 1e-6, active: int = 0, *,
                                 workspace=None) -> torch.Tensor:
     """``reference.ops.per_layer_projection_inject`` with the projection through ``project``."""
-    return ref_ops.altup_inject(streams, project(gated, projection_weight), per_layer_norm_weight, eps, active)
+    return altup_inject(streams, project(gated, projection_weight), per_layer_norm_weight, eps, active)
 
 
 def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float, *,
@@ -334,8 +394,27 @@ def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multi
         return F.linear(act, down.t())
     rows = act.reshape(-1, act.shape[-1])
     active = (rows != 0).any(0).nonzero().squeeze(1)  # a host sync: fine on the CPU
-    out = rows[:, active].float() @ down.take_rows(active)
+    out = rows.index_select(1, active).float() @ take_rows(down, active)
     return out.to(act.dtype).reshape(*act.shape[:-1], down.shape[1])
+
+
+def take_rows(w: QuantizedWeight, idx: torch.Tensor) -> torch.Tensor:
+    """``w.take_rows(idx)`` for a 1-D idx (rows dequantized to fp32 [n, K]: q * scale, exact), in fewer passes:
+    ``index_select`` gathers (advanced indexing is several times slower on uint8 rows), the nibbles are split
+    with in-place ops and each group is scaled through a view. Any other layout takes the definition."""
+    N, K = w.shape
+    G = w.group_size
+    if w.kind == "int8" and w.scales.dim() == 1:
+        return w.data.index_select(0, idx).float().mul_(w.scales.index_select(0, idx).float()[:, None])
+    if w.kind != "int4" or K % G or G % 2 or w.data.shape[1] * 2 != K or w.scales.shape[1] != K // G:
+        return w.take_rows(idx)
+    n = idx.numel()
+    d = w.data.index_select(0, idx)  # [n, K / 2] uint8: value 2j in the low nibble of byte j, 2j + 1 in the high
+    q = torch.empty(n, K // 2, 2, dtype=torch.uint8)
+    torch.bitwise_and(d, 15, out=q[:, :, 0])
+    torch.bitwise_right_shift(d, 4, out=q[:, :, 1])
+    scales = w.scales.index_select(0, idx).float()  # [n, K / G]
+    return q.view(n, K // G, G).float().sub_(8).mul_(scales[:, :, None]).view(n, K)
 
 
 def down_altup_correct(x: torch.Tensor, down_weight, predictions: torch.Tensor, h: torch.Tensor,
@@ -345,7 +424,7 @@ def down_altup_correct(x: torch.Tensor, down_weight, predictions: torch.Tensor, 
                        workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``reference.ops.down_altup_correct`` with the down projection through ``project``, then the plain post-FFN
     norm and AltUp correct (``reference.ops.altup_correct_fused``)."""
-    return ref_ops.altup_correct_fused(predictions, project(x, down_weight), h, post_ffn_norm_weight,
+    return altup_correct_fused(predictions, project(x, down_weight), h, post_ffn_norm_weight,
                                        router_norm_weight, router_weight, correction_coefs, correct_output_scale,
                                        eps, active)
 
@@ -358,7 +437,87 @@ def sparse_ffn_altup_correct(x: torch.Tensor, gate_weight, up_weight, down_weigh
                              workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``reference.ops.sparse_ffn_altup_correct`` with the FFN as ``sparse_ffn`` here, then the plain post-FFN norm
     and AltUp correct (``reference.ops.altup_correct_fused``)."""
-    return ref_ops.altup_correct_fused(predictions, sparse_ffn(x, gate_weight, up_weight, down_weight_t,
+    return altup_correct_fused(predictions, sparse_ffn(x, gate_weight, up_weight, down_weight_t,
                                                                std_multiplier), h, post_ffn_norm_weight,
                                        router_norm_weight, router_weight, correction_coefs, correct_output_scale,
                                        eps, active)
+
+
+# ---- AltUp on the CPU: the reference's steps and roundings in fewer, cheaper ops --------------------------------
+# At one row these chains are dispatch-bound; the bf16 [A, H] router matmul alone costs 3-6x its fp32 form there.
+
+def _altup_router(x: torch.Tensor, router_norm_weight: torch.Tensor, router_weight: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """``reference.ops.altup_router`` with the router's linear in fp32: the bf16 inputs are exact in fp32, the fp32
+    sums are rounded once to x.dtype, as the bf16 F.linear computes them (it accumulates in fp32)."""
+    inputs = ref_ops.rms_norm(x, router_norm_weight, eps) * torch.tensor(1.0 / x.shape[-1], dtype=x.dtype)
+    routed = F.linear(inputs.float(), router_weight.float()).to(x.dtype)
+    return torch.tanh(routed.float()).to(x.dtype)
+
+
+def altup_inject(streams: torch.Tensor, proj_raw: torch.Tensor, per_layer_norm_weight: torch.Tensor,
+                 eps: float = 1e-6, active: int = 0) -> torch.Tensor:
+    """``reference.ops.altup_inject``: one add over all streams, the active one put back."""
+    out = streams + ref_ops.rms_norm(proj_raw, per_layer_norm_weight, eps)
+    out[active] = streams[active]
+    return out
+
+
+def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
+                        per_layer_norm_weight: torch.Tensor | None, router_norm_weight: torch.Tensor,
+                        router_weight: torch.Tensor, prediction_coefs: torch.Tensor, input_norm_weight: torch.Tensor,
+                        eps: float = 1e-6, active: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.ops.altup_predict_fused``; the 4x4 mix as one fp32 bmm (the einsum's products and sums, rounded
+    once) and the router as ``_altup_router``."""
+    if proj_raw is not None:
+        streams = altup_inject(streams, proj_raw, per_layer_norm_weight, eps, active)
+    A, H = streams.shape[0], streams.shape[-1]
+    modalities = _altup_router(streams[active], router_norm_weight, router_weight, eps)  # [..., A]
+    coefs = F.linear(modalities, prediction_coefs).float().reshape(-1, A, A)  # [R, k, j]
+    s = streams.float().reshape(A, -1, H).transpose(0, 1)  # [R, j, H]
+    mix = torch.bmm(coefs, s).transpose(0, 1).reshape(streams.shape).to(streams.dtype)
+    pred = mix + streams
+    return pred, ref_ops.rms_norm(pred[active], input_norm_weight, eps)
+
+
+def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: torch.Tensor,
+                        post_ffn_norm_weight: torch.Tensor, router_norm_weight: torch.Tensor,
+                        router_weight: torch.Tensor, correction_coefs: torch.Tensor,
+                        correct_output_scale: torch.Tensor | None = None, eps: float = 1e-6,
+                        active: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``reference.ops.altup_correct_fused`` with the router as ``_altup_router`` (the same ops otherwise)."""
+    activated = ref_ops.rms_norm(mlp_out, post_ffn_norm_weight, eps, residual=h)
+    modalities = _altup_router(activated, router_norm_weight, router_weight, eps)  # [..., A]
+    gains = F.linear(modalities, correction_coefs) + 1.0  # [..., A]
+    innovation = activated - predictions[active]
+    corrected = innovation.unsqueeze(0) * gains.movedim(-1, 0).unsqueeze(-1) + predictions
+    scaled = None
+    if correct_output_scale is not None:
+        scaled = (corrected[active].to(correct_output_scale.dtype) * correct_output_scale).to(activated.dtype)
+    return corrected, scaled
+
+
+def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,
+                        inv_freq: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor | None = None,
+                        v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """``reference.ops.qkv_norm_rope_cache`` for one column (a decode step): the same norms and RoPE, cos / sin once
+    per step (``_memo``: the positions are the same for every layer), the K/V write a plain ``index_copy_`` when the
+    slot is a real one (the reference's masked write writes exactly that then). More columns: the reference."""
+    B, T, W = qkv.shape
+    if T != 1 or (k_cache is not None and int(slots.min()) < 0):  # a host read: fine on the CPU
+        return ref_ops.qkv_norm_rope_cache(qkv, q_norm_weight, k_norm_weight, inv_freq, positions, k_cache, v_cache,
+                                           slots, eps)
+    D = q_norm_weight.shape[0]
+    Hkv = 0 if k_cache is None else k_cache.shape[1]
+    Hq = W // D - 2 * Hkv
+    cos, sin = _memo("rope", (positions, inv_freq), (qkv.dtype,),
+                     lambda: ref_ops.rope_cos_sin(positions, inv_freq, qkv.dtype))
+    heads = qkv.unflatten(-1, (W // D, D))
+    q = ref_ops.apply_rope(ref_ops.rms_norm(heads[:, :, :Hq], q_norm_weight, eps), cos, sin).transpose(1, 2)
+    if k_cache is not None:
+        k = ref_ops.apply_rope(ref_ops.rms_norm(heads[:, :, Hq:Hq + Hkv], k_norm_weight, eps), cos, sin)
+        v = ref_ops.rms_norm(heads[:, :, Hq + Hkv:], None, eps)
+        k_cache.index_copy_(2, slots, k.transpose(1, 2))
+        v_cache.index_copy_(2, slots, v.transpose(1, 2))
+    return q

@@ -233,7 +233,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
     def _pack_for_cpu(self) -> None:
         """A quantized model on the CPU's reference ops: its matrices also laid out for torch's packed int8 / int4
         CPU matmuls (``cpu_quant``: exact for bf16 activations, several times faster than dequantizing per call),
-        and the GEMV ops of the op table taken from ``cpu_quant`` (the same values as the plain ops). The packed
+        and the GEMV ops of the op table taken from ``cpu_quant`` (the same values as the plain ops), with decode
+        attention and the AltUp / q|k|v chains in cheaper eager forms (same terms and roundings). The packed
         copies come on top of the quantized weights (which the embedding gathers and ``dequantized_state_dict``
         read)."""
         from dataclasses import fields, replace
@@ -253,7 +254,8 @@ class FastGemma3n(PinnedPlacement, GenerationMixin, nn.Module):
         self.per_layer_model_projection_weight = pack(self.per_layer_model_projection_weight)
         for name in ("linear", "linear_gelu_mul", "linear_gelu_aux", "linear_softcap",
                      "qkv_projection_norm_rope_cache", "o_proj_post_attention", "down_altup_correct",
-                     "sparse_ffn_altup_correct", "per_layer_projection_predict", "per_layer_projection_inject"):
+                     "sparse_ffn_altup_correct", "per_layer_projection_predict", "per_layer_projection_inject",
+                     "sliding_window_attention_decode"):
             setattr(self.backend, name, getattr(cpu_quant, name))
             self.backend.sources[name] = "cpu_quant"
         log.info("gemma3n_fast: quantized weights packed for torch's CPU int8 / int4 matmuls (bf16 activations "

@@ -106,6 +106,38 @@ def test_qkv_projection_norm_rope_cache(spec, dtype_id):
         assert_2x(o, r, r64, f"qkv_projection_norm_rope_cache {name} {spec} {dtype_id}")
 
 
+@pytest.mark.parametrize("dtype_id", DTYPES)
+def test_one_column_qkv_norm_rope_cache_and_its_per_step_memo(dtype_id):
+    """A decode column (T = 1, 2 rows): q and the written K/V slots equal the plain op's by the 2x rule, for an owner
+    layer and a KV-shared one (q only), over three steps whose positions and slots change in place (the RoPE memo
+    must follow them); a negative slot (nothing written) takes the plain op."""
+    from gemma3n_fast.reference.text import rope_inv_freq
+
+    dt = DTYPES[dtype_id]
+    D, S, Hq, Hkv = 8, 6, 2, 1
+    inv_freq = rope_inv_freq(D, 10_000.0, "cpu")
+    qw, kw = randn((D,), dt, seed=61, shift=1.0, device="cpu"), randn((D,), dt, seed=62, shift=1.0, device="cpu")
+    positions, slots = torch.tensor([[3], [7]], dtype=torch.int32), torch.tensor([2])
+    caches = [[torch.zeros(2, Hkv, S, D, dtype=d) for _ in range(2)] for d in (dt, dt, torch.float64)]
+    for step in range(3):
+        qkv = randn((2, 1, (Hq + 2 * Hkv) * D), dt, seed=63 + step, device="cpu")
+        for owner in (True, False):
+            x, kv = (qkv, [c + [slots] for c in caches]) if owner else (qkv[..., :Hq * D], [[None, None, None]] * 3)
+            out = cq.qkv_norm_rope_cache(x, qw, kw, inv_freq, positions, *kv[0])
+            ref = ops.qkv_norm_rope_cache(x, qw, kw, inv_freq, positions, *kv[1])
+            ref64 = ops.qkv_norm_rope_cache(x.double(), qw.double(), kw.double(), inv_freq, positions, *kv[2])
+            assert_2x(out, ref, ref64, f"q step {step} owner={owner} {dtype_id}")
+        for o, r, r64, name in zip(caches[0], caches[1], caches[2], "kv"):
+            assert_2x(o, r, r64, f"{name} cache step {step} {dtype_id}")
+        positions += 1
+        slots += 1
+    skip = torch.tensor([-1])
+    before = caches[0][0].clone()
+    out = cq.qkv_norm_rope_cache(qkv, qw, kw, inv_freq, positions, *caches[0], skip)
+    assert torch.equal(out, ops.qkv_norm_rope_cache(qkv, qw, kw, inv_freq, positions, *caches[1], skip))
+    assert torch.equal(caches[0][0], caches[1][0]) and not torch.equal(before, torch.zeros_like(before))
+
+
 @pytest.mark.parametrize("kind,G", [("int8", 0), ("int4", 32)])
 def test_sparse_ffn(kind, G):
     H, I = 72, 106
@@ -117,6 +149,81 @@ def test_sparse_ffn(kind, G):
     ref = ops.sparse_ffn(x, gate, up, down_t, z)
     ref64 = ops.sparse_ffn(x.double(), _as64(gate), _as64(up), _as64(down_t), z)
     assert_2x(out, ref, ref64, f"sparse_ffn {kind}")
+
+
+@pytest.mark.parametrize("kind,G,K", [("int8", 0, 83), ("int4", 64, 128), ("int4", 32, 96), ("int4", 64, 80)])
+def test_take_rows_is_the_definition(kind, G, K):
+    """The sparse down projection's row gather equals ``QuantizedWeight.take_rows`` bit for bit (any order, repeats,
+    none; K = 80 with G = 64, a partial group, takes the definition itself)."""
+    q = _qweight(kind, G, 50, K, seed=21)
+    for idx in (torch.tensor([7, 0, 49, 7, 3]), torch.arange(50), torch.zeros(0, dtype=torch.long)):
+        assert torch.equal(cq.take_rows(q, idx), q.take_rows(idx))
+
+
+# (B, Hq, Hkv, S, D, window, last column): a long full cache read to column 40, a ring not yet full, a wrapped
+# ring, one KV head per query head
+ATTENTION_CASES = [(1, 8, 2, 300, 64, None, 40), (2, 4, 2, 64, 32, 64, 20), (1, 4, 1, 64, 32, 64, 150),
+                   (1, 2, 2, 48, 16, None, 47)]
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}Hq{}Hkv{}S{}W{}last{}".format(*c[:4], *c[5:]))
+def test_attention_decode_reads_the_live_slots(case, dtype_id):
+    """Decode attention (GQA by a view, only the slots up to ``last_slot`` read) equals the plain op on the clean
+    cache by the 2x rule; the slots past the bound hold NaN, so reading one would show."""
+    B, Hq, Hkv, S, D, W, last = case
+    dt = DTYPES[dtype_id]
+    live = min(last + 1, S)
+    k, v = (randn((B, Hkv, S, D), dt, seed=s, device="cpu") for s in (31, 32))
+    k[:, :, live:], v[:, :, live:] = float("nan"), float("nan")
+    k_pos = torch.full((B, S), -1, dtype=torch.int32)
+    cols = torch.arange(last + 1 - live, last + 1, dtype=torch.int32)
+    k_pos[:, :live] = cols[cols % S] if W is None else cols[torch.argsort(cols % S)]  # ring: slot = column % S
+    k_pos[1:, :2] = -1  # a left-padded row
+    q_pos = torch.full((B, 1), last, dtype=torch.int32)
+    q = randn((B, Hq, 1, D), dt, seed=33, device="cpu")
+    kw = dict(window=W, scaling=D ** -0.5)
+    out = cq.sliding_window_attention_decode(q, k, v, q_pos, k_pos, last_slot=torch.tensor([last]), **kw)
+    k0, v0 = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    ref = ops.sliding_window_attention_decode(q, k0, v0, q_pos, k_pos, **kw)
+    ref64 = ops.sliding_window_attention_decode(q.double(), k0.double(), v0.double(), q_pos, k_pos, **kw)
+    assert_2x(out, ref, ref64, f"attention decode {case} {dtype_id}", rounds_like=False)
+    k_pos[:, :1] = -1  # in place, as a decode step writes the cache's position table: the mask memo must follow
+    out = cq.sliding_window_attention_decode(q, k, v, q_pos, k_pos, last_slot=torch.tensor([last]), **kw)
+    ref = ops.sliding_window_attention_decode(q, k0, v0, q_pos, k_pos, **kw)
+    ref64 = ops.sliding_window_attention_decode(q.double(), k0.double(), v0.double(), q_pos, k_pos, **kw)
+    assert_2x(out, ref, ref64, f"attention decode, slot 0 emptied, {case} {dtype_id}", rounds_like=False)
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("H", [72, 2048])
+def test_altup_chains_equal_the_plain_ops(H, dtype_id):
+    """The CPU AltUp chains (inject, predict + input norm, post-FFN norm + correct; the router's linear in fp32, the
+    4x4 mix as a bmm) equal the plain ops by the 2x rule and round like them, at one and three rows."""
+    dt, A = DTYPES[dtype_id], 4
+    for T in (1, 3):
+        streams = randn((A, 1, T, H), dt, seed=41 + T, device="cpu")
+        proj, mlp_out, h = (randn((1, T, H), dt, seed=s + T, device="cpu") for s in (44, 45, 46))
+        nw = [randn((H,), dt, seed=s, scale=0.1, shift=1.0, device="cpu") for s in (47, 48, 49, 50)]
+        router = randn((A, H), dt, seed=51, scale=H ** -0.5, device="cpu")
+        pcoefs, ccoefs = randn((A * A, A), dt, seed=52, scale=0.5, device="cpu"), randn((A, A), dt, seed=53,
+                                                                                      scale=0.5, device="cpu")
+        scale = randn((H,), dt, seed=54, scale=0.1, shift=1.0, device="cpu")
+        args = {"predict": (streams, proj, nw[0], nw[1], router, pcoefs, nw[2], 1e-6, 1),
+                "predict layer 0": (streams, None, None, nw[1], router, pcoefs, nw[2], 1e-6, 0),
+                "inject": (streams, proj, nw[0], 1e-6, 2),
+                "correct": (streams, mlp_out, h, nw[3], nw[1], router, ccoefs, scale, 1e-6, 0),
+                "correct unscaled": (streams, mlp_out, h, nw[3], nw[1], router, ccoefs, None, 1e-6, 0)}
+        fns = {"predict": "altup_predict_fused", "predict layer 0": "altup_predict_fused", "inject": "altup_inject",
+               "correct": "altup_correct_fused", "correct unscaled": "altup_correct_fused"}
+        for what, a in args.items():
+            a64 = tuple(x.double() if isinstance(x, torch.Tensor) else x for x in a)
+            out, ref, ref64 = getattr(cq, fns[what])(*a), getattr(ops, fns[what])(*a), getattr(ops, fns[what])(*a64)
+            outs, refs, ref64s = [(o if isinstance(o, tuple) else (o,)) for o in (out, ref, ref64)]
+            for o, r, r64 in zip(outs, refs, ref64s):
+                assert (o is None) == (r is None), what
+                if o is not None:
+                    assert_2x(o, r, r64, f"{what} H={H} T={T} {dtype_id}")
 
 
 def test_int4_packing_is_bit_exact():

@@ -179,7 +179,8 @@ def test_cpu_packed_matmuls_equal_the_quantized_reference(folder, kind, dtype, m
     ref = reference.load(folder, quantize=kind, dtype=dtype)
     fast = gemma3n_fast.load(folder, device="cpu", dtype=dtype, kernels="reference", quantize=kind)
     ops = ("linear", "qkv_projection_norm_rope_cache", "o_proj_post_attention", "down_altup_correct",
-           "sparse_ffn_altup_correct", "per_layer_projection_predict", "per_layer_projection_inject")
+           "sparse_ffn_altup_correct", "per_layer_projection_predict", "per_layer_projection_inject",
+           "sliding_window_attention_decode")
     assert {fast.backend.sources[op] for op in ops} == {"cpu_quant"}
     calls = []
     packed = cpu_quant._packed_matmul
