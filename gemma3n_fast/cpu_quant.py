@@ -299,7 +299,7 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     # + 0 / + -inf is the masked_fill of the reference; one mask per step and layer type (_memo)
-    bias = _memo("attention mask", (q_pos, k_pos), (n, window), lambda: _attention_bias(q_pos, k_pos[:, :n], window))
+    bias = _memo(("attention mask", window), (q_pos, k_pos), n, lambda: _attention_bias(q_pos, k_pos[:, :n], window))
     scores = scores.float().view(B, Hkv, g, T, n) + bias
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
     out = torch.matmul(probs.to(q.dtype).view(B, Hkv, g * T, n), v)
@@ -319,21 +319,22 @@ def _attention_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None
 _memo_store: dict = {}
 
 
-def _memo(name: str, tensors: tuple, extra: tuple, make):
+def _memo(key: tuple, tensors: tuple, extra, make):
     """``make()``, reused while ``tensors`` are the same objects (a reference is held, so none is freed and its
-    address reused) at the same in-place version (``_version``: every in-place write bumps it). Within a decode step
-    the positions and the cache's position tables are unchanged across the layers: their RoPE and attention mask
-    are computed once per step, not once per layer. Tensors without a version counter (inference mode): no reuse."""
+    address reused) at the same in-place version (``_version``: every in-place write bumps it) and ``extra`` is
+    equal. Within a decode step the positions and the cache's position tables are unchanged across the layers:
+    their RoPE and attention mask are computed once per step, not once per layer. One entry per ``key`` (a new
+    step replaces the last step's), so the store stays a few small tensors however long the generation.
+    Tensors without a version counter (inference mode): no reuse."""
     try:
         versions = tuple(t._version for t in tensors)
     except RuntimeError:
         return make()
-    key = (name, extra)
     hit = _memo_store.get(key)
-    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], tensors)):
-        return hit[2]
+    if hit is not None and hit[1] == versions and hit[2] == extra and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[3]
     value = make()
-    _memo_store[key] = (tuple(tensors), versions, value)
+    _memo_store[key] = (tuple(tensors), versions, extra, value)
     return value
 
 
@@ -350,7 +351,7 @@ def qkv_projection_norm_rope_cache(x: torch.Tensor, weight, qkv_width: int, q_no
     """``reference.ops.qkv_projection_norm_rope_cache`` with the projection through ``project``."""
     projected = project(x, weight)
     q = qkv_norm_rope_cache(projected[..., :qkv_width], q_norm_weight, k_norm_weight, inv_freq, positions,
-                                    k_cache, v_cache, slots, eps)
+                            k_cache, v_cache, slots, eps)
     return q, projected[..., qkv_width:]
 
 
@@ -424,9 +425,8 @@ def down_altup_correct(x: torch.Tensor, down_weight, predictions: torch.Tensor, 
                        workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``reference.ops.down_altup_correct`` with the down projection through ``project``, then the plain post-FFN
     norm and AltUp correct (``reference.ops.altup_correct_fused``)."""
-    return altup_correct_fused(predictions, project(x, down_weight), h, post_ffn_norm_weight,
-                                       router_norm_weight, router_weight, correction_coefs, correct_output_scale,
-                                       eps, active)
+    return altup_correct_fused(predictions, project(x, down_weight), h, post_ffn_norm_weight, router_norm_weight,
+                               router_weight, correction_coefs, correct_output_scale, eps, active)
 
 
 def sparse_ffn_altup_correct(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multiplier: float,
@@ -437,10 +437,9 @@ def sparse_ffn_altup_correct(x: torch.Tensor, gate_weight, up_weight, down_weigh
                              workspace=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``reference.ops.sparse_ffn_altup_correct`` with the FFN as ``sparse_ffn`` here, then the plain post-FFN norm
     and AltUp correct (``reference.ops.altup_correct_fused``)."""
-    return altup_correct_fused(predictions, sparse_ffn(x, gate_weight, up_weight, down_weight_t,
-                                                               std_multiplier), h, post_ffn_norm_weight,
-                                       router_norm_weight, router_weight, correction_coefs, correct_output_scale,
-                                       eps, active)
+    mlp_out = sparse_ffn(x, gate_weight, up_weight, down_weight_t, std_multiplier)
+    return altup_correct_fused(predictions, mlp_out, h, post_ffn_norm_weight, router_norm_weight, router_weight,
+                               correction_coefs, correct_output_scale, eps, active)
 
 
 # ---- AltUp on the CPU: the reference's steps and roundings in fewer, cheaper ops --------------------------------
@@ -511,7 +510,7 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
     D = q_norm_weight.shape[0]
     Hkv = 0 if k_cache is None else k_cache.shape[1]
     Hq = W // D - 2 * Hkv
-    cos, sin = _memo("rope", (positions, inv_freq), (qkv.dtype,),
+    cos, sin = _memo(("rope",), (positions, inv_freq), qkv.dtype,
                      lambda: ref_ops.rope_cos_sin(positions, inv_freq, qkv.dtype))
     heads = qkv.unflatten(-1, (W // D, D))
     q = ref_ops.apply_rope(ref_ops.rms_norm(heads[:, :, :Hq], q_norm_weight, eps), cos, sin).transpose(1, 2)

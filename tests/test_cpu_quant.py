@@ -195,6 +195,22 @@ def test_attention_decode_reads_the_live_slots(case, dtype_id):
     assert_2x(out, ref, ref64, f"attention decode, slot 0 emptied, {case} {dtype_id}", rounds_like=False)
 
 
+def test_the_per_step_memo_keeps_one_entry_per_layer_type():
+    """A generation's steps each read one more slot: the masks of past steps are replaced, not kept (a long
+    generation would otherwise hold a mask per step)."""
+    cq._memo_store.clear()
+    B, H, S, D = 1, 2, 40, 16
+    q, k, v = (randn(shape, torch.float32, seed=s, device="cpu") for s, shape in
+               ((41, (B, H, 1, D)), (42, (B, H, S, D)), (43, (B, H, S, D))))
+    k_pos = torch.full((B, S), -1, dtype=torch.int32)
+    for col in range(S):
+        k_pos[:, col] = col
+        q_pos = torch.tensor([[col]], dtype=torch.int32)
+        for window in (None, 8):  # two layer types per step
+            cq.sliding_window_attention_decode(q, k, v, q_pos, k_pos, window=window, last_slot=torch.tensor([col]))
+    assert len(cq._memo_store) == 2
+
+
 @pytest.mark.parametrize("dtype_id", DTYPES)
 @pytest.mark.parametrize("H", [72, 2048])
 def test_altup_chains_equal_the_plain_ops(H, dtype_id):
