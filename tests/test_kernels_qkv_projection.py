@@ -84,14 +84,15 @@ def _split(rows):
         GemvConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, num_warps=4)
 
 
-BIT_GRID = [("decode", "float", False), ("decode", "int4", True), ("chunk3", "int8", True),
-            ("ring3", "float", True), ("batch3_shared", "int4", False), ("rows16", "float", True),
-            ("rows16", "int8", False), ("rows17", "int4", False)]
+# (case, weights, split-K forced, dtype): each weight kind and each split setting in both dtypes
+BIT_GRID = [("decode", "float", False, torch.float32), ("decode", "int4", True, torch.bfloat16),
+            ("chunk3", "int8", True, torch.float32), ("ring3", "float", True, torch.bfloat16),
+            ("batch3_shared", "int4", False, torch.float32), ("rows16", "float", True, torch.bfloat16),
+            ("rows16", "int8", False, torch.bfloat16), ("rows17", "int4", False, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("case_id,weight_kind,split", BIT_GRID,
-                         ids=[f"{c}-{w}-{'split' if s else 'heuristic'}" for c, w, s in BIT_GRID])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case_id,weight_kind,split,dtype", BIT_GRID,
+                         ids=[f"{c}-{w}-{'split' if s else 'heuristic'}-{str(d)[6:]}" for c, w, s, d in BIT_GRID])
 def test_fused_is_the_two_kernels_bit_for_bit(case_id, weight_kind, split, dtype, shuffled_programs, nan_empty):
     from gemma3n_fast.kernels.gemv import gemv_workspace, linear
     from gemma3n_fast.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache
