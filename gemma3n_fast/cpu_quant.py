@@ -487,13 +487,8 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
     """``reference.ops.altup_correct_fused`` with the router as ``_altup_router`` (the same ops otherwise)."""
     activated = ref_ops.rms_norm(mlp_out, post_ffn_norm_weight, eps, residual=h)
     modalities = _altup_router(activated, router_norm_weight, router_weight, eps)  # [..., A]
-    gains = F.linear(modalities, correction_coefs) + 1.0  # [..., A]
-    innovation = activated - predictions[active]
-    corrected = innovation.unsqueeze(0) * gains.movedim(-1, 0).unsqueeze(-1) + predictions
-    scaled = None
-    if correct_output_scale is not None:
-        scaled = (corrected[active].to(correct_output_scale.dtype) * correct_output_scale).to(activated.dtype)
-    return corrected, scaled
+    return ref_ops.altup_correct_by_modalities(predictions, activated, modalities, correction_coefs,
+                                               correct_output_scale, active)
 
 
 def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None,

@@ -101,6 +101,14 @@ def altup_correct(predictions: torch.Tensor, activated: torch.Tensor, router_nor
     correct_output_scale: [H] or None. Returns (corrected [A, ..., H], corrected[active] * scale or None).
     """
     modalities = altup_router(activated, router_norm_weight, router_weight, eps)  # [..., A]
+    return altup_correct_by_modalities(predictions, activated, modalities, correction_coefs, correct_output_scale,
+                                       active)
+
+
+def altup_correct_by_modalities(predictions: torch.Tensor, activated: torch.Tensor, modalities: torch.Tensor,
+                                correction_coefs: torch.Tensor, correct_output_scale: torch.Tensor | None,
+                                active: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``altup_correct`` after its router: ``modalities`` [..., A] is ``altup_router(activated, ...)``."""
     gains = F.linear(modalities, correction_coefs) + 1.0  # [..., A]
     innovation = activated - predictions[active]
     corrected = innovation.unsqueeze(0) * gains.movedim(-1, 0).unsqueeze(-1) + predictions
