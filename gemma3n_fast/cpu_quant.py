@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from gemma3n_fast.reference import ops as ref_ops
 from gemma3n_fast.reference.quant import QuantizedWeight, unpack_int4
@@ -52,6 +53,7 @@ _K_ALIGN_INT8 = 64  # the bf16 int8 op is right only for K % 16 == 0: pad K to a
 _N_ALIGN_INT4 = 16  # the int4 packer requires N % 16 == 0
 _INT4_INNER_K_TILES = 2  # accepted 1/2/4/8 on CPU; 2 needs only K % 32 == 0, which K % G == 0 implies
 FP32_INT8_MAX_ROWS = 1  # fp32 x: the int8 op's loop beats dequantize-then-F.linear only at one row
+FP32_ATTENTION_MAX_SLOTS = 1024  # decode attention upcasts bf16 K/V up to here (1.7x faster at 1,024; slower at 4,096)
 
 # route names: which computation a (weight, activation dtype, rows) gets
 PACKED_BF16 = "packed_bf16"  # the bf16 packed op
@@ -283,7 +285,10 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
     """``reference.ops.sliding_window_attention_decode`` on the CPU with fewer bytes moved, the same terms:
       * only slots up to ``last_slot`` are read (the slots above are empty, k_pos = -1: masked, weight exactly 0);
       * GQA by a view: the Hq / Hkv query heads of a KV head are rows of one matmul with that head's keys, instead
-        of K and V repeated per query head.
+        of K and V repeated per query head;
+      * up to ``FP32_ATTENTION_MAX_SLOTS`` live slots, the two matmuls take fp32 copies of their bf16 operands
+        (exact) and round their fp32 sums to the activation dtype where the bf16 matmul rounds: torch's bf16 bmm
+        at these sizes is ~2x slower than converting and multiplying in fp32; longer, the copies cost more.
     The same products, fp32 softmax and roundings; the sums over keys may run in another order."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -292,8 +297,13 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
                                                        softcap=softcap)
     n = S if last_slot is None else min(int(last_slot.max()) + 1, S)  # a host read: fine on the CPU
     k, v = k[:, :, :n], v[:, :, :n]
-    g = Hq // Hkv
-    scores = torch.matmul(q.reshape(B, Hkv, g * T, D), k.transpose(-1, -2))  # rows (head in group, t)
+    g, dt = Hq // Hkv, q.dtype
+    upcast = dt != torch.float32 and n <= FP32_ATTENTION_MAX_SLOTS
+    qg = q.reshape(B, Hkv, g * T, D)  # rows (head in group, t)
+    if upcast:
+        scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)).to(dt)
+    else:
+        scores = torch.matmul(qg, k.transpose(-1, -2))
     if scaling != 1.0:
         scores = scores * scaling
     if softcap is not None:
@@ -301,8 +311,8 @@ def sliding_window_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.T
     # + 0 / + -inf is the masked_fill of the reference; one mask per step and layer type (_memo)
     bias = _memo(("attention mask", window), (q_pos, k_pos), n, lambda: _attention_bias(q_pos, k_pos[:, :n], window))
     scores = scores.float().view(B, Hkv, g, T, n) + bias
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
-    out = torch.matmul(probs.to(q.dtype).view(B, Hkv, g * T, n), v)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(dt).view(B, Hkv, g * T, n)  # all-masked rows -> 0
+    out = torch.matmul(probs.float(), v.float()).to(dt) if upcast else torch.matmul(probs, v)
     return out.view(B, Hq, T, D)
 
 
@@ -359,10 +369,13 @@ def o_proj_post_attention(x1: torch.Tensor, w1, x2: torch.Tensor, w2, a: torch.T
                           post_attention_norm_weight: torch.Tensor, post_laurel_norm_weight: torch.Tensor,
                           pre_ffn_norm_weight: torch.Tensor, eps: float = 1e-6, *,
                           workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference.ops.o_proj_post_attention`` with its two projections through ``project`` (``dual_linear``)."""
+    """``reference.ops.o_proj_post_attention`` with its two projections through ``project`` (``dual_linear``) and
+    the norms as ``_rms_norm``."""
     o, laurel_branch = dual_linear(x1, w1, x2, w2)
-    return ref_ops.post_attention_chain(o, a, laurel_branch, an, post_attention_norm_weight, post_laurel_norm_weight,
-                                        pre_ffn_norm_weight, eps)
+    att = _rms_norm(o, post_attention_norm_weight, eps, residual=a)  # reference.ops.post_attention_chain's steps
+    lau = _rms_norm(laurel_branch, post_laurel_norm_weight, eps, residual=an)
+    h = (att + lau) / 2 ** 0.5
+    return h, _rms_norm(h, pre_ffn_norm_weight, eps)
 
 
 def per_layer_projection_predict(gated: torch.Tensor, projection_weight, streams: torch.Tensor,
@@ -387,7 +400,7 @@ def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multi
     """``reference.ops.sparse_ffn`` with gate and up through ``project``. The down weight is stored transposed
     (rows = channels, quantized along H), so no packed op computes ``act @ down_weight_t`` with its values; but
     only the channels some row keeps active (about 5 % at one row) contribute, so a quantized down weight is read
-    and dequantized for those rows only (``take_rows``): the definition's products, the zero terms left out of
+    and dequantized for those rows only (``times_rows``): the definition's products, the zero terms left out of
     the fp32 sums (exact zeros), rounded once."""
     act = ref_ops.gaussian_topk_gelu_mul(project(x, gate_weight), project(x, up_weight), std_multiplier)
     down = down_weight_t.weight if isinstance(down_weight_t, CpuPackedWeight) else down_weight_t
@@ -395,8 +408,27 @@ def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multi
         return F.linear(act, down.t())
     rows = act.reshape(-1, act.shape[-1])
     active = (rows != 0).any(0).nonzero().squeeze(1)  # a host sync: fine on the CPU
-    out = rows.index_select(1, active).float() @ take_rows(down, active)
+    out = times_rows(rows.index_select(1, active).float(), down, active)
     return out.to(act.dtype).reshape(*act.shape[:-1], down.shape[1])
+
+
+def times_rows(a: torch.Tensor, w: QuantizedWeight, idx: torch.Tensor) -> torch.Tensor:
+    """``a @ take_rows(w, idx)``: a [R, n] fp32 times w's rows ``idx`` dequantized [n, K] -> [R, K] fp32. int4 rows
+    are not interleaved back to [n, K]: the low nibbles (the even columns) and the high ones (the odd columns) are
+    dequantized and multiplied apart, and only the [R, K / 2] products interleaved (writing nibbles into every
+    other column of a [n, K] buffer costs ~4x the rest of the product). The same products, fp32 sums."""
+    N, K = w.shape
+    G = w.group_size
+    if w.kind != "int4" or K % G or G % 2 or w.data.shape[1] * 2 != K or w.scales.shape[1] != K // G:
+        return a @ take_rows(w, idx)
+    n = idx.numel()
+    packed = w.data.index_select(0, idx)  # [n, K / 2] uint8: column 2j in the low nibble of byte j, 2j + 1 high
+    scales = w.scales.index_select(0, idx).float()[:, :, None]  # [n, K / G, 1]: group g holds bytes g G/2 ...
+    halves = []
+    for nibbles in (torch.bitwise_and(packed, 15), torch.bitwise_right_shift(packed, 4)):
+        q = nibbles.float().view(n, K // G, G // 2).sub_(8).mul_(scales)  # (nibble - 8) * scale, exact
+        halves.append(a @ q.view(n, K // 2))
+    return torch.stack(halves, dim=-1).view(a.shape[0], K)
 
 
 def take_rows(w: QuantizedWeight, idx: torch.Tensor) -> torch.Tensor:
@@ -443,21 +475,53 @@ def sparse_ffn_altup_correct(x: torch.Tensor, gate_weight, up_weight, down_weigh
 
 
 # ---- AltUp on the CPU: the reference's steps and roundings in fewer, cheaper ops --------------------------------
-# At one row these chains are dispatch-bound; the bf16 [A, H] router matmul alone costs 3-6x its fp32 form there.
+# At one row these chains are dispatch-bound (a few us per op): every op saved counts.
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``reference.ops.rms_norm`` through torch's own ``F.rms_norm``: one call instead of nine; it takes the same
+    fp32 steps (x in fp32, times (mean(x^2) + eps)^-1/2, times the weight in fp32, rounded once)."""
+    y = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return y if residual is None else residual + y
+
+
+_fp32_store = WeakIdKeyDictionary()  # a weight -> (its in-place version, its fp32 copy)
+
+
+def _fp32(w: torch.Tensor) -> torch.Tensor:
+    """``w.float()``, made once per weight (kept while the weight lives; rebuilt if it is written in place)."""
+    if w.dtype == torch.float32:
+        return w
+    hit = _fp32_store.get(w)
+    if hit is None or hit[0] != w._version:
+        hit = _fp32_store[w] = (w._version, w.float())
+    return hit[1]
+
 
 def _altup_router(x: torch.Tensor, router_norm_weight: torch.Tensor, router_weight: torch.Tensor,
                   eps: float) -> torch.Tensor:
     """``reference.ops.altup_router`` with the router's linear in fp32: the bf16 inputs are exact in fp32, the fp32
     sums are rounded once to x.dtype, as the bf16 F.linear computes them (it accumulates in fp32)."""
-    inputs = ref_ops.rms_norm(x, router_norm_weight, eps) * torch.tensor(1.0 / x.shape[-1], dtype=x.dtype)
-    routed = F.linear(inputs.float(), router_weight.float()).to(x.dtype)
+    inputs = _rms_norm(x, router_norm_weight, eps) * _inverse_width(x.shape[-1], x.dtype)
+    routed = F.linear(inputs.float(), _fp32(router_weight)).to(x.dtype)
     return torch.tanh(routed.float()).to(x.dtype)
+
+
+_inverse_widths: dict = {}
+
+
+def _inverse_width(H: int, dtype: torch.dtype) -> torch.Tensor:
+    """1/H rounded to ``dtype`` (HF's buffer in the model dtype), a CPU scalar tensor made once."""
+    key = (H, dtype)
+    if key not in _inverse_widths:
+        _inverse_widths[key] = torch.tensor(1.0 / H, dtype=dtype)
+    return _inverse_widths[key]
 
 
 def altup_inject(streams: torch.Tensor, proj_raw: torch.Tensor, per_layer_norm_weight: torch.Tensor,
                  eps: float = 1e-6, active: int = 0) -> torch.Tensor:
     """``reference.ops.altup_inject``: one add over all streams, the active one put back."""
-    out = streams + ref_ops.rms_norm(proj_raw, per_layer_norm_weight, eps)
+    out = streams + _rms_norm(proj_raw, per_layer_norm_weight, eps)
     out[active] = streams[active]
     return out
 
@@ -476,7 +540,7 @@ def altup_predict_fused(streams: torch.Tensor, proj_raw: torch.Tensor | None,
     s = streams.float().reshape(A, -1, H).transpose(0, 1)  # [R, j, H]
     mix = torch.bmm(coefs, s).transpose(0, 1).reshape(streams.shape).to(streams.dtype)
     pred = mix + streams
-    return pred, ref_ops.rms_norm(pred[active], input_norm_weight, eps)
+    return pred, _rms_norm(pred[active], input_norm_weight, eps)
 
 
 def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: torch.Tensor,
@@ -485,7 +549,7 @@ def altup_correct_fused(predictions: torch.Tensor, mlp_out: torch.Tensor, h: tor
                         correct_output_scale: torch.Tensor | None = None, eps: float = 1e-6,
                         active: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``reference.ops.altup_correct_fused`` with the router as ``_altup_router`` (the same ops otherwise)."""
-    activated = ref_ops.rms_norm(mlp_out, post_ffn_norm_weight, eps, residual=h)
+    activated = _rms_norm(mlp_out, post_ffn_norm_weight, eps, residual=h)
     modalities = _altup_router(activated, router_norm_weight, router_weight, eps)  # [..., A]
     return ref_ops.altup_correct_by_modalities(predictions, activated, modalities, correction_coefs,
                                                correct_output_scale, active)
@@ -495,23 +559,48 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
                         inv_freq: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor | None = None,
                         v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None,
                         eps: float = 1e-6) -> torch.Tensor:
-    """``reference.ops.qkv_norm_rope_cache`` for one column (a decode step): the same norms and RoPE, cos / sin once
-    per step (``_memo``: the positions are the same for every layer), the K/V write a plain ``index_copy_`` when the
-    slot is a real one (the reference's masked write writes exactly that then). More columns: the reference."""
+    """``reference.ops.qkv_norm_rope_cache`` for one column (a decode step): the q, k and v head norms as one norm
+    over every head with a per-head fp32 weight (q_norm's, k_norm's, 1 for v's scale-free norm: x * 1.0 is x),
+    RoPE on the q and k heads at once, cos / sin once per step (``_memo``: the positions are the same for every
+    layer), the K/V write a plain ``index_copy_`` when the slot is a real one (the reference's masked write writes
+    exactly that then). The same products and roundings. More columns: the reference."""
     B, T, W = qkv.shape
     if T != 1 or (k_cache is not None and int(slots.min()) < 0):  # a host read: fine on the CPU
         return ref_ops.qkv_norm_rope_cache(qkv, q_norm_weight, k_norm_weight, inv_freq, positions, k_cache, v_cache,
                                            slots, eps)
     D = q_norm_weight.shape[0]
     Hkv = 0 if k_cache is None else k_cache.shape[1]
-    Hq = W // D - 2 * Hkv
+    heads = W // D
+    Hq = heads - 2 * Hkv
     cos, sin = _memo(("rope",), (positions, inv_freq), qkv.dtype,
                      lambda: ref_ops.rope_cos_sin(positions, inv_freq, qkv.dtype))
-    heads = qkv.unflatten(-1, (W // D, D))
-    q = ref_ops.apply_rope(ref_ops.rms_norm(heads[:, :, :Hq], q_norm_weight, eps), cos, sin).transpose(1, 2)
+    y = qkv.unflatten(-1, (heads, D)).float()
+    # rms_norm's fp32 steps: y * (mean(y^2) + eps)^-1/2 * w, rounded once
+    normed = (y * (y * y).mean(-1, keepdim=True).add_(eps).pow_(-0.5)).mul_(
+        _head_norm_weights(q_norm_weight, k_norm_weight, Hq, Hkv)).to(qkv.dtype)
+    qk = normed[:, :, :Hq + Hkv]
+    x1, x2 = qk.chunk(2, dim=-1)
+    roped = qk * cos[:, :, None] + torch.cat([-x2, x1], dim=-1) * sin[:, :, None]  # apply_rope's roundings
     if k_cache is not None:
-        k = ref_ops.apply_rope(ref_ops.rms_norm(heads[:, :, Hq:Hq + Hkv], k_norm_weight, eps), cos, sin)
-        v = ref_ops.rms_norm(heads[:, :, Hq + Hkv:], None, eps)
-        k_cache.index_copy_(2, slots, k.transpose(1, 2))
-        v_cache.index_copy_(2, slots, v.transpose(1, 2))
-    return q
+        k_cache.index_copy_(2, slots, roped[:, :, Hq:].transpose(1, 2))
+        v_cache.index_copy_(2, slots, normed[:, :, Hq + Hkv:].transpose(1, 2))
+    return roped[:, :, :Hq].transpose(1, 2)
+
+
+_head_norm_store = WeakIdKeyDictionary()  # q_norm weight -> (k_norm weight, shapes and versions, [heads, D] fp32)
+
+
+def _head_norm_weights(q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor | None, Hq: int,
+                       Hkv: int) -> torch.Tensor:
+    """[Hq + 2 Hkv, D] fp32: q_norm's weight per q head, k_norm's per k head, ones per v head; built once per layer
+    (kept while the q_norm weight lives, rebuilt if either weight is written in place)."""
+    key = (Hq, Hkv, q_norm_weight._version, None if k_norm_weight is None else k_norm_weight._version)
+    hit = _head_norm_store.get(q_norm_weight)
+    if hit is not None and hit[0] is k_norm_weight and hit[1] == key:
+        return hit[2]
+    parts = [q_norm_weight.float().expand(Hq, -1)]
+    if Hkv:
+        parts += [k_norm_weight.float().expand(Hkv, -1), torch.ones(Hkv, q_norm_weight.shape[0])]
+    value = torch.cat(parts).contiguous()
+    _head_norm_store[q_norm_weight] = (k_norm_weight, key, value)
+    return value

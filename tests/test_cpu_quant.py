@@ -110,7 +110,8 @@ def test_qkv_projection_norm_rope_cache(spec, dtype_id):
 def test_one_column_qkv_norm_rope_cache_and_its_per_step_memo(dtype_id):
     """A decode column (T = 1, 2 rows): q and the written K/V slots equal the plain op's by the 2x rule, for an owner
     layer and a KV-shared one (q only), over three steps whose positions and slots change in place (the RoPE memo
-    must follow them); a negative slot (nothing written) takes the plain op."""
+    must follow them; so must the fp32 head-norm weights when the last step writes the norm weights in place); a
+    negative slot (nothing written) takes the plain op."""
     from gemma3n_fast.reference.text import rope_inv_freq
 
     dt = DTYPES[dtype_id]
@@ -121,6 +122,8 @@ def test_one_column_qkv_norm_rope_cache_and_its_per_step_memo(dtype_id):
     caches = [[torch.zeros(2, Hkv, S, D, dtype=d) for _ in range(2)] for d in (dt, dt, torch.float64)]
     for step in range(3):
         qkv = randn((2, 1, (Hq + 2 * Hkv) * D), dt, seed=63 + step, device="cpu")
+        if step == 2:  # norm weights written in place: the per-layer fp32 head weights must follow
+            qw.mul_(1.5), kw.mul_(0.75)
         for owner in (True, False):
             x, kv = (qkv, [c + [slots] for c in caches]) if owner else (qkv[..., :Hq * D], [[None, None, None]] * 3)
             out = cq.qkv_norm_rope_cache(x, qw, kw, inv_freq, positions, *kv[0])
@@ -138,17 +141,32 @@ def test_one_column_qkv_norm_rope_cache_and_its_per_step_memo(dtype_id):
     assert torch.equal(caches[0][0], caches[1][0]) and not torch.equal(before, torch.zeros_like(before))
 
 
-@pytest.mark.parametrize("kind,G", [("int8", 0), ("int4", 32)])
-def test_sparse_ffn(kind, G):
-    H, I = 72, 106
+# H = 72 with G = 32: a partial last group (the int4 rows take the definition); H = 96 / 128: whole groups (the
+# int4 rows dequantized as low and high nibbles apart, ``times_rows``)
+@pytest.mark.parametrize("kind,G,H", [("int8", 0, 72), ("int4", 32, 72), ("int4", 32, 96), ("int4", 64, 128)])
+def test_sparse_ffn(kind, G, H):
+    I = 106
     dt = torch.bfloat16
-    gate, up, down_t = (_qweight(kind, G, I, H, seed=s) for s in (1, 2, 3))
+    gate, up = (_qweight(kind, G, I, H, seed=s) for s in (1, 2))
+    down_t = _qweight(kind, G, I, H, seed=3)  # [I, H]: quantized along H
     x = randn((3, H), dt, seed=4, device="cpu")
     z = 1.6448535919189453
     out = cq.sparse_ffn(x, cq.prepack(gate), cq.prepack(up), cq.prepack(down_t), z)
     ref = ops.sparse_ffn(x, gate, up, down_t, z)
     ref64 = ops.sparse_ffn(x.double(), _as64(gate), _as64(up), _as64(down_t), z)
-    assert_2x(out, ref, ref64, f"sparse_ffn {kind}")
+    assert_2x(out, ref, ref64, f"sparse_ffn {kind} G={G} H={H}")
+
+
+@pytest.mark.parametrize("kind,G,K", [("int8", 0, 83), ("int4", 64, 128), ("int4", 32, 96), ("int4", 64, 80)])
+def test_times_rows_is_the_product_with_the_rows(kind, G, K):
+    """``times_rows(a, w, idx)`` = a @ w's rows idx dequantized, fp32, by the 2x rule against fp64 (any order,
+    repeats, none; 1 and 3 rows of a; K = 80 with G = 64, a partial group, takes the definition)."""
+    q = _qweight(kind, G, 50, K, seed=22)
+    for idx in (torch.tensor([7, 0, 49, 7, 3]), torch.arange(50), torch.zeros(0, dtype=torch.long)):
+        for R in (1, 3):
+            a = randn((R, idx.numel()), torch.float32, seed=23 + R, device="cpu")
+            rows = q.take_rows(idx)
+            assert_2x(cq.times_rows(a, q, idx), a @ rows, a.double() @ rows.double(), f"times_rows {kind} {K} {R}")
 
 
 @pytest.mark.parametrize("kind,G,K", [("int8", 0, 83), ("int4", 64, 128), ("int4", 32, 96), ("int4", 64, 80)])
@@ -166,11 +184,14 @@ ATTENTION_CASES = [(1, 8, 2, 300, 64, None, 40), (2, 4, 2, 64, 32, 64, 20), (1, 
                    (1, 2, 2, 48, 16, None, 47)]
 
 
+@pytest.mark.parametrize("upcast", [True, False], ids=["fp32-matmuls", "bf16-matmuls"])
 @pytest.mark.parametrize("dtype_id", DTYPES)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}Hq{}Hkv{}S{}W{}last{}".format(*c[:4], *c[5:]))
-def test_attention_decode_reads_the_live_slots(case, dtype_id):
-    """Decode attention (GQA by a view, only the slots up to ``last_slot`` read) equals the plain op on the clean
-    cache by the 2x rule; the slots past the bound hold NaN, so reading one would show."""
+def test_attention_decode_reads_the_live_slots(case, dtype_id, upcast, monkeypatch):
+    """Decode attention (GQA by a view, only the slots up to ``last_slot`` read; bf16 operands upcast to fp32 up to
+    ``FP32_ATTENTION_MAX_SLOTS`` live slots, both routes forced) equals the plain op on the clean cache by the 2x
+    rule; the slots past the bound hold NaN, so reading one would show."""
+    monkeypatch.setattr(cq, "FP32_ATTENTION_MAX_SLOTS", 10 ** 6 if upcast else 0)
     B, Hq, Hkv, S, D, W, last = case
     dt = DTYPES[dtype_id]
     live = min(last + 1, S)
@@ -193,6 +214,23 @@ def test_attention_decode_reads_the_live_slots(case, dtype_id):
     ref = ops.sliding_window_attention_decode(q, k0, v0, q_pos, k_pos, **kw)
     ref64 = ops.sliding_window_attention_decode(q.double(), k0.double(), v0.double(), q_pos, k_pos, **kw)
     assert_2x(out, ref, ref64, f"attention decode, slot 0 emptied, {case} {dtype_id}", rounds_like=False)
+
+
+def test_fp32_weight_copies_follow_in_place_writes():
+    """The fp32 copies made once per weight (the router's, the per-head norm weights) are rebuilt when the weight
+    is written in place, and a new weight gets its own."""
+    w = randn((4, 24), torch.bfloat16, seed=71, device="cpu")
+    assert torch.equal(cq._fp32(w), w.float())
+    w.mul_(3.0)
+    assert torch.equal(cq._fp32(w), w.float())
+    other = w.clone().add_(1.0)
+    assert torch.equal(cq._fp32(other), other.float()) and torch.equal(cq._fp32(w), w.float())
+    qw, kw = (randn((8,), torch.bfloat16, seed=s, shift=1.0, device="cpu") for s in (72, 73))
+    expect = lambda: torch.cat([qw.float().expand(3, 8), kw.float().expand(2, 8), torch.ones(2, 8)])  # noqa: E731
+    assert torch.equal(cq._head_norm_weights(qw, kw, 3, 2), expect())
+    kw.mul_(0.5)
+    assert torch.equal(cq._head_norm_weights(qw, kw, 3, 2), expect())
+    assert torch.equal(cq._head_norm_weights(qw, None, 3, 0), qw.float().expand(3, 8))
 
 
 def test_the_per_step_memo_keeps_one_entry_per_layer_type():
