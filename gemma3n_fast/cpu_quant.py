@@ -149,8 +149,18 @@ def _packed_matmul(x2: torch.Tensor, p: CpuPackedWeight, route: str) -> torch.Te
     if p.kind == "int8":
         scales = p.scales_bf16 if route == PACKED_BF16 else p.scales_fp32
         return torch._weight_int8pack_mm(x2, p.packed, scales)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p.packed, p.weight.group_size, p.scales_bf16)
+    out = (_INT4_MM or torch.ops.aten._weight_int4pack_mm_for_cpu)(x2, p.packed, p.weight.group_size, p.scales_bf16)
     return out if p.n_padded == p.shape[0] else out[:, :p.shape[0]]
+
+
+def _overload(name: str):
+    """``torch.ops.aten.<name>.default`` resolved once (calling the op's packet resolves it per call: ~6 us, a fifth
+    of a small GEMV at one row), or None where this torch lacks the op (``_op_ok`` then finds it missing)."""
+    packet = getattr(torch.ops.aten, name, None)
+    return getattr(packet, "default", None)
+
+
+_INT4_MM = _overload("_weight_int4pack_mm_for_cpu")
 
 
 def _unpacked(w: QuantizedWeight, why: str) -> CpuPackedWeight:
@@ -413,12 +423,19 @@ def sparse_ffn(x: torch.Tensor, gate_weight, up_weight, down_weight_t, std_multi
 
 
 def times_rows(a: torch.Tensor, w: QuantizedWeight, idx: torch.Tensor) -> torch.Tensor:
-    """``a @ take_rows(w, idx)``: a [R, n] fp32 times w's rows ``idx`` dequantized [n, K] -> [R, K] fp32. int4 rows
-    are not interleaved back to [n, K]: the low nibbles (the even columns) and the high ones (the odd columns) are
-    dequantized and multiplied apart, and only the [R, K / 2] products interleaved (writing nibbles into every
-    other column of a [n, K] buffer costs ~4x the rest of the product). The same products, fp32 sums."""
+    """``a @ take_rows(w, idx)``: a [R, n] fp32 times w's rows ``idx`` dequantized [n, K] -> [R, K] fp32, in two
+    halves of the K columns, each column's sum the same. Two reasons: a fresh [n, K] fp32 buffer (3.3 MB at E2B's
+    decode) is page-faulted in on every call by the allocator (~7k faults per token over the sparse layers), its
+    halves are reused; and int4 rows are not interleaved back to [n, K]: the low nibbles (the even columns) and the
+    high ones (the odd columns) are dequantized and multiplied apart, and only the [R, K / 2] products interleaved
+    (writing nibbles into every other column of a [n, K] buffer costs ~4x the rest of the product)."""
     N, K = w.shape
     G = w.group_size
+    if w.kind == "int8" and w.scales.dim() == 1:
+        rows = w.data.index_select(0, idx)
+        scales = w.scales.index_select(0, idx).float()[:, None]
+        halves = [a @ half.float().mul_(scales) for half in rows.tensor_split(2, dim=1)]
+        return torch.cat(halves, dim=1)
     if w.kind != "int4" or K % G or G % 2 or w.data.shape[1] * 2 != K or w.scales.shape[1] != K // G:
         return a @ take_rows(w, idx)
     n = idx.numel()
