@@ -375,6 +375,8 @@ def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, *, gate_up: bool = F
         # int8 rows: 128 bytes a chunk as bf16's; int4: 128 weights (64 bytes), two fp32 [BLOCK_N, 64] halves
         block_k = min(max(triton.next_power_of_2(K), 32 if quant == "int4" else 16),
                       128 if elem != 4 else 64)
+        if quant == "int4" and gate_up:  # four fp32 [BLOCK_N, 64] halves took 255 registers and spilled 532 B
+            block_k = min(block_k, 64)
         block_n = 64 if N * pairs >= 64 * min_programs else (32 if N * pairs >= 32 * min_programs else 16)
         num_warps = 4
     tiles = triton.cdiv(N, block_n) * pairs
