@@ -41,6 +41,73 @@ if not HAS_CUDA:
     torch.set_num_threads(1)
 
 
+INTERPRETER_SHORTCUT_VERSIONS = ("3.8.",)  # the Triton releases whose interpreter the shortcut below was read against
+INTERPRETER_SHORTCUT_COUNTS = {"patched": 0, "skipped": 0}  # patches made / skipped inside launches
+INTERPRETER_ORIGINALS = {}  # the interpreter's own GridExecutor.__call__ and _patch_lang, once replaced
+
+
+def _interpreter_shortcut() -> bool:
+    """Stop Triton's interpreter from re-patching triton.language on every device-function call inside a launch.
+
+    The interpreter (triton/runtime/interpreter.py) patches ``triton.language`` (every builtin wrapped to take the
+    interpreter's semantic) when a launch starts and restores it when the launch ends; but each call of a
+    ``@triton.jit`` helper inside the launch patches again (``InterpretedFunction.__call__`` -> ``_patch_lang``: an
+    ``inspect.getmembers`` scan of tl, tl.core, tl.math and tl.tensor) and never restores. Those repeated patches
+    change nothing (the builtins are already wrapped; the few non-builtin attributes are set to equivalent
+    lambdas): they are about 60 % of the interpreted model's time. Here a device call whose ``triton.language``
+    modules are already patched in the running launch (by the launch itself, or by an earlier device call in it:
+    tl.core through ``tl.sum`` and friends, which the interpreter also leaves patched) skips that scan; every other
+    call, and every launch, patches as before. Bit-identical results (tests/test_interpreter_shortcut.py checks
+    that on a kernel that calls helpers of both modules). Applied only to the Triton versions it was read against
+    (``INTERPRETER_SHORTCUT_VERSIONS``); elsewhere the interpreter runs unchanged, just slower."""
+    import inspect
+
+    import triton
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    if not triton.__version__.startswith(INTERPRETER_SHORTCUT_VERSIONS) or not all(
+            hasattr(interp, name) for name in ("GridExecutor", "_patch_lang", "_LangPatchScope")):
+        return False
+    launch, patch_lang = interp.GridExecutor.__call__, interp._patch_lang
+    patched = []  # per launch in progress: ids of the language modules patched so far (None: not yet)
+    modules_of = {}
+    counts = INTERPRETER_SHORTCUT_COUNTS
+
+    def langs(fn):
+        got = modules_of.get(fn)
+        if got is None:
+            got = modules_of[fn] = frozenset(id(v) for v in fn.__globals__.values()
+                                             if inspect.ismodule(v) and v in (tl, tl.core))
+        return got
+
+    def launch_once(self, *args, **kwargs):
+        patched.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    def patch_lang_once(fn):
+        if not patched:
+            return patch_lang(fn)
+        if patched[-1] is not None and langs(fn) <= patched[-1]:
+            counts["skipped"] += 1
+            return interp._LangPatchScope()  # nothing to patch, nothing to restore
+        counts["patched"] += 1
+        scope = patch_lang(fn)  # the launch's own patch (restored at its end), or a device call's (left in place)
+        patched[-1] = (patched[-1] or frozenset()) | langs(fn)
+        return scope
+
+    interp.GridExecutor.__call__ = launch_once
+    interp._patch_lang = patch_lang_once
+    INTERPRETER_ORIGINALS.update(launch=launch, patch_lang=patch_lang)  # for the test that compares both
+    return True
+
+
+INTERPRETER_SHORTCUT = os.environ.get("TRITON_INTERPRET") == "1" and _interpreter_shortcut()
+
+
 COLLECT_AS_GPU = False
 
 

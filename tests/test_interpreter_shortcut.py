@@ -1,0 +1,51 @@
+"""conftest.py's interpreter shortcut (a device-function call inside a launch skips re-patching triton.language
+once the launch has patched it) is active on the Triton the CPU machines pin, skips the repeated scans, and
+changes no result: the same kernels give bit-identical outputs with the interpreter as Triton ships it."""
+import pytest
+import torch
+
+import conftest
+from kernel_checks import randn
+
+pytestmark = pytest.mark.interpreter
+
+
+def _run():
+    """Two row-wise kernels whose jit helpers live in kernels/_rowwise.py and call tl.sum (tl.core's patch), in
+    fp32 and bf16 (the explicit roundings), over rows not a power of two."""
+    from gemma3n_fast.kernels.altup_correct import altup_correct
+    from gemma3n_fast.kernels.rms_norm import rms_norm
+
+    outs, A, H = [], 4, 72
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r = randn((5, H), dtype, 1, scale=3.0, shift=0.5), randn((5, H), dtype, 2)
+        outs.append(rms_norm(x, randn((H,), dtype, 3), 1e-6, r))
+        preds, act = randn((A, 1, 3, H), dtype, 4), randn((1, 3, H), dtype, 5)
+        outs.extend(altup_correct(preds, act, randn((H,), dtype, 6, scale=0.3, shift=1.0),
+                                  randn((A, H), dtype, 7, scale=8.0), randn((A, A), dtype, 8, scale=0.5),
+                                  randn((H,), dtype, 9), 1e-6, 1))
+    return outs
+
+
+def test_the_shortcut_is_on_and_changes_no_bit(monkeypatch):
+    import triton
+    import triton.runtime.interpreter as interp
+
+    if triton.__version__.startswith(conftest.INTERPRETER_SHORTCUT_VERSIONS):
+        assert conftest.INTERPRETER_SHORTCUT, f"the interpreter shortcut did not apply to triton {triton.__version__}"
+    if not conftest.INTERPRETER_SHORTCUT:
+        pytest.skip(f"triton {triton.__version__}: the interpreter runs unchanged")
+    counts = conftest.INTERPRETER_SHORTCUT_COUNTS
+    before = dict(counts)
+    fast = _run()
+    patched, skipped = (counts[k] - before[k] for k in ("patched", "skipped"))
+    assert patched >= 4 and skipped > 4 * patched, f"{patched} patches, {skipped} skipped: the shortcut is idle"
+
+    # the interpreter as Triton ships it: every device call patches again
+    monkeypatch.setattr(interp.GridExecutor, "__call__", conftest.INTERPRETER_ORIGINALS["launch"])
+    monkeypatch.setattr(interp, "_patch_lang", conftest.INTERPRETER_ORIGINALS["patch_lang"])
+    plain = _run()
+    assert counts == {"patched": before["patched"] + patched, "skipped": before["skipped"] + skipped}
+    assert len(fast) == len(plain) == 6
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"output {i}: the shortcut changed a result"
