@@ -355,3 +355,13 @@ def test_bench_smoke():
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| shape" in r.stdout and "per token" in r.stdout
+
+
+def test_cpu_decode_bench_smoke():
+    """``bench.cpu_decode`` (decode tok/s at E2B's widths) runs end to end on one layer (a sparse one), int8 and
+    int4, two repeats; no timing is checked."""
+    r = subprocess.run([sys.executable, "-m", "bench.cpu_decode", "--layers", "1", "--new-tokens", "2", "--threads",
+                        "1", "--repeats", "2", "--variants", "ours-int8,ours-int4"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| gemma3n_fast | bfloat16 | int8 |" in r.stdout and "int4 (G 64)" in r.stdout and "best of 2" in r.stdout
