@@ -427,9 +427,9 @@ def times_rows(a: torch.Tensor, w: QuantizedWeight, idx: torch.Tensor) -> torch.
     halves of the K columns, each column's sum the same. Two reasons: a fresh [n, K] fp32 buffer (3.3 MB at E2B's
     decode) was page-faulted in on every call (~7k minor faults per token over the sparse layers), while glibc
     serves the 1.7 MB halves from memory it keeps (measured: none); and int4 rows are not interleaved back to
-    [n, K]: the low nibbles (the even columns) and the
-    high ones (the odd columns) are dequantized and multiplied apart, and only the [R, K / 2] products interleaved
-    (writing nibbles into every other column of a [n, K] buffer costs ~4x the rest of the product)."""
+    [n, K]: the low nibbles (the even columns) and the high ones (the odd columns) are dequantized and multiplied
+    apart, and only the [R, K / 2] products interleaved (writing nibbles into every other column of a [n, K]
+    buffer costs ~4x the rest of the product)."""
     N, K = w.shape
     G = w.group_size
     if w.kind == "int8" and w.scales.dim() == 1:
