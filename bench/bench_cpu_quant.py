@@ -7,6 +7,12 @@ gemma3n_fast.cpu_quant's packed routes), batch 1, at 1 and 2 threads, at E2B's d
 Prints a markdown table (median us per call, GB/s of the bytes the weight occupies as read: fp32 4 B, bf16 2 B,
 int8 1 B + scales, int4 0.5 B + scales) and an estimated GEMV time per decoded token: one layer's GEMVs x 30
 layers + the LM head (vocab cut to 8,192). Only the GEMVs: norms, attention, AltUp and sampling are not counted.
+
+One row is not a route of the model: "int8 W8A8 fbgemm" (torch's ``quantized.linear_dynamic``) quantizes the
+activations to 8 bits per call, one scale per row, as llama.cpp does per 32 values, and runs integer dot products.
+It is measured for the decision it informs (BENCHMARKS.md, CPU section), with its error against the format's
+definition (dequantize, then F.linear on the unquantized activations) beside bf16's, for Gaussian activations and for
+activations with one outlier channel (trained LLMs have them).
 """
 from __future__ import annotations
 
@@ -65,7 +71,48 @@ def _variants(N, K):
         "int8 bf16-x packed (bf16 scales)": (torch.bfloat16, p8b, p8b.nbytes, proj),
         "int4 dequant+F.linear": (torch.float32, q4, q4.nbytes, proj),
         "int4 bf16-x packed G64": (torch.bfloat16, p4, p4.nbytes, proj),
-    }
+    } | _w8a8(w, q8)
+
+
+def _w8a8(w, q8):
+    """The fbgemm W8A8 row, where this torch build has the engine (x86 builds do)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return {}
+    packed = _w8a8_pack(w, q8)
+    return {"int8 W8A8 fbgemm (activations quantized too)": (
+        torch.float32, packed, q8.nbytes, lambda x, p: torch.ops.quantized.linear_dynamic(x, p, False))}
+
+
+def _w8a8_pack(w, q8):
+    import warnings
+
+    N = w.shape[0]
+    with warnings.catch_warnings():  # torch >= 2.13 marks quantized tensors deprecated
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q8.data, q8.scales.double().reshape(N),
+                                                      torch.zeros(N, dtype=torch.long), 0)
+    torch.backends.quantized.engine = "fbgemm"
+    return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def w8a8_error(N: int, K: int) -> str:
+    """Relative error (Frobenius, over 8 rows) of W8A8 and of bf16 activations against the definition
+    (dequantized int8 weights, fp32 activations), Gaussian activations and with one channel 50x the others."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(N, K, generator=g) * K ** -0.5
+    q8 = quantize(w, "int8")
+    wd = q8.dequantize().float()
+    packed = _w8a8_pack(w, q8)
+    out = []
+    for label, outlier in (("Gaussian x", 1.0), ("one 50x channel", 50.0)):
+        x = torch.randn(8, K, generator=g)
+        x[:, 7] *= outlier
+        ref = F.linear(x, wd)
+        rel = lambda y: ((y.float() - ref).norm() / ref.norm()).item()
+        a8 = rel(torch.ops.quantized.linear_dynamic(x, packed, False))
+        b16 = rel(F.linear(x.to(torch.bfloat16), wd.to(torch.bfloat16)))
+        out.append(f"{label}: W8A8 {a8:.2e}, bf16 activations {b16:.2e}")
+    return "; ".join(out)
 
 
 def main(argv=None):
@@ -95,6 +142,10 @@ def main(argv=None):
     print("| variant | threads | ms / token | tok/s (GEMVs only) |\n|---|---|---|---|")
     for (vname, th), us in results.items():
         print(f"| {vname} | {th} | {us / 1e3:.1f} | {1e6 / us:.1f} |")
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        print("\nW8A8's error against the int8 format's definition (relative Frobenius):\n")
+        for name, (N, K, _) in shapes.items():
+            print(f"* {name} [{N}x{K}]: {w8a8_error(N, K)}")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     return 0
 
