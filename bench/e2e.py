@@ -129,12 +129,20 @@ class CellTimeout(BaseException):
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """Raise CellTimeout in the main thread after ``seconds`` (SIGALRM; Python code only: a running
-    CUDA kernel finishes first). No-op where signals are unavailable."""
+    CUDA kernel finishes first). No-op where signals are unavailable.
+
+    Never inside an import: a module interrupted halfway stays in sys.modules half-initialized, and every later cell
+    that touches it fails for a reason that has nothing to do with it (seen in CI: the first cell's alarm landed in
+    torch's lazy import of sympy; the next cell died of a RecursionError). The alarm is put off in small steps until
+    the import is done."""
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_alarm(signum, frame):
+        if _importing(frame):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
         raise CellTimeout(f"over the per-cell budget of {seconds:.3g} s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
@@ -144,6 +152,15 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside an import (importlib's bootstrap frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _error_text(e: BaseException) -> str:
@@ -246,13 +263,14 @@ class ModelBench:
         t0 = time.monotonic()
         n = row["new_tokens"]
         try:
+            # The byte accounting is not part of the cell's time: done before the alarm is armed.
+            context = row["prompt_tokens"] + n // 2  # mean context over the decode
+            step_bytes = byte_model.roofline_bytes(self.cfg["text_config"], context=context, batch=w.batch,
+                                                   elem=self.elem, quantize=quantization(system))["total"]
             with time_limit(budget):
                 sysobj = self.system(system)
                 if w not in self.inputs:
                     self.inputs[w] = make_inputs(w, self.cfg, self.device, self.args.seed, self.args.smoke)
-                context = row["prompt_tokens"] + n // 2  # mean context over the decode
-                step_bytes = byte_model.roofline_bytes(self.cfg["text_config"], context=context, batch=w.batch,
-                                                       elem=self.elem, quantize=quantization(system))["total"]
                 run_cell(sysobj, w, self.inputs[w], n, budget, step_bytes, self.bandwidth, row,
                          reps=self.args.reps, warmup=not self.args.smoke)  # smoke: numbers mean nothing
                 info = ", ".join(f"{k}={v}" for k, v in sysobj.info.items())

@@ -12,11 +12,13 @@ from bench import configs, e2e, report
 
 
 class _Sleeper:
-    """A system whose generate outlasts any small budget."""
+    """A system whose generate outlasts any small budget; ``finished`` counts the calls that were not cut off."""
     info: dict = {}
+    finished = 0
 
     def generate(self, inputs, n):
         time.sleep(1.0)
+        self.finished += 1
         return 0.0, None, n, 0.0
 
 
@@ -38,11 +40,27 @@ def _bench(system, dtype_bytes: int = 4):
 
 
 def test_a_cell_past_its_budget_is_a_timeout_row():
-    bench, w = _bench(_Sleeper())
-    t0 = time.monotonic()
+    sleeper = _Sleeper()
+    bench, w = _bench(sleeper)
     row = bench.cell("fake", w, e2e.base_row("smoke", "fake", w, w.prompt, 2), budget=0.05)
-    assert row["status"] == "timeout" and row["error"] and time.monotonic() - t0 < 0.9
+    assert row["status"] == "timeout" and row["error"] and sleeper.finished == 0  # generate was cut off
     assert row["decode_tok_s"] is None and row["cell_s"] is not None
+
+
+def test_the_cell_alarm_never_lands_inside_an_import(tmp_path, monkeypatch):
+    """An import that outlasts the budget finishes whole, then the cell times out: a module cut off halfway would stay
+    half-initialized in sys.modules and fail every later cell (CI once saw a RecursionError that way)."""
+    import sys
+
+    (tmp_path / "_slow_import_probe.py").write_text("import time\ntime.sleep(0.3)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "_slow_import_probe", raising=False)
+    with pytest.raises(e2e.CellTimeout):
+        with e2e.time_limit(0.05):
+            import _slow_import_probe  # noqa: F401
+            time.sleep(1.0)
+    assert sys.modules["_slow_import_probe"].DONE
+    sys.modules.pop("_slow_import_probe")
 
 
 def test_a_measured_cell_has_its_roofline():
