@@ -11,7 +11,8 @@ fp32, sums in fp32, the scale applied to the group's (int4) or row's (int8) sum.
 shapes (batch 1): torch's packed op as ``cpu_quant.project`` calls it, and a plain stream of the int8 weight's bytes
 (widen and add, no products): what one core's memory bandwidth allows any int8 GEMV of that weight.
 
-Kernels: ``int8_fma`` (widen 16 weights to fp32, FMA with fp32 x; 4 accumulators); ``int4_fma`` (nibbles to fp32,
+Kernels: ``int8_fma`` (widen 16 weights to fp32, FMA with fp32 x; 4 accumulators), ``int8_fma_prefetch`` (the
+same, prefetching the weight 16 KB ahead); ``int4_fma`` (nibbles to fp32,
 x split into even / odd columns); ``int4_bf16dot`` (nibbles to bf16 through a 16-entry table, ``vdpbf16ps`` with the
 bf16 x: 32 exact products per instruction; needs AVX512_BF16). Each result, rounded to bf16 like torch's op's, is
 printed with its relative error against the float64 product of the dequantized weight. Needs a C compiler and an x86 CPU with AVX-512
@@ -56,6 +57,23 @@ void int8_fma(const float *x, int K, const int8_t *w, const float *scales, float
         const int8_t *r = w + (long)n * K;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int k = 0; k < K; k += 64) {
+            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD16(r + k))), _mm512_loadu_ps(x + k), a0);
+            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD16(r + k + 16))), _mm512_loadu_ps(x + k + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD16(r + k + 32))), _mm512_loadu_ps(x + k + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD16(r + k + 48))), _mm512_loadu_ps(x + k + 48), a3);
+        }
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) * scales[n];
+    }
+}
+
+/* the same with a software prefetch of the weight 16 KB ahead into L2: one core's hardware prefetcher alone does
+   not keep the FMA loop fed on weights that stream from memory */
+void int8_fma_prefetch(const float *x, int K, const int8_t *w, const float *scales, float *y, int N) {
+    for (int n = 0; n < N; n++) {
+        const int8_t *r = w + (long)n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = 0; k < K; k += 64) {
+            _mm_prefetch((const char *)(r + k + 16384), _MM_HINT_T1);
             a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD16(r + k))), _mm512_loadu_ps(x + k), a0);
             a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD16(r + k + 16))), _mm512_loadu_ps(x + k + 16), a1);
             a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LOAD16(r + k + 32))), _mm512_loadu_ps(x + k + 32), a2);
@@ -189,6 +207,11 @@ def main(argv=None):
                              ptr(y.data_ptr()), N)
                 return y
 
+            def c_int8_prefetch():
+                lib.int8_fma_prefetch(ptr(xf.data_ptr()), K, ptr(q8.data.data_ptr()), ptr(q8.scales.data_ptr()),
+                                      ptr(y.data_ptr()), N)
+                return y
+
             def c_int4():
                 lib.int4_fma(ptr(xe.data_ptr()), ptr(xo.data_ptr()), K2, ptr(q4.data.data_ptr()),
                              ptr(q4.scales.data_ptr()), ptr(y.data_ptr()), N)
@@ -207,6 +230,7 @@ def main(argv=None):
             rows = [("int8 stream (no products)", lambda: lib.stream_int8(ptr(q8.data.data_ptr()), N * K), None),
                     ("int8 torch packed op", lambda: cpu_quant.project(x, p8), q8),
                     ("int8 C int8_fma", c_int8, q8),
+                    ("int8 C int8_fma_prefetch", c_int8_prefetch, q8),
                     ("int4 torch packed op", lambda: cpu_quant.project(x, p4), q4),
                     ("int4 C int4_fma", c_int4, q4)]
             if has_bf16dot:
