@@ -105,6 +105,14 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def columns_below_if(cols, bound, cond):
+    """The mask ``(cols < bound) & cond`` for a block of columns and a scalar condition, written as a bound so that
+    Triton's interpreter gives it bool data: there a block & scalar-comparison mask holds int32 data, which triton
+    3.9's interpreted load and store reject ("mask has unsupported dtype"). Compiled code is the same."""
+    return cols < tl.where(cond, bound, 0)
+
+
+@triton.jit
 def tanh(x):
     """tanh(x) = 2 sigmoid(2x) - 1 in fp32 (tl.* only; libdevice paths move between triton versions)."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_out, last_dim_contiguous, round_to
+from ._common import check_dtype, check_out, columns_below_if, last_dim_contiguous, round_to
 from ._rowwise import inv_rms_of_sum
 
 
@@ -79,7 +79,7 @@ def qkv_head(
         write = mask
     else:
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        write = mask & (slot >= 0)
+        write = columns_below_if(cols, half, slot >= 0)  # slot < 0 (padding: nothing to cache) writes nothing
         if is_v:
             dst = vc_ptr + b * vc_b_stride + (head - Hq - Hkv) * vc_h_stride + slot * vc_s_stride
         else:

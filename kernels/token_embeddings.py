@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..reference.quant import KINDS, QuantizedWeight
-from ._common import DTYPES, check_dtype, check_out, round_to
+from ._common import DTYPES, check_dtype, check_out, columns_below_if, round_to
 
 _BLOCK = 1024
 _FLOAT, _INT8, _INT4 = 0, 1, 2  # a table's storage (the kernel's TABLE_KIND constexprs)
@@ -63,9 +63,9 @@ def _token_embeddings_kernel(
     x_mask = cols < H
     if HAS_HARD:
         is_hard = t >= hard_offset
-        e = _table_row(emb_ptr, emb_scales_ptr, t, cols, x_mask & (t < hard_offset), emb_row_stride,
+        e = _table_row(emb_ptr, emb_scales_ptr, t, cols, columns_below_if(cols, H, t < hard_offset), emb_row_stride,
                        emb_scales_row_stride, EMB_KIND, EMB_GROUP, dtype)
-        hard = tl.load(hard_ptr + (t - hard_offset) * H + cols, mask=x_mask & is_hard, other=0.0)
+        hard = tl.load(hard_ptr + (t - hard_offset) * H + cols, mask=columns_below_if(cols, H, is_hard), other=0.0)
         x = tl.where(is_hard, hard.to(tl.float32), round_to(e * emb_scale, dtype).to(tl.float32))
     else:
         e = _table_row(emb_ptr, emb_scales_ptr, t, cols, x_mask, emb_row_stride, emb_scales_row_stride,
