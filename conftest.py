@@ -17,6 +17,7 @@ import importlib.util
 import os
 import sys
 
+import pytest
 import torch
 
 import gemma3n_fast
@@ -108,11 +109,46 @@ def _interpreter_shortcut() -> bool:
 INTERPRETER_SHORTCUT = os.environ.get("TRITON_INTERPRET") == "1" and _interpreter_shortcut()
 
 
+def _strict_interpreter_masks() -> bool:
+    """Make every interpreted tl.load / tl.store refuse a mask whose data is not bool, as triton 3.9's interpreter
+    does ("mask has unsupported dtype") and as earlier interpreters do not: the interpreter gives some masks of
+    type int1 int32 data (a block & a scalar comparison), which 3.8 accepts silently. So the suite, run on the
+    pinned triton, fails on such a mask too, and the kernels keep running on the newer interpreter. A check only:
+    the load or store itself is the interpreter's."""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+
+    builder = getattr(interp, "InterpreterBuilder", None)
+    if builder is None:
+        return False
+    for name, mask_at in (("create_masked_load", 1), ("create_masked_store", 2)):
+        op = getattr(builder, name)
+
+        def checked(self, *args, _op=op, _name=name, _at=mask_at, **kwargs):
+            mask = args[_at].data
+            if mask.dtype != np.bool_:
+                raise TypeError(f"{_name}: mask data is {mask.dtype}, not bool (triton 3.9's interpreter rejects "
+                                "it; write the mask so it stays bool, e.g. kernels/_common.columns_below_if)")
+            return _op(self, *args, **kwargs)
+
+        setattr(builder, name, checked)
+    return True
+
+
+STRICT_INTERPRETER_MASKS = os.environ.get("TRITON_INTERPRET") == "1" and _strict_interpreter_masks()
+
+
 COLLECT_AS_GPU = False
 
 
 def pytest_configure(config):
     global COLLECT_AS_GPU
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from gemma3n_fast.backend import interpreter_unusable
+
+        why = interpreter_unusable()
+        if why:  # one clear line instead of hundreds of failing kernel tests
+            raise pytest.UsageError(f"TRITON_INTERPRET=1: {why}. `make test` on a CPU machine installs pins that work.")
     if config.option.collectonly and os.environ.get("GEMMA3N_FAST_COLLECT_AS_GPU") == "1":
         COLLECT_AS_GPU = True
         torch.cuda.is_available = lambda: True  # read by the benchmark modules at import: their GPU shapes

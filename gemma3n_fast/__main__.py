@@ -259,12 +259,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Errors that name a problem with the input (bad path, file, value, a checkpoint whose weights give NaN logits),
-    as opposed to a bug."""
+    """Errors that name a problem with the input (bad path, file, value, a checkpoint whose weights give NaN logits)
+    or with the environment (--kernels asks for kernels this install cannot run), as opposed to a bug."""
+    from gemma3n_fast.backend import KernelUnavailableError
     from gemma3n_fast.reference.sampling import NonFiniteLogitsError
     from gemma3n_fast.reference.loader import CheckpointError
 
-    return isinstance(e, (UsageError, ValueError, OSError, CheckpointError, NonFiniteLogitsError))
+    return isinstance(e, (UsageError, ValueError, OSError, CheckpointError, NonFiniteLogitsError,
+                          KernelUnavailableError))
 
 
 def main(argv=None) -> int:

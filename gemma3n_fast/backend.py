@@ -68,9 +68,44 @@ def pick_mode(mode: str | None, device: torch.device) -> str:
     return mode
 
 
+def interpreter_unusable() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels here, or None. Triton <= 3.6's interpreter turns a
+    scalar used as a loop bound (``tl.range(lo, tl.minimum(hi, K))``) into a Python int with ``int()`` of a
+    one-element array, which numpy >= 2.4 refuses (TypeError): nearly every kernel has such a loop. Triton 3.7
+    squeezes the array first."""
+    import importlib.metadata
+
+    import numpy as np
+
+    # read without importing triton when it is not imported yet: that import would decorate triton.language's
+    # own jit helpers (tl.cdiv, ...) in compiled mode before enable_interpreter sets TRITON_INTERPRET
+    loaded = sys.modules.get("triton")
+    try:
+        version = loaded.__version__ if loaded is not None else importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # not installed as a distribution (a source tree): nothing to read
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return None  # a development build: assume a current interpreter
+    if (major, minor) >= (3, 7):
+        return None
+    try:
+        int(np.ones(1, dtype=np.int32))
+    except TypeError:
+        return (f"triton {version}'s interpreter turns a scalar loop bound into a Python int in a way "
+                f"numpy {np.__version__} refuses (int() of a one-element array); the kernels cannot run "
+                "interpreted with these two. Use triton >= 3.7 or numpy < 2.4 for the interpreter (compiled "
+                "kernels on a GPU are not affected)")
+    return None
+
+
 def enable_interpreter() -> None:
     """Make the next kernel imports interpreted. Triton reads TRITON_INTERPRET when a kernel is decorated, i.e.
     when its module is imported, so this works after ``import triton`` but not after the kernels were imported."""
+    why = interpreter_unusable()
+    if why:
+        raise KernelUnavailableError(f"kernels='interpret': {why}")
     loaded = [m for m in KERNEL_MODULES.values() if f"gemma3n_fast.kernels.{m}" in sys.modules]
     if loaded and os.environ.get("TRITON_INTERPRET") != "1":
         raise KernelUnavailableError(

@@ -166,3 +166,13 @@ def test_stream_prints_the_reply_generate_prints(capsys, text_ckpt, sampling):
     plain, streamed = plain.splitlines(), streamed.splitlines()
     assert streamed[:-1] == plain[:-1]
     assert streamed[-1].split(" | ")[:2] == plain[-1].split(" | ")[:2]  # prompt tokens, new tokens
+
+
+def test_kernels_this_install_cannot_run_are_one_line(capsys, monkeypatch, text_ckpt):
+    import gemma3n_fast.backend as backend
+
+    monkeypatch.setattr(backend, "interpreter_unusable", lambda: "triton 3.6.0's interpreter (simulated)")
+    rc, out, err = _run(capsys, "generate", "--model", str(text_ckpt), "--prompt", "x", "--kernels", "interpret")
+    line = _one_error_line(err)
+    assert rc == EXIT_USAGE and out == ""
+    assert "kernels='interpret': triton 3.6.0's interpreter (simulated)" in line, line

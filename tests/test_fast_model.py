@@ -455,6 +455,29 @@ def test_a_kernel_that_cannot_load_is_an_error_naming_it(monkeypatch):
         Backend("interpret", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("version, refused", [("3.6.0", True), ("3.7.0", False), ("3.10.1", False)])
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_by_name(monkeypatch, version, refused):
+    """Triton <= 3.6's interpreter calls int() on one-element arrays (scalar loop bounds), which numpy >= 2.4
+    refuses: kernels='interpret' says so up front (conftest refuses the suite the same way)."""
+    import numpy as np
+    import triton
+
+    from gemma3n_fast.backend import Backend, KernelUnavailableError, interpreter_unusable
+
+    try:
+        int(np.ones(1))
+        numpy_refuses = False
+    except TypeError:
+        numpy_refuses = True
+    monkeypatch.setattr(triton, "__version__", version)
+    why = interpreter_unusable()
+    assert bool(why) == (refused and numpy_refuses), why
+    if why:
+        assert version in why and np.__version__ in why
+        with pytest.raises(KernelUnavailableError, match=f"interpret.*triton {version}"):
+            Backend("interpret", torch.device("cpu"))
+
+
 def test_interpret_mode_needs_no_environment_variable(folder):
     """load(kernels="interpret") in a fresh process without TRITON_INTERPRET: every op on its interpreted kernel."""
     import os

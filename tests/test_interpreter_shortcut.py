@@ -1,8 +1,11 @@
 """conftest.py's interpreter shortcut (a device-function call inside a launch skips re-patching triton.language
 once the launch has patched it) is active on the Triton the CPU machines pin, skips the repeated scans, and
-changes no result: the same kernels give bit-identical outputs with the interpreter as Triton ships it."""
+changes no result: the same kernels give bit-identical outputs with the interpreter as Triton ships it. And its
+mask check: an interpreted load or store whose mask data is not bool fails on every Triton, as on 3.9."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import conftest
 from kernel_checks import randn
@@ -52,3 +55,24 @@ def test_the_shortcut_is_on_and_changes_no_bit(monkeypatch):
     assert len(fast) == len(plain) == 6
     for i, (a, b) in enumerate(zip(fast, plain)):
         assert a.dtype == b.dtype and torch.equal(a, b), f"output {i}: the shortcut changed a result"
+
+
+@triton.jit
+def _copy_if(x_ptr, flag_ptr, out_ptr, n, BLOCK: tl.constexpr, AS_BOUND: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    flag = tl.load(flag_ptr)
+    if AS_BOUND:
+        mask = cols < tl.where(flag >= 0, n, 0)
+    else:
+        mask = (cols < n) & (flag >= 0)  # a block & a scalar comparison: int32 data in the interpreter
+    tl.store(out_ptr + cols, tl.load(x_ptr + cols, mask=mask, other=0.0), mask=mask)
+
+
+def test_a_mask_without_bool_data_fails_as_on_triton_3_9():
+    assert conftest.STRICT_INTERPRETER_MASKS, "conftest's mask check is not installed"
+    x, flag = randn((13,), torch.float32, 11), torch.tensor([2], dtype=torch.int32)
+    out = torch.full((16,), float("nan"))
+    _copy_if[(1,)](x, flag, out, 13, BLOCK=16, AS_BOUND=True)
+    assert torch.equal(out[:13], x) and out[13:].isnan().all()
+    with pytest.raises(Exception, match="mask data is int32, not bool"):
+        _copy_if[(1,)](x, flag, out, 13, BLOCK=16, AS_BOUND=False)
