@@ -42,7 +42,8 @@ if not HAS_CUDA:
     torch.set_num_threads(1)
 
 
-INTERPRETER_SHORTCUT_VERSIONS = ("3.8.", "3.9.")  # the Triton releases whose interpreter the shortcut below was read against
+# the Triton releases whose interpreter the shortcut below was read against (3.9 patches triton.language as 3.8 does)
+INTERPRETER_SHORTCUT_VERSIONS = ("3.8.", "3.9.")
 INTERPRETER_SHORTCUT_COUNTS = {"patched": 0, "skipped": 0}  # patches made / skipped inside launches
 INTERPRETER_ORIGINALS = {}  # the interpreter's own GridExecutor.__call__ and _patch_lang, once replaced
 
